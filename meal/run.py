@@ -1,0 +1,154 @@
+"""What a run shows from outside: progress bar, namespaced metrics, sample tables, evaluations.
+
+Kept out of the loop in ``trainer.py`` so that the loop reads as the algorithm.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from meal.config import to_container
+from meal.evaluation import Front, evaluate_front, preference_grid
+from meal.plotting import plot_fronts
+from meal.rollout import Rollout
+from meal.sampling import GenerationSettings
+from meal.templates import format_preference
+from meal.tracking import JsonlWriter
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def generation_settings(cfg: DictConfig, eval_protocol: bool = False) -> GenerationSettings:
+    """Sampling settings of the run; ``eval_protocol`` fixes top_p 0.9, top_k 0, temperature 1."""
+    t = cfg.trainer
+    if eval_protocol:
+        return GenerationSettings(cfg.task.max_new_tokens, 0.9, 0, 1.0, t.gen_batch_size, t.max_prompt_tokens)
+    return GenerationSettings(cfg.task.max_new_tokens, t.top_p, t.top_k, t.temperature, t.gen_batch_size,
+                              t.max_prompt_tokens)
+
+
+def run_name(cfg: DictConfig) -> str:
+    return cfg.logger.name or f"{cfg.task.name}-{cfg.method.name}-s{cfg.trainer.seed}"
+
+
+def open_logger(cfg: DictConfig, run_dir: str, resume: bool):
+    """Instantiate ``cfg.logger`` (``_target_``) and start it."""
+    logger = instantiate(cfg.logger)
+    logger.start(run_dir, to_container(cfg), run_name(cfg), resume)
+    return logger
+
+
+def _entropy(w: torch.Tensor) -> torch.Tensor:
+    return -(w * w.clamp_min(1e-12).log()).sum(-1)
+
+
+class RunContext:
+    """Metrics, tables and evaluations of one run; ``last`` holds the latest logged metrics."""
+
+    def __init__(self, run_dir: str, cfg: DictConfig, objectives: Sequence[str]):
+        self.run_dir, self.cfg, self.objectives = run_dir, cfg, list(objectives)
+        self.jsonl = JsonlWriter(os.path.join(run_dir, "metrics.jsonl"))
+        self.last: dict[str, float] = {}
+        self.bar = None
+
+    def progress(self, start: int, stop: int):
+        self.bar = tqdm(range(start, stop), initial=start, total=stop, desc=run_name(self.cfg), unit="it",
+                        dynamic_ncols=True)
+        return self.bar
+
+    def iteration_metrics(self, ro: Rollout, r_kept, w_star, w_phi, loss, grad_norm, c, t_meta, t_step,
+                          seconds) -> dict[str, float]:
+        """train/*, reward/<name> (raw mean over all samples), reward_kept/<name>, weights/*, time/*."""
+        out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/sample_weight_std": c.std().item()
+               if len(c) > 1 else 0.0, "train/response_tokens": ro.num_tokens / max(1, ro.raw.shape[0] *
+                                                                                    ro.raw.shape[1]),
+               "train/scalarised": (w_star.unsqueeze(1) * ro.rewards).sum(-1).mean().item(),
+               "time/generate": ro.gen_seconds, "time/score": ro.score_seconds, "time/meta": t_meta,
+               "time/step": t_step, "time/iteration": seconds,
+               "train/tokens_per_s": ro.num_tokens / max(ro.gen_seconds, 1e-9)}
+        for k, name in enumerate(self.objectives):
+            out[f"reward/{name}"] = ro.raw[..., k].mean().item()
+            out[f"reward_norm/{name}"] = ro.rewards[..., k].mean().item()
+            out[f"reward_kept/{name}"] = r_kept[:, k].mean().item()
+        if w_phi is not None:
+            for k, name in enumerate(self.objectives):
+                out[f"weights/{name}"] = w_phi[:, k].mean().item()
+                out[f"weights/{name}_std"] = w_phi[:, k].std().item() if len(w_phi) > 1 else 0.0
+            out["weights/entropy"] = _entropy(w_phi).mean().item()
+            out["weights/dist_to_target"] = (w_phi - w_star).abs().sum(-1).mean().item()
+        return out
+
+    def record(self, logger, metrics: dict[str, float], step: int, every: int = 1) -> None:
+        self.last = dict(metrics)
+        self.jsonl.write({"step": step, **metrics})
+        if step % every == 0:
+            logger.log(metrics, step)
+        if self.bar is not None:
+            post = {"loss": f"{metrics.get('train/loss', float('nan')):.3f}"}
+            post.update({n: f"{metrics[f'reward/{n}']:.3f}" for n in self.objectives if f"reward/{n}" in metrics})
+            self.bar.set_postfix(post, refresh=False)
+
+    def sample_table(self, logger, step: int, texts: Sequence[str], prefs: torch.Tensor, ro: Rollout,
+                     rows: int = 4) -> None:
+        columns = ["step", "preference", "prompt", "response"] + list(self.objectives)
+        data = [[step, format_preference(prefs[i].tolist(), self.objectives), texts[i][:300], ro.texts[i][0]]
+                + [round(v, 4) for v in ro.raw[i, 0].tolist()] for i in range(min(rows, len(texts)))]
+        logger.log_table("samples", columns, data, step)
+
+    def _evaluate(self, model, condition, texts, reward_set, normalizer, grid) -> Front:
+        return evaluate_front(model, condition, texts, reward_set, normalizer, grid,
+                              generation_settings(self.cfg, eval_protocol=True), list(self.cfg.task.hv_ref),
+                              seed=self.cfg.trainer.seed, label=self.cfg.method.name)
+
+    def periodic_eval(self, logger, model, condition, test, reward_set, normalizer, step: int) -> None:
+        """A small grid (3 points for K = 2) on a few test prompts: ``eval/hypervolume``."""
+        k = len(self.objectives)
+        grid = preference_grid(2, points=3) if k == 2 else preference_grid(k)
+        texts = [e.text for e in test[:self.cfg.trainer.eval_prompts]]
+        front = self._evaluate(model, condition, texts, reward_set, normalizer, grid)
+        metrics = {"eval/hypervolume": front.hypervolume, "eval/alignment": front.alignment}
+        self.jsonl.write({"step": step, **metrics})
+        logger.log(metrics, step)
+
+    def final_eval(self, logger, model, condition, test, reward_set, normalizer, step: int) -> dict[str, Any]:
+        """The full grid on the test prompts; writes front.json and front.png into the run folder."""
+        n = self.cfg.trainer.final_eval_prompts or len(test)
+        texts = [e.text for e in test[:n]]
+        front = self._evaluate(model, condition, texts, reward_set, normalizer,
+                               preference_grid(len(self.objectives)))
+        return publish_front(front, self.run_dir, logger, step, self.jsonl)
+
+
+def publish_front(front: Front, out_dir: str, logger, step: int, jsonl: JsonlWriter | None = None
+                  ) -> dict[str, Any]:
+    """Write front.json and front.png, log them (image and table); return the summary numbers."""
+    json_path, png_path = os.path.join(out_dir, "front.json"), os.path.join(out_dir, "front.png")
+    front.save(json_path)
+    plot_fronts([front], png_path)
+    metrics = {"eval/hypervolume": front.hypervolume, "eval/alignment": front.alignment}
+    if jsonl is not None:
+        jsonl.write({"step": step, **metrics})
+    logger.log(metrics, step)
+    logger.log_image("eval/front", png_path, step)
+    logger.log_table("eval/front_points", [f"w{i + 1}" for i in range(len(front.objectives))] + front.objectives
+                     + ["pareto"],
+                     [list(w) + list(p) + [par] for w, p, par in zip(front.preferences, front.points, front.pareto)],
+                     step)
+    log.info("hypervolume %.4f (reference point %s); front: %s", front.hypervolume, front.hv_ref, png_path)
+    return {"hypervolume": front.hypervolume, "hv_ref": front.hv_ref, "alignment": front.alignment,
+            "front_png": png_path, "front_json": json_path}

