@@ -59,6 +59,21 @@ def build_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], fin
     return SFTBatch(ids, mask, lab)
 
 
+def with_tied_aliases(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``params`` plus every other name under which a module holds the same parameter.
+
+    Tied weights (a language model's ``lm_head.weight`` and ``embed_tokens.weight``) are one tensor
+    under two names; ``named_parameters()`` lists only one. Mapping both names to the replacement
+    makes ``functional_call`` use it everywhere: forward, double backward and forward-mode alike.
+    """
+    out = dict(params)
+    canonical = {id(p): n for n, p in model.named_parameters() if n in params}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name not in out and id(p) in canonical:
+            out[name] = params[canonical[id(p)]]
+    return out
+
+
 def per_example_nll(model: torch.nn.Module, batch: SFTBatch,
                     params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Token-mean NLL of each example's response tokens: (B,).
@@ -67,9 +82,14 @@ def per_example_nll(model: torch.nn.Module, batch: SFTBatch,
     ``torch.func.functional_call``; the other parameters and buffers are the module's own.
     """
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    out = model(**kwargs) if params is None else functional_call(model, dict(params), args=(), kwargs=kwargs,
-                                                                 strict=False)
-    logits = out.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    if params is None:
+        out = model(**kwargs)
+    else:
+        out = functional_call(model, with_tied_aliases(model, params), args=(), kwargs=kwargs, strict=False,
+                              tie_weights=False)
+    logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()  # the softmax in at least fp32
     targets = batch.labels[:, 1:]  # (B, T-1)
     tok_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
     mask = (targets != IGNORE).to(tok_nll.dtype)

@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 
 def as_config(cfg: Any) -> DictConfig:
     """Merge a (partial) config onto the typed schema, so tests can pass plain dicts."""
-    schema = OmegaConf.structured(TrainConfig)
-    return OmegaConf.merge(schema, cfg) if not isinstance(cfg, DictConfig) or OmegaConf.get_type(cfg) is dict \
-        else cfg
+    if not isinstance(cfg, DictConfig) or OmegaConf.get_type(cfg) is dict:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    OmegaConf.resolve(cfg)  # freeze interpolations (e.g. a timestamped out_dir) once
+    return cfg
 
 
 def policy_step(model, params, optimizer, batch, weights, micro_batch_size: int, max_grad_norm: float

@@ -33,12 +33,15 @@ def tokenizer_dir(tmp_path_factory) -> str:
 
 
 def build_tiny_llama(out: str, tokenizer_dir: str, seed: int = 0, dtype=torch.float32) -> str:
+    """Tied embeddings as SmolLM2. No ``padding_idx``: SmolLM2's pad token is its eos/<|im_end|>, which
+    occurs inside every chat prompt, and nn.Embedding(padding_idx) would treat that row as constant in
+    backward but not in forward-mode or finite differences (the meta-gradient tests compare both)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None,
                       tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(dtype)

