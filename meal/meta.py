@@ -24,12 +24,13 @@ run (it drops the dependence of v on the step, which is O(alpha_in)).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from meal.losses import SFTBatch, per_example_nll
+from meal.profiling import NoMeter
 
 Params = dict[str, torch.Tensor]
 
@@ -94,40 +95,51 @@ MetaLossFn = Callable[[Params], torch.Tensor]
 
 
 def meta_gradient(model: nn.Module, params: Params, inner: SFTBatch, c_fn: Callable[[], torch.Tensor],
-                  meta_loss_fn: MetaLossFn, alpha: float, engine: str = "directional", mode: str = "fd",
-                  fd_eps: float = 1e-3, first_order: bool = False, micro_batch_size: int | None = None
-                  ) -> MetaStepResult:
-    """Accumulate grad_phi L_meta(theta'(phi)) into the ``.grad`` of the net behind ``c_fn``.
+                  meta_loss_fn: MetaLossFn, alpha: float, phi: Sequence[torch.Tensor],
+                  engine: str = "directional", mode: str = "fd",
+                  fd_eps: float = 1e-3, first_order: bool = False, micro_batch_size: int | None = None,
+                  meter=NoMeter()) -> MetaStepResult:
+    """Accumulate grad_phi L_meta(theta'(phi)) into the ``.grad`` of ``phi`` (the net's parameters).
 
     ``params``: the trainable parameters theta (name -> leaf tensor); ``inner``: the inner batch
     (B_in examples); ``c_fn()``: the sample weights c(phi) (B_in,) with their graph to phi;
     ``meta_loss_fn(p)``: L_meta evaluated at parameters p. Returns the meta loss and the
-    directional derivatives d_i = grad_theta l_i(theta) . v.
+    directional derivatives d_i = grad_theta l_i(theta) . v. ``meter`` times the phases
+    ``inner_step`` (the virtual step) and ``meta_step`` (meta loss, its gradient, the hypergradient).
     """
     if engine == "autograd":
-        return _autograd_engine(model, params, inner, c_fn, meta_loss_fn, alpha, first_order)
+        return _autograd_engine(model, params, inner, c_fn, meta_loss_fn, alpha, phi, first_order, meter)
     if engine == "directional":
-        return _directional_engine(model, params, inner, c_fn, meta_loss_fn, alpha, mode, fd_eps, first_order,
-                                   micro_batch_size or len(inner))
+        return _directional_engine(model, params, inner, c_fn, meta_loss_fn, alpha, phi, mode, fd_eps,
+                                   first_order, micro_batch_size or len(inner), meter)
     raise ValueError(f"unknown meta-gradient engine {engine!r}: directional | autograd")
 
 
-def _autograd_engine(model, params, inner, c_fn, meta_loss_fn, alpha, first_order) -> MetaStepResult:
+def _autograd_engine(model, params, inner, c_fn, meta_loss_fn, alpha, phi, first_order, meter) -> MetaStepResult:
     names = list(params)
-    c = c_fn()  # (B_in,) graph to phi
-    losses = per_example_nll(model, inner, params)  # (B_in,) graph to theta
-    grads = torch.autograd.grad((c * losses).mean(), [params[n] for n in names], create_graph=True)
-    g = dict(zip(names, grads))
-    if first_order:  # linearise L_meta around theta: v . (theta' - theta)
-        v = _grad(meta_loss_fn, params)
-        meta_loss = meta_loss_fn(params).item()
-        surrogate = sum((v[n] * (-alpha * g[n])).sum() for n in names)
-    else:
-        theta_prime = virtual_step(params, g, alpha)
-        surrogate = meta_loss_fn(theta_prime)
-        meta_loss = surrogate.item()
-    surrogate.backward()
+    with meter.phase("inner_step"):
+        c = c_fn()  # (B_in,) graph to phi
+        losses = per_example_nll(model, inner, params)  # (B_in,) graph to theta
+        grads = torch.autograd.grad((c * losses).mean(), [params[n] for n in names], create_graph=True)
+        g = dict(zip(names, grads))
+    with meter.phase("meta_step"):
+        if first_order:  # linearise L_meta around theta: v . (theta' - theta)
+            v = _grad(meta_loss_fn, params)
+            meta_loss = meta_loss_fn(params).item()
+            surrogate = sum((v[n] * (-alpha * g[n])).sum() for n in names)
+        else:
+            theta_prime = virtual_step(params, g, alpha)
+            surrogate = meta_loss_fn(theta_prime)
+            meta_loss = surrogate.item()
+        _accumulate(surrogate, phi)
     return MetaStepResult(meta_loss, None)
+
+
+def _accumulate(surrogate: torch.Tensor, phi: Sequence[torch.Tensor]) -> None:
+    """Add d surrogate / d phi to each phi's ``.grad`` (theta's ``.grad`` is left alone)."""
+    for p, g in zip(phi, torch.autograd.grad(surrogate, list(phi), allow_unused=True)):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
 
 
 def _grad(loss_fn: MetaLossFn, at: Params) -> Params:
@@ -138,30 +150,35 @@ def _grad(loss_fn: MetaLossFn, at: Params) -> Params:
     return {n: g.detach() for n, g in zip(leaf, grads)}
 
 
-def _directional_engine(model, params, inner, c_fn, meta_loss_fn, alpha, mode, fd_eps, first_order, mb
-                        ) -> MetaStepResult:
+def _directional_engine(model, params, inner, c_fn, meta_loss_fn, alpha, phi, mode, fd_eps, first_order, mb,
+                        meter) -> MetaStepResult:
     theta = {n: p.detach() for n, p in params.items()}
-    with torch.no_grad():
-        c_det = c_fn().detach()
-    # step 7: g = grad_theta mean_i c_i l_i(theta), accumulated over micro-batches, no graph kept
-    g = {n: torch.zeros_like(p) for n, p in theta.items()}
-    leaf = {n: p.clone().requires_grad_(True) for n, p in theta.items()}
-    for s in range(0, len(inner), mb):
-        part = inner.slice(slice(s, s + mb))
-        loss = (c_det[s:s + mb] * per_example_nll(model, part, leaf)).sum() / len(inner)
-        for n, gi in zip(leaf, torch.autograd.grad(loss, list(leaf.values()))):
-            g[n] += gi
-    at = theta if first_order else virtual_step(theta, g, alpha)
-    # step 8: v = grad L_meta at theta' (theta for first_order)
-    leaf = {n: p.detach().clone().requires_grad_(True) for n, p in at.items()}
-    meta_loss = meta_loss_fn(leaf)
-    v = dict(zip(leaf, torch.autograd.grad(meta_loss, list(leaf.values()))))
-    # d_i = grad l_i(theta) . v for every inner example
-    d = torch.cat([_directional(model, inner.slice(slice(s, s + mb)), theta, v, mode, fd_eps)
-                   for s in range(0, len(inner), mb)])
-    # dL_meta/dphi = -alpha * mean_i (dc_i/dphi) d_i
-    surrogate = -alpha * (c_fn() * d.to(c_det.dtype)).mean()
-    surrogate.backward()
+    with meter.phase("inner_step"):
+        with torch.no_grad():
+            c_det = c_fn().detach()
+        at = theta
+        if not first_order:
+            # step 7: g = grad_theta mean_i c_i l_i(theta), accumulated over micro-batches, no graph kept
+            g = {n: torch.zeros_like(p) for n, p in theta.items()}
+            leaf = {n: p.clone().requires_grad_(True) for n, p in theta.items()}
+            for s in range(0, len(inner), mb):
+                part = inner.slice(slice(s, s + mb))
+                loss = (c_det[s:s + mb] * per_example_nll(model, part, leaf)).sum() / len(inner)
+                for n, gi in zip(leaf, torch.autograd.grad(loss, list(leaf.values()))):
+                    g[n] += gi
+            at = virtual_step(theta, g, alpha)
+    with meter.phase("meta_step"):
+        # step 8: v = grad L_meta at theta' (theta for first_order)
+        leaf = {n: p.detach().clone().requires_grad_(True) for n, p in at.items()}
+        meta_loss = meta_loss_fn(leaf)
+        v = dict(zip(leaf, torch.autograd.grad(meta_loss, list(leaf.values()))))
+        del leaf, at
+        # d_i = grad l_i(theta) . v for every inner example
+        d = torch.cat([_directional(model, inner.slice(slice(s, s + mb)), theta, v, mode, fd_eps)
+                       for s in range(0, len(inner), mb)])
+        # dL_meta/dphi = -alpha * mean_i (dc_i/dphi) d_i
+        surrogate = -alpha * (c_fn() * d.to(c_det.dtype)).mean()
+        _accumulate(surrogate, phi)
     return MetaStepResult(meta_loss.item(), d.detach().float().cpu())
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from meal.config import TemplateConfig
+from meal.profiling import NoMeter
 from meal.rewards import RewardNormalizer, RewardSet
 from meal.sampling import GenerationSettings, generate
 from meal.templates import build_prompt
@@ -46,24 +47,24 @@ class Rollout:
     rewards: torch.Tensor
     num_tokens: int
     gen_seconds: float
-    score_seconds: float
 
 
 def rollout(model, condition: Conditioner, texts: Sequence[str], prefs: torch.Tensor, n: int,
             settings: GenerationSettings, reward_set: RewardSet, normalizer: RewardNormalizer | None,
-            seed: int | None = None) -> Rollout:
+            seed: int | None = None, meter=NoMeter()) -> Rollout:
     """Sample ``n`` responses for each text under its preference (B, K) and score them."""
     b = len(texts)
     prompts = condition(texts, prefs)
     t0 = time.perf_counter()
-    gen = generate(model, condition.tokenizer, [p for p in prompts for _ in range(n)], settings, seed)  # (B*N)
-    t1 = time.perf_counter()
-    raw = reward_set.score([t for t in texts for _ in range(n)], gen.texts).view(b, n, -1)  # (B, N, K)
-    t2 = time.perf_counter()
+    with meter.phase("generate"):
+        gen = generate(model, condition.tokenizer, [p for p in prompts for _ in range(n)], settings, seed)  # (B*N)
+    gen_seconds = time.perf_counter() - t0
+    with meter.phase("score"):
+        raw = reward_set.score([t for t in texts for _ in range(n)], gen.texts).view(b, n, -1)  # (B, N, K)
     normed = normalizer(raw) if normalizer is not None else raw
     grid = [gen.texts[i * n:(i + 1) * n] for i in range(b)]
     done = [gen.finished[i * n:(i + 1) * n] for i in range(b)]
-    return Rollout(grid, done, raw, normed, gen.num_tokens, t1 - t0, t2 - t1)
+    return Rollout(grid, done, raw, normed, gen.num_tokens, gen_seconds)
 
 
 def draw_preferences(b: int, k: int, alpha: float, rng: np.random.Generator,

@@ -71,15 +71,12 @@ class RunContext:
                         dynamic_ncols=True)
         return self.bar
 
-    def iteration_metrics(self, ro: Rollout, r_kept, w_star, w_phi, loss, grad_norm, c, t_meta, t_step,
-                          seconds) -> dict[str, float]:
-        """train/*, reward/<name> (raw mean over all samples), reward_kept/<name>, weights/*, time/*."""
+    def iteration_metrics(self, ro: Rollout, r_kept, w_star, w_phi, loss, grad_norm, c) -> dict[str, float]:
+        """train/*, reward/<name> (raw mean over all samples), reward_kept/<name>, weights/*."""
         out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/sample_weight_std": c.std().item()
                if len(c) > 1 else 0.0, "train/response_tokens": ro.num_tokens / max(1, ro.raw.shape[0] *
                                                                                     ro.raw.shape[1]),
                "train/scalarised": (w_star.unsqueeze(1) * ro.rewards).sum(-1).mean().item(),
-               "time/generate": ro.gen_seconds, "time/score": ro.score_seconds, "time/meta": t_meta,
-               "time/step": t_step, "time/iteration": seconds,
                "train/tokens_per_s": ro.num_tokens / max(ro.gen_seconds, 1e-9)}
         for k, name in enumerate(self.objectives):
             out[f"reward/{name}"] = ro.raw[..., k].mean().item()

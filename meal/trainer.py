@@ -32,6 +32,7 @@ from meal.losses import build_batch, per_example_nll
 from meal.meta import (PreferenceWeightNet, achieved_preference, dynamic_preference, label_preference,
                        meta_gradient, sample_weights)
 from meal.policy import load_policy, trainable_parameters
+from meal.profiling import PhaseMeter
 from meal.rewards import RewardNormalizer, RewardSet
 from meal.rollout import Conditioner, PromptOrder, draw_preferences, fit_normalizer, rollout
 from meal.run import RunContext, generation_settings, open_logger, seed_everything
@@ -104,6 +105,7 @@ def train(cfg: Any) -> dict[str, Any]:
         net_opt = torch.optim.Adam(net.parameters(), lr=m.weight_net.lr)
 
     ctx = RunContext(run_dir, cfg, objectives)
+    meter = PhaseMeter(device)
     order = PromptOrder(len(train_texts), t.seed)
     rng = np.random.default_rng(t.seed)
     start = 0
@@ -139,7 +141,8 @@ def train(cfg: Any) -> dict[str, Any]:
             w_phi = net(emb[idx], w_star).detach() if net is not None else w_star
             w_tilde = dynamic_preference(w_star, w_phi, m.lam)
             # 4. rejection sampling: N responses each, scored, best by w~ . R
-            ro = rollout(model, condition, texts, w_tilde, t.n_samples, settings, reward_set, normalizer)
+            ro = rollout(model, condition, texts, w_tilde, t.n_samples, settings, reward_set, normalizer,
+                         meter=meter)
             keep = select_best(scalarise(w_tilde, ro.rewards), t.top_m)  # (B, m)
             rows = torch.arange(len(idx)).unsqueeze(1).expand_as(keep)  # (B, m)
             r_kept = ro.rewards[rows, keep].reshape(-1, k)  # (B*m, K)
@@ -151,27 +154,25 @@ def train(cfg: Any) -> dict[str, Any]:
                                 [ro.finished[b][j] for b, j in zip(rows.reshape(-1), keep.reshape(-1))],
                                 t.max_prompt_tokens)
             metrics: dict[str, float] = {}
-            t_meta = 0.0
             # 6-9. the meta step on (inner half, meta half) of the batch
             if net is not None and m.lam < 1.0 and it % m.meta_interval == 0:
-                t_meta = time.perf_counter()
                 metrics.update(meta_step(cfg, model, params, net, net_opt, emb[idx], w_star, kept_src, r_kept,
-                                         batch, ro, texts, condition, device))
-                t_meta = time.perf_counter() - t_meta
+                                         batch, ro, texts, condition, device, meter))
             # 10. real update with the new, detached sample weights
             with torch.no_grad():
                 w_new = net(emb[idx], w_star)[kept_src] if net is not None else None
                 c = sample_weights(w_new, r_kept, m.lam) if w_new is not None else torch.ones(len(batch))
-            t_step = time.perf_counter()
-            loss, grad_norm = policy_step(model, params, optimizer, batch, c, t.micro_batch_size,
-                                          t.max_grad_norm)
-            t_step = time.perf_counter() - t_step
+            with meter.phase("real_step"):
+                loss, grad_norm = policy_step(model, params, optimizer, batch, c, t.micro_batch_size,
+                                              t.max_grad_norm)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"iteration {it}: the training loss is {loss}; the last checkpoint "
                                          f"in {run_dir}/checkpoints is intact")
             step = it + 1
             metrics.update(ctx.iteration_metrics(ro, r_kept, w_star, w_phi if net is not None else None, loss,
-                                                 grad_norm, c, t_meta, t_step, time.perf_counter() - tic))
+                                                 grad_norm, c))
+            metrics.update(meter.pop())
+            metrics["time/iteration"] = time.perf_counter() - tic
             ctx.record(logger, metrics, step, every=t.log_every)
             if t.table_every and step % t.table_every == 0:
                 ctx.sample_table(logger, step, texts, w_tilde, ro)
@@ -193,7 +194,7 @@ def train(cfg: Any) -> dict[str, Any]:
 
 
 def meta_step(cfg, model, params, net, net_opt, emb, w_star, kept_src, r_kept, batch, ro, texts, condition,
-              device) -> dict[str, float]:
+              device, meter) -> dict[str, float]:
     """Steps 6-9: virtual step on the inner half, meta loss on the meta half, Adam step of the net.
 
     The batch's prompts are split in two: the first half is the inner batch (its kept responses
@@ -237,8 +238,8 @@ def meta_step(cfg, model, params, net, net_opt, emb, w_star, kept_src, r_kept, b
 
         kernel = sdpa_kernel(SDPBackend.MATH)
     with kernel:
-        res = meta_gradient(model, params, inner, c_fn, meta_loss_fn, m.alpha_in, m.engine, m.directional_mode,
-                            m.fd_eps, m.first_order, t.micro_batch_size)
+        res = meta_gradient(model, params, inner, c_fn, meta_loss_fn, m.alpha_in, list(net.parameters()), m.engine,
+                            m.directional_mode, m.fd_eps, m.first_order, t.micro_batch_size, meter)
     grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters() if p.grad is not None)).item()
     net_opt.step()
     return {"meta/loss": res.meta_loss, "meta/grad_norm": grad_norm}

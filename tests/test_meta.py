@@ -49,7 +49,7 @@ def _engine_grad(bilevel, **kw):
     model, params, inner, meta, net, emb, w_star, rewards = bilevel
     c_fn, meta_loss_fn = _fns(model, meta, net, emb, w_star, rewards)
     net.zero_grad()
-    meta_gradient(model, params, inner, c_fn, meta_loss_fn, ALPHA, **kw)
+    meta_gradient(model, params, inner, c_fn, meta_loss_fn, ALPHA, list(net.parameters()), **kw)
     return torch.cat([q.grad.flatten() for q in net.parameters()]).clone()
 
 

@@ -17,9 +17,10 @@ def my_length_reward(prompts, responses):
 
 
 def test_brevity_formula():
-    """-log(1 + words / 10): 0 words -> 0; 10 words -> -log 2."""
-    got = Brevity(scale=10).score(["p", "p"], ["", " ".join(["w"] * 10)])
-    torch.testing.assert_close(got, torch.tensor([0.0, -math.log(2.0)]))
+    """-log(1 + words / 10): 10 words -> -log 2; 5 words -> -log 1.5; under 3 words (empty, 'ok')
+    scores as 50 words -> -log 6, below every real answer of up to 50 words."""
+    got = Brevity(scale=10).score(["p"] * 4, [" ".join(["w"] * 10), "a b c d e", "", "ok"])
+    torch.testing.assert_close(got, torch.tensor([-math.log(2.0), -math.log(1.5), -math.log(6.0), -math.log(6.0)]))
 
 
 def test_rouge_coverage_and_faithfulness_by_hand():

@@ -31,7 +31,7 @@ def test_two_steps_change_every_trainable_parameter(tiny_llama, tmp_path, method
     assert not unchanged
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in lines] == [1, 2]
-    assert {"train/loss", "reward/coverage", "reward/concise", "time/generate"} <= set(lines[0])
+    assert {"train/loss", "reward/coverage", "reward/concise", "time/generate", "memory/real_step_mb"} <= set(lines[0])
     if method == "meal":
         assert {"meta/loss", "meta/grad_norm", "weights/coverage", "weights/entropy"} <= set(lines[0])
         assert lines[0]["meta/grad_norm"] > 0

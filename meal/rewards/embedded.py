@@ -17,17 +17,22 @@ def _words(text: str) -> int:
 
 
 class Brevity:
-    """concise: ``-log(1 + words / scale)``: 0 for an empty answer, lower the longer it is.
+    """concise: ``-log(1 + words / scale)``, lower the longer the response; but a response of fewer
+    than ``min_words`` words is no answer and scores as one of ``penalty_words`` words.
 
-    >>> Brevity(scale=10).score(["q", "q"], ["", "one two three four five six seven eight nine ten"]).tolist()
-    [0.0, -0.6931471824645996]
+    Without the floor, z-normalised brevity rewards the empty response many standard deviations
+    above any real answer, and rejection sampling collapses onto it (seen on the embedded demo).
+
+    >>> Brevity(scale=10, min_words=1, penalty_words=30).score(["q"] * 3, ["", "w " * 10, "w " * 30]).tolist()
+    [-1.3862943649291992, -0.6931471824645996, -1.3862943649291992]
     """
 
-    def __init__(self, scale: float = 10.0):
-        self.scale = scale
+    def __init__(self, scale: float = 10.0, min_words: int = 3, penalty_words: int = 50):
+        self.scale, self.min_words, self.penalty_words = scale, min_words, penalty_words
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         n = torch.tensor([_words(r) for r in responses], dtype=torch.float32)
+        n = torch.where(n < self.min_words, torch.full_like(n, float(self.penalty_words)), n)
         return -torch.log1p(n / self.scale)
 
 
