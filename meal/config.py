@@ -125,6 +125,8 @@ class TrainerConfig:
     max_prompt_tokens: int = _f(512, "Prompts are truncated (left) to this many tokens.")
     norm_prompts: int = _f(32, "Training prompts in the reward-normalisation scoring pass.")
     norm_samples: int = _f(2, "Responses per prompt in that pass.")
+    norm_seed: int = _f(0, "Seed of that pass (shared by all runs of a task, so that their fronts compare).")
+    stats_cache: Optional[str] = _f("~/.cache/meal/reward_stats", "Cache of reward statistics (None: no cache).")
     seed: int = _f(0, "Seed of everything.")
     log_every: int = _f(1, "Log metrics every this many iterations.")
     table_every: int = _f(10, "Log a table of sampled responses every this many iterations (0: never).")

@@ -18,16 +18,33 @@ def plot_fronts(fronts: Sequence[Front], path: str, title: str | None = None) ->
     objectives = fronts[0].objectives
     pairs = list(itertools.combinations(range(len(objectives)), 2))
     fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4.4), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = list(dict.fromkeys(f.label or "run" for f in fronts))  # one colour per method
+    color_of = {lab: cycle[i % len(cycle)] for i, lab in enumerate(labels)}
+    hv_of = {lab: [f.hypervolume for f in fronts if (f.label or "run") == lab] for lab in labels}
     for ax, (a, b) in zip(axes[0], pairs):
-        for n, front in enumerate(fronts):
-            color = colors[n % len(colors)]
+        seen = set()
+        for front in fronts:
+            lab = front.label or "run"
+            color = color_of[lab]
             xs = [p[a] for p in front.points]
             ys = [p[b] for p in front.points]
-            label = f"{front.label or 'run'} (HV {front.hypervolume:.3f})"
-            ax.plot(xs, ys, "-o", color=color, alpha=0.85, markersize=5, label=label)
+            hvs = hv_of[lab]
+            legend = None if lab in seen else (f"{lab} (HV {front.hypervolume:.3f})" if len(hvs) == 1 else
+                                                f"{lab} (HV {sum(hvs) / len(hvs):.3f}, {len(hvs)} runs)")
+            seen.add(lab)
+            alpha = 0.9 if len(hvs) == 1 else 0.55
+            ax.scatter(xs, ys, color=color, alpha=alpha, s=22, label=legend)
+            # the non-dominated points of this projection, joined in order: the front as drawn in the papers
+            front_idx = sorted((i for i in range(len(xs)) if not any(
+                xs[j] >= xs[i] and ys[j] >= ys[i] and (xs[j] > xs[i] or ys[j] > ys[i]) for j in range(len(xs)))),
+                key=lambda i: xs[i])
+            ax.plot([xs[i] for i in front_idx], [ys[i] for i in front_idx], "-", color=color, alpha=alpha)
+            at: dict[tuple[float, float], list[str]] = {}  # coincident points share one label
             for x, y, w in zip(xs, ys, front.preferences):
-                ax.annotate(f"{w[0]:.1f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                at.setdefault((round(x, 6), round(y, 6)), []).append(f"{w[0]:.1f}")
+            for (x, y), names in at.items():
+                ax.annotate(",".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color=color)
         ax.set_xlabel(f"{objectives[a]} (normalised)")
         ax.set_ylabel(f"{objectives[b]} (normalised)")

@@ -76,15 +76,59 @@ def draw_preferences(b: int, k: int, alpha: float, rng: np.random.Generator,
 
 
 def fit_normalizer(model, condition: Conditioner, texts: Sequence[str], n: int, settings: GenerationSettings,
-                   reward_set: RewardSet, alpha: float, seed: int) -> tuple[RewardNormalizer, Rollout]:
-    """The scoring pass over training prompts that fixes the z-normalisation (method.md)."""
-    rng = np.random.default_rng(seed + 7919)
-    prefs = draw_preferences(len(texts), len(condition.objectives), alpha, rng)
-    ro = rollout(model, condition, texts, prefs, n, settings, reward_set, None)
+                   reward_set: RewardSet, alpha: float, seed: int) -> RewardNormalizer:
+    """The scoring pass over training prompts that fixes the z-normalisation (method.md).
+
+    Runs under its own seed inside ``fork_rng``: the training RNG stream is the same whether the
+    statistics are computed or read from the cache.
+    """
+    with torch.random.fork_rng(devices=[]):
+        prefs = draw_preferences(len(texts), len(condition.objectives), alpha, np.random.default_rng(seed))
+        ro = rollout(model, condition, texts, prefs, n, settings, reward_set, None, seed=seed)
     norm = RewardNormalizer.fit(ro.raw.reshape(-1, ro.raw.shape[-1]), condition.objectives)
     log.info("reward statistics from %d responses: mean %s std %s", ro.raw.shape[0] * ro.raw.shape[1],
              [round(m, 4) for m in norm.mean], [round(s, 4) for s in norm.std])
-    return norm, ro
+    return norm
+
+
+def statistics_key(cfg) -> dict:
+    """What the reward statistics depend on: policy, data, template, rewards, sampling and the pass."""
+    from omegaconf import OmegaConf
+
+    t = cfg.trainer
+    c = OmegaConf.to_container(cfg, resolve=True)
+    return {"policy": [c["policy"]["name_or_path"], c["policy"]["gguf_file"]], "data": c["task"]["data"],
+            "template": c["task"]["template"], "max_new_tokens": c["task"]["max_new_tokens"],
+            "rewards": {o: c["rewards"][o] for o in c["task"]["objectives"]},
+            "sampling": [t.top_p, t.top_k, t.temperature, t.dirichlet_alpha],
+            "pass": [t.norm_prompts, t.norm_samples, t.norm_seed]}
+
+
+def reward_statistics(cfg, model, condition: Conditioner, train_texts: Sequence[str], settings: GenerationSettings,
+                      reward_set: RewardSet) -> RewardNormalizer:
+    """Statistics of the scoring pass, read from ``trainer.stats_cache`` when the same key was seen.
+
+    The pass uses ``trainer.norm_seed`` (not the training seed), so that every run of a task,
+    whatever its method or seed, shares one normalisation and fronts compare in the same units.
+    """
+    import hashlib
+    import json
+    import os
+
+    t = cfg.trainer
+    key = statistics_key(cfg)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = os.path.join(os.path.expanduser(t.stats_cache), f"{digest}.json") if t.stats_cache else None
+    if path and os.path.exists(path):
+        log.info("reward statistics from the cache %s", path)
+        return RewardNormalizer.load(path, condition.objectives)
+    order = np.random.default_rng(t.norm_seed).permutation(len(train_texts))[:t.norm_prompts]
+    norm = fit_normalizer(model, condition, [train_texts[i] for i in order], t.norm_samples, settings, reward_set,
+                          t.dirichlet_alpha, t.norm_seed)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        norm.save(path, {"key": key})
+    return norm
 
 
 class PromptOrder:

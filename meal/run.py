@@ -108,9 +108,13 @@ class RunContext:
         logger.log_table("samples", columns, data, step)
 
     def _evaluate(self, model, condition, texts, reward_set, normalizer, grid) -> Front:
-        return evaluate_front(model, condition, texts, reward_set, normalizer, grid,
-                              generation_settings(self.cfg, eval_protocol=True), list(self.cfg.task.hv_ref),
-                              seed=self.cfg.trainer.seed, label=self.cfg.method.name)
+        front = evaluate_front(model, condition, texts, reward_set, normalizer, grid,
+                               generation_settings(self.cfg, eval_protocol=True), list(self.cfg.task.hv_ref),
+                               seed=0, label=self.cfg.method.name)
+        front.extra = {"run_dir": os.path.abspath(self.run_dir), "method": self.cfg.method.name,
+                       "train_seed": self.cfg.trainer.seed, "task": self.cfg.task.name,
+                       "normalizer": normalizer.__dict__}
+        return front
 
     def periodic_eval(self, logger, model, condition, test, reward_set, normalizer, step: int) -> None:
         """A small grid (3 points for K = 2) on a few test prompts: ``eval/hypervolume``."""

@@ -34,7 +34,7 @@ from meal.meta import (PreferenceWeightNet, achieved_preference, dynamic_prefere
 from meal.policy import load_policy, trainable_parameters
 from meal.profiling import PhaseMeter
 from meal.rewards import RewardNormalizer, RewardSet
-from meal.rollout import Conditioner, PromptOrder, draw_preferences, fit_normalizer, rollout
+from meal.rollout import Conditioner, PromptOrder, draw_preferences, reward_statistics, rollout
 from meal.run import RunContext, generation_settings, open_logger, seed_everything
 from meal.sampling import scalarise, select_best
 
@@ -122,11 +122,9 @@ def train(cfg: Any) -> dict[str, Any]:
         normalizer = RewardNormalizer.load(stats_path, objectives)
         log.info("resumed %s at iteration %d", ckpt, start)
     else:
-        norm_idx = order.next(min(t.norm_prompts, len(train_texts)))
-        order = PromptOrder(len(train_texts), t.seed)
-        normalizer, _ = fit_normalizer(model, condition, [train_texts[i] for i in norm_idx], t.norm_samples,
-                                       settings, reward_set, t.dirichlet_alpha, t.seed)
-        normalizer.save(stats_path, {"prompts": len(norm_idx), "samples_per_prompt": t.norm_samples})
+        normalizer = reward_statistics(cfg, model, condition, train_texts, settings, reward_set)
+        normalizer.save(stats_path, {"prompts": t.norm_prompts, "samples_per_prompt": t.norm_samples,
+                                     "seed": t.norm_seed})
 
     logger = open_logger(cfg, run_dir, resume=ckpt is not None)
     exit_code = 1

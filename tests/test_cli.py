@@ -18,7 +18,8 @@ def tiny_overrides(model_dir, out_dir):
     return [f"policy.name_or_path={model_dir}", "policy.gguf_file=null", "policy.dtype=float32",
             "policy.lora.enabled=false", "task.max_new_tokens=6", "trainer.iterations=2", "trainer.batch_size=4",
             "trainer.n_samples=2", "trainer.micro_batch_size=4", "trainer.norm_prompts=4",
-            "trainer.final_eval_prompts=2", f"trainer.out_dir={out_dir}", "logger=none"]
+            "trainer.final_eval_prompts=2", f"trainer.out_dir={out_dir}", "logger=none",
+            "trainer.stats_cache=null"]
 
 
 def test_meal_train_cli_runs_and_ends_with_a_front(tiny_llama, tmp_path):

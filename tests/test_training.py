@@ -85,3 +85,20 @@ def test_nan_reward_is_reported_with_its_name(tiny_llama, tmp_path):
 
 def nan_reward(prompts, responses):
     return [float("nan")] * len(responses)
+
+
+def test_reward_statistics_are_cached_and_shared_across_seeds(tiny_llama, tmp_path):
+    """Two runs with different training seeds share one normalisation (the pass has its own seed);
+    the second reads it from the cache, and the training RNG stream does not depend on the cache."""
+    cache = str(tmp_path / "cache")
+    a = tiny_config(tiny_llama, str(tmp_path / "a"), **{"trainer.stats_cache": cache, "trainer.seed": 1})
+    b = tiny_config(tiny_llama, str(tmp_path / "b"), **{"trainer.stats_cache": cache, "trainer.seed": 2})
+    c = tiny_config(tiny_llama, str(tmp_path / "c"), **{"trainer.stats_cache": None, "trainer.seed": 2})
+    for cfg in (a, b, c):
+        train(cfg)
+    assert len(os.listdir(cache)) == 1
+    stats = [json.load(open(tmp_path / r / "reward_stats.json")) for r in "abc"]
+    assert stats[0]["mean"] == stats[1]["mean"] == stats[2]["mean"]
+    lb = [json.loads(x)["train/loss"] for x in open(tmp_path / "b" / "metrics.jsonl")]
+    lc = [json.loads(x)["train/loss"] for x in open(tmp_path / "c" / "metrics.jsonl")]
+    assert lb == lc

@@ -1,0 +1,89 @@
+"""``meal-eval``: evaluate the Pareto front of a trained run with its own rewards and normalisation.
+
+For each preference of the grid (K = 2: 11 points, K = 3: 13) the policy generates for every test
+prompt with a fixed seed (top_p 0.9, top_k 0, temperature 1); see :mod:`meal.evaluation`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from meal.config import ConfigError, TrainConfig, register_configs, to_container
+from meal.train import CONF_DIR
+
+log = logging.getLogger("meal")
+
+
+def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, prompts: int = 0,
+                 seed: int = 0, batch_size: int = 32, label: str | None = None, out_dir: str | None = None,
+                 logger_cfg: Any = None) -> dict[str, Any]:
+    """Evaluate ``run_dir`` (its config.yaml, reward_stats.json and a checkpoint); write the front."""
+    from hydra.utils import instantiate
+
+    from meal.checkpoint import latest_checkpoint, load_policy_weights
+    from meal.evaluation import evaluate_front, preference_grid
+    from meal.policy import load_policy, trainable_parameters
+    from meal.rewards import RewardNormalizer, RewardSet
+    from meal.rollout import Conditioner
+    from meal.run import generation_settings, publish_front
+
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(cfg_path):
+        raise ConfigError(f"run_dir: {run_dir} has no config.yaml (not a folder written by meal-train)")
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(cfg_path))
+    objectives = list(cfg.task.objectives)
+    normalizer = RewardNormalizer.load(os.path.join(run_dir, "reward_stats.json"), objectives)
+    folder = None
+    if not untrained:
+        folder = latest_checkpoint(run_dir) if checkpoint == "latest" else os.path.join(run_dir, "checkpoints",
+                                                                                        checkpoint)
+        if folder is None or not os.path.isdir(folder):
+            raise ConfigError(f"checkpoint: {run_dir} has no checkpoint {checkpoint!r}")
+    data = instantiate(cfg.task.data, _convert_="all")
+    reward_set = RewardSet.from_config(OmegaConf.to_container(cfg.rewards, resolve=True), objectives)
+    model, tok = load_policy(cfg.policy)
+    if folder is not None:
+        load_policy_weights(folder, trainable_parameters(model))
+    cfg.trainer.gen_batch_size = batch_size
+    texts = [e.text for e in data.test[:prompts or len(data.test)]]
+    name = label or (f"{cfg.method.name} (base)" if untrained else cfg.method.name)
+    front = evaluate_front(model, Conditioner(cfg.task.template, objectives, tok), texts, reward_set, normalizer,
+                           preference_grid(len(objectives)), generation_settings(cfg, eval_protocol=True),
+                           list(cfg.task.hv_ref), seed=seed, label=name)
+    front.extra = {"run_dir": os.path.abspath(run_dir), "checkpoint": folder, "method": cfg.method.name,
+                   "train_seed": cfg.trainer.seed, "task": cfg.task.name, "normalizer": normalizer.__dict__}
+    out_dir = out_dir or os.path.join(run_dir, "eval-base" if untrained else "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    logger = instantiate(logger_cfg) if logger_cfg is not None else instantiate({"_target_": "meal.tracking.NullLogger"})
+    logger.start(out_dir, {"run_dir": run_dir, "train_config": to_container(cfg)}, f"eval-{name}", False)
+    try:
+        return publish_front(front, out_dir, logger, step=0)
+    finally:
+        logger.finish()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def _main(cfg: DictConfig) -> None:
+    try:
+        out = evaluate_run(cfg.run_dir, cfg.checkpoint, cfg.untrained, cfg.prompts, cfg.seed, cfg.batch_size,
+                           cfg.label, cfg.out_dir, cfg.logger)
+    except ConfigError as e:
+        log.error("%s", e)
+        sys.exit(2)
+    print(f"\nfront: {out['front_png']}\nhypervolume: {out['hypervolume']:.4f} "
+          f"(reference point {out['hv_ref']}, normalised units)")
+
+
+def main() -> None:
+    register_configs()
+    _main()
+
+
+if __name__ == "__main__":
+    main()

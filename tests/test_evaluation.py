@@ -1,0 +1,100 @@
+"""Evaluation: hypervolume and Pareto filtering by hand, the grids, meal-eval and meal-compare."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from meal.compare import CompareError, compare
+from meal.evaluation import Front, hypervolume, pareto_mask, preference_grid
+from meal.evaluate import evaluate_run
+from meal.trainer import train
+from tests.conftest import tiny_config
+
+
+def test_hypervolume_2d_by_hand():
+    """Points (1, 3), (2, 2), (3, 1) over reference (0, 0): a staircase of area 3 + 2 + 1 = 6.
+    Adding a dominated point (1, 1), a duplicate (2, 2) and a point beyond the reference (-1, 5)
+    changes nothing."""
+    pts = np.array([[1, 3], [2, 2], [3, 1]], dtype=float)
+    assert hypervolume(pts, [0, 0]) == pytest.approx(6.0)
+    more = np.vstack([pts, [[1, 1], [2, 2], [-1, 5]]])
+    assert hypervolume(more, [0, 0]) == pytest.approx(6.0)
+    assert hypervolume(np.array([[-1.0, -1.0]]), [0, 0]) == 0.0
+    # reference (-1, -1): every box grows: (2*4) + (1*3) + (1*2) = 8 + 3 + 2 = 13
+    assert hypervolume(pts, [-1, -1]) == pytest.approx(13.0)
+
+
+def test_hypervolume_3d_by_hand():
+    """(1,1,1) alone: a unit cube. (2,1,1) and (1,2,1): union of two 2x1x1 boxes overlapping in a unit cube = 3.
+    (3,3,3) over reference (1,1,1) dominates them all: 2^3 = 8 (the others lie on its boundary)."""
+    assert hypervolume(np.array([[1.0, 1.0, 1.0]]), [0, 0, 0]) == pytest.approx(1.0)
+    assert hypervolume(np.array([[2, 1, 1], [1, 2, 1]], dtype=float), [0, 0, 0]) == pytest.approx(3.0)
+    assert hypervolume(np.array([[3, 3, 3], [2, 1, 1], [1, 1, 1]], dtype=float), [1, 1, 1]) == pytest.approx(8.0)
+
+
+def test_pareto_mask_by_hand():
+    pts = np.array([[1, 3], [2, 2], [1, 1], [2, 2], [0, 3], [3, 1]], dtype=float)
+    # (1,1) dominated by (2,2); (0,3) dominated by (1,3); the duplicate (2,2) is kept
+    assert pareto_mask(pts).tolist() == [True, True, False, True, False, True]
+    pts3 = np.array([[1, 0, 0], [0, 1, 0], [0.5, 0.5, 0.0], [0.4, 0.4, 0.0]])
+    assert pareto_mask(pts3).tolist() == [True, True, True, False]
+
+
+def test_preference_grids():
+    g2 = preference_grid(2)
+    assert len(g2) == 11 and g2[0] == [0.0, 1.0] and g2[-1] == [1.0, 0.0] and g2[3] == [0.3, 0.7]
+    g3 = preference_grid(3)
+    assert len(g3) == 13 and all(abs(sum(w) - 1) < 1e-2 for w in g3)
+    assert [1.0, 0.0, 0.0] in g3 and [0.2, 0.4, 0.4] in g3
+    assert preference_grid(2, points=3) == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    with pytest.raises(ValueError, match="K = 4"):
+        preference_grid(4)
+
+
+def test_meal_eval_on_a_tiny_run_and_compare_two_fronts(tiny_llama, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_llama, str(run)))
+    out = evaluate_run(str(run), prompts=3)
+    front = Front.load(out["front_json"])
+    assert len(front.points) == 11 and len(front.preferences) == 11 and front.num_prompts == 3
+    assert front.hypervolume == pytest.approx(hypervolume(np.array(front.points), front.hv_ref))
+    assert os.path.getsize(out["front_png"]) > 1000
+    base = evaluate_run(str(run), untrained=True, prompts=3)
+    assert Front.load(base["front_json"]).label == "meal (base)"
+    result = compare([str(run / "eval"), base["front_json"]], str(tmp_path / "cmp"))
+    assert [r["method"] for r in result["methods"]] == ["meal", "meal (base)"]
+    assert os.path.exists(tmp_path / "cmp" / "compare.png")
+    assert "| meal |" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def _front(label, hv_points, seed, norm=None):
+    return Front(["a", "b"], [[1.0, 0.0], [0.0, 1.0]], hv_points, hv_points, [True, True],
+                 hypervolume(np.array(hv_points), [0, 0]), [0.0, 0.0], 0.5, 4, 0, label,
+                 {"train_seed": seed, "normalizer": norm or {"mean": [0, 0]}})
+
+
+def test_compare_table_mean_and_spread(tmp_path):
+    """static: HV 6 and 4 (mean 5, sample std sqrt(2)); meal: HV 9 alone."""
+    paths = []
+    for i, (label, pts) in enumerate([("static", [[1, 3], [3, 1], [2, 2]]), ("static", [[2, 2]]),
+                                      ("meal", [[3, 3]])]):
+        p = str(tmp_path / f"f{i}.json")
+        _front(label, pts, i).save(p)
+        paths.append(p)
+    result = compare(paths, str(tmp_path / "out"))
+    rows = {r["method"]: r for r in result["methods"]}
+    assert rows["static"]["hypervolume_mean"] == pytest.approx(5.0)
+    assert rows["static"]["hypervolume_std"] == pytest.approx(np.sqrt(2))
+    assert rows["meal"]["runs"] == 1 and rows["meal"]["hypervolume_mean"] == pytest.approx(9.0)
+    assert json.load(open(tmp_path / "out" / "compare.json"))["hv_ref"] == [0.0, 0.0]
+
+
+def test_compare_refuses_fronts_in_different_units(tmp_path):
+    _front("a", [[1, 1]], 0, {"mean": [0, 0]}).save(str(tmp_path / "a.json"))
+    _front("b", [[1, 1]], 0, {"mean": [1, 0]}).save(str(tmp_path / "b.json"))
+    with pytest.raises(CompareError, match="normalisation differs"):
+        compare([str(tmp_path / "a.json"), str(tmp_path / "b.json")], str(tmp_path / "out"))
+    with pytest.raises(CompareError, match="no front.json"):
+        compare([str(tmp_path)], str(tmp_path / "out"))
