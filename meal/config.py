@@ -96,8 +96,9 @@ class MethodConfig:
     tau: float = _f(1.0, "Temperature of the achieved preference softmax(R / tau) (step 5).")
     alpha_in: float = _f(1e-3, "Step size of the one-step virtual SGD update (step 7).")
     engine: str = _f("directional", "Meta-gradient engine: directional | autograd (same answer, see BENCHMARKS.md).")
-    directional_mode: str = _f("fd", "How the directional engine differentiates: fd (central difference) | jvp.")
-    fd_eps: float = _f(1e-2, "Finite-difference step, relative to the norm of the parameters along v.")
+    directional_mode: str = _f("per_example", "How the directional engine gets grad l_i . v: per_example (kept gradients) | "
+                               "jvp (forward mode) | fd (central difference).")
+    fd_eps: float = _f(3e-2, "Finite-difference step, relative to the norm of the parameters along v.")
     meta_objective: str = _f("best", "best (NLL of the best-of-N under the target) | advantage.")
     meta_interval: int = _f(1, "Run the meta step (7-9) every this many iterations.")
     first_order: bool = _f(False, "Approximation: take the meta-loss gradient at theta instead of theta'.")
@@ -219,7 +220,8 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
     _need(tr.tau > 0, "method.tau", f"must be > 0, got {tr.tau}")
     _need(tr.alpha_in > 0, "method.alpha_in", f"must be > 0, got {tr.alpha_in}")
     _need(tr.engine in ("directional", "autograd"), "method.engine", f"directional | autograd, got {tr.engine!r}")
-    _need(tr.directional_mode in ("fd", "jvp"), "method.directional_mode", f"fd | jvp, got {tr.directional_mode!r}")
+    _need(tr.directional_mode in ("fd", "jvp", "per_example"), "method.directional_mode",
+          f"fd | jvp | per_example, got {tr.directional_mode!r}")
     _need(tr.meta_objective in ("best", "advantage"), "method.meta_objective",
           f"best | advantage, got {tr.meta_objective!r}")
     _need(tr.meta_interval >= 1, "method.meta_interval", f"must be >= 1, got {tr.meta_interval}")

@@ -15,8 +15,11 @@ Since phi enters L_in = mean_i c_i(phi) l_i(theta) only through c, the meta-grad
     dL_meta/dphi = -alpha_in * mean_i (dc_i/dphi) * (grad_theta l_i(theta) . v),   v = grad L_meta(theta')
 
 The ``autograd`` engine differentiates through the virtual step (double backward); the
-``directional`` engine computes the B directional derivatives ``grad l_i . v`` (a central finite
-difference or a forward-mode jvp) and needs no second-order graph. Both give the same number.
+``directional`` engine computes the B directional derivatives ``grad l_i . v`` and needs no
+second-order graph. Its modes: ``per_example`` keeps each inner example's gradient from the
+virtual step (exact, no extra pass, memory B_in x trainable parameters), ``jvp`` (exact, one
+forward-mode pass), ``fd`` (a central finite difference, two forward passes). All give the same
+number up to floating point.
 ``first_order`` is an approximation: v is taken at theta instead of theta', so no virtual step is
 run (it drops the dependence of v on the step, which is O(alpha_in)).
 """
@@ -153,20 +156,29 @@ def _grad(loss_fn: MetaLossFn, at: Params) -> Params:
 def _directional_engine(model, params, inner, c_fn, meta_loss_fn, alpha, phi, mode, fd_eps, first_order, mb,
                         meter) -> MetaStepResult:
     theta = {n: p.detach() for n, p in params.items()}
+    per_example = []  # mode "per_example": grad l_i(theta) of every inner example, kept for d_i
     with meter.phase("inner_step"):
         with torch.no_grad():
             c_det = c_fn().detach()
         at = theta
-        if not first_order:
+        if not first_order or mode == "per_example":
             # step 7: g = grad_theta mean_i c_i l_i(theta), accumulated over micro-batches, no graph kept
+            step = 1 if mode == "per_example" else mb
             g = {n: torch.zeros_like(p) for n, p in theta.items()}
             leaf = {n: p.clone().requires_grad_(True) for n, p in theta.items()}
-            for s in range(0, len(inner), mb):
-                part = inner.slice(slice(s, s + mb))
-                loss = (c_det[s:s + mb] * per_example_nll(model, part, leaf)).sum() / len(inner)
-                for n, gi in zip(leaf, torch.autograd.grad(loss, list(leaf.values()))):
-                    g[n] += gi
-            at = virtual_step(theta, g, alpha)
+            for s in range(0, len(inner), step):
+                losses = per_example_nll(model, inner.slice(slice(s, s + step)), leaf)  # (b,)
+                if mode == "per_example":  # grad l_s, kept; g += c_s / B * grad l_s
+                    grads = torch.autograd.grad(losses.sum(), list(leaf.values()))
+                    per_example.append(grads)
+                    scale = c_det[s] / len(inner)
+                else:
+                    grads = torch.autograd.grad((c_det[s:s + step] * losses).sum() / len(inner),
+                                                list(leaf.values()))
+                    scale = 1.0
+                for n, gi in zip(leaf, grads):
+                    g[n] += scale * gi
+            at = theta if first_order else virtual_step(theta, g, alpha)
     with meter.phase("meta_step"):
         # step 8: v = grad L_meta at theta' (theta for first_order)
         leaf = {n: p.detach().clone().requires_grad_(True) for n, p in at.items()}
@@ -174,8 +186,12 @@ def _directional_engine(model, params, inner, c_fn, meta_loss_fn, alpha, phi, mo
         v = dict(zip(leaf, torch.autograd.grad(meta_loss, list(leaf.values()))))
         del leaf, at
         # d_i = grad l_i(theta) . v for every inner example
-        d = torch.cat([_directional(model, inner.slice(slice(s, s + mb)), theta, v, mode, fd_eps)
-                       for s in range(0, len(inner), mb)])
+        if mode == "per_example":
+            d = torch.stack([sum((gi.double() * v[n].double()).sum() for n, gi in zip(v, grads))
+                             for grads in per_example])
+        else:
+            d = torch.cat([_directional(model, inner.slice(slice(s, s + mb)), theta, v, mode, fd_eps)
+                           for s in range(0, len(inner), mb)])
         # dL_meta/dphi = -alpha * mean_i (dc_i/dphi) d_i
         surrogate = -alpha * (c_fn() * d.to(c_det.dtype)).mean()
         _accumulate(surrogate, phi)
@@ -195,7 +211,7 @@ def _fd(model, batch, theta, v, eps_rel):
 
 
 def _directional(model, batch, theta, v, mode, eps_rel) -> torch.Tensor:
-    """(b,) grad l_i(theta) . v for the examples of ``batch``."""
+    """(b,) grad l_i(theta) . v for the examples of ``batch`` (modes fd and jvp)."""
     if mode == "fd":
         return _fd(model, batch, theta, v, eps_rel)
     if mode == "jvp":

@@ -66,9 +66,9 @@ class RunContext:
         self.last: dict[str, float] = {}
         self.bar = None
 
-    def progress(self, start: int, stop: int):
+    def progress(self, start: int, stop: int, show: bool = True):
         self.bar = tqdm(range(start, stop), initial=start, total=stop, desc=run_name(self.cfg), unit="it",
-                        dynamic_ncols=True)
+                        dynamic_ncols=True, disable=not show)
         return self.bar
 
     def iteration_metrics(self, ro: Rollout, r_kept, w_star, w_phi, loss, grad_norm, c) -> dict[str, float]:

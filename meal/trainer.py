@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from meal.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from meal.config import ConfigError, TrainConfig, to_container, validate
+from meal.distributed import Dist
 from meal.embeddings import embed_prompts
 from meal.losses import build_batch, per_example_nll
 from meal.meta import (PreferenceWeightNet, achieved_preference, dynamic_preference, label_preference,
@@ -37,6 +38,7 @@ from meal.rewards import RewardNormalizer, RewardSet
 from meal.rollout import Conditioner, PromptOrder, draw_preferences, reward_statistics, rollout
 from meal.run import RunContext, generation_settings, open_logger, seed_everything
 from meal.sampling import scalarise, select_best
+from meal.tracking import NullLogger
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +51,12 @@ def as_config(cfg: Any) -> DictConfig:
     return cfg
 
 
-def policy_step(model, params, optimizer, batch, weights, micro_batch_size: int, max_grad_norm: float
-                ) -> tuple[float, float]:
+def policy_step(model, params, optimizer, batch, weights, micro_batch_size: int, max_grad_norm: float,
+                dist: Dist | None = None) -> tuple[float, float]:
     """Step 10: one AdamW step on L_in = mean_i c_i l_i (weights c detached), micro-batched, clipped.
 
-    Returns (weighted loss, gradient norm before clipping).
+    Gradients are averaged over data-parallel ranks before clipping. Returns (weighted loss,
+    gradient norm before clipping).
     """
     device = next(model.parameters()).device
     optimizer.zero_grad(set_to_none=True)
@@ -63,6 +66,9 @@ def policy_step(model, params, optimizer, batch, weights, micro_batch_size: int,
         loss = (weights[s:s + micro_batch_size].to(device) * per_example_nll(model, part)).sum() / n
         loss.backward()
         total += loss.item()
+    if dist is not None:
+        dist.average_grads(params.values())
+        total = dist.mean(total)
     grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm).item()
     optimizer.step()
     return total, grad_norm
@@ -73,13 +79,21 @@ def train(cfg: Any) -> dict[str, Any]:
     cfg = as_config(cfg)
     validate(cfg)
     t, m, task = cfg.trainer, cfg.method, cfg.task
+    dist = Dist()
+    if t.batch_size % dist.world or (m.lam < 1 and t.batch_size // dist.world < 2):
+        raise ConfigError(f"trainer.batch_size: {t.batch_size} does not split over {dist.world} processes "
+                          f"(each needs an equal share, at least 2 for Meal)")
     run_dir = t.out_dir
     if not t.resume and latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"trainer.out_dir: {run_dir} already holds a run; set trainer.resume=true to continue "
                           f"it or choose another out_dir (nothing was overwritten)")
-    os.makedirs(run_dir, exist_ok=True)
-    OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
-    seed_everything(t.seed)
+    if dist.main:
+        os.makedirs(run_dir, exist_ok=True)
+        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
+    dist.barrier()
+    if dist.device is not None and cfg.policy.device == "auto":
+        cfg.policy.device = str(dist.device)
+    seed_everything(t.seed + dist.rank)  # sampling differs per rank; prompt order and w* draws do not
     from hydra.utils import instantiate
 
     data = instantiate(task.data, _convert_="all")
@@ -123,18 +137,20 @@ def train(cfg: Any) -> dict[str, Any]:
         log.info("resumed %s at iteration %d", ckpt, start)
     else:
         normalizer = reward_statistics(cfg, model, condition, train_texts, settings, reward_set)
-        normalizer.save(stats_path, {"prompts": t.norm_prompts, "samples_per_prompt": t.norm_samples,
-                                     "seed": t.norm_seed})
+        if dist.main:
+            normalizer.save(stats_path, {"prompts": t.norm_prompts, "samples_per_prompt": t.norm_samples,
+                                         "seed": t.norm_seed})
 
-    logger = open_logger(cfg, run_dir, resume=ckpt is not None)
+    logger = open_logger(cfg, run_dir, resume=ckpt is not None) if dist.main else NullLogger()
     exit_code = 1
     try:
-        for it in ctx.progress(start, t.iterations):
+        for it in ctx.progress(start, t.iterations, show=dist.main):
             tic = time.perf_counter()
+            # 1. target preferences (B, K) for the global batch; this rank keeps its share
             idx = order.next(t.batch_size)
-            texts = [train_texts[i] for i in idx]
-            # 1. target preferences (B, K)
             w_star = draw_preferences(len(idx), k, t.dirichlet_alpha, rng, t.preference)
+            idx, w_star = dist.shard(idx), torch.cat(dist.shard(list(w_star.split(1))))
+            texts = [train_texts[i] for i in idx]
             # 2-3. the net's proposal and the preference the policy samples under
             w_phi = net(emb[idx], w_star).detach() if net is not None else w_star
             w_tilde = dynamic_preference(w_star, w_phi, m.lam)
@@ -155,14 +171,14 @@ def train(cfg: Any) -> dict[str, Any]:
             # 6-9. the meta step on (inner half, meta half) of the batch
             if net is not None and m.lam < 1.0 and it % m.meta_interval == 0:
                 metrics.update(meta_step(cfg, model, params, net, net_opt, emb[idx], w_star, kept_src, r_kept,
-                                         batch, ro, texts, condition, device, meter))
+                                         batch, ro, texts, condition, device, meter, dist))
             # 10. real update with the new, detached sample weights
             with torch.no_grad():
                 w_new = net(emb[idx], w_star)[kept_src] if net is not None else None
                 c = sample_weights(w_new, r_kept, m.lam) if w_new is not None else torch.ones(len(batch))
             with meter.phase("real_step"):
                 loss, grad_norm = policy_step(model, params, optimizer, batch, c, t.micro_batch_size,
-                                              t.max_grad_norm)
+                                              t.max_grad_norm, dist)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"iteration {it}: the training loss is {loss}; the last checkpoint "
                                          f"in {run_dir}/checkpoints is intact")
@@ -171,20 +187,29 @@ def train(cfg: Any) -> dict[str, Any]:
                                                  grad_norm, c))
             metrics.update(meter.pop())
             metrics["time/iteration"] = time.perf_counter() - tic
-            ctx.record(logger, metrics, step, every=t.log_every)
-            if t.table_every and step % t.table_every == 0:
-                ctx.sample_table(logger, step, texts, w_tilde, ro)
+            metrics["train/processes"] = dist.world
+            if dist.main:
+                ctx.record(logger, metrics, step, every=t.log_every)
+                if t.table_every and step % t.table_every == 0:
+                    ctx.sample_table(logger, step, texts, w_tilde, ro)
             if (t.save_every and step % t.save_every == 0) or step == t.iterations:
-                save_checkpoint(run_dir, step, params, net, {
-                    "optimizer": optimizer.state_dict(), "order": order.state,
-                    "net_optimizer": net_opt.state_dict() if net_opt is not None else None,
-                    "numpy_draws": rng.bit_generator.state}, keep=t.keep_checkpoints)
+                dist.check_same(list(params.values()) + (list(net.parameters()) if net is not None else []))
+                if dist.main:
+                    save_checkpoint(run_dir, step, params, net, {
+                        "optimizer": optimizer.state_dict(), "order": order.state,
+                        "net_optimizer": net_opt.state_dict() if net_opt is not None else None,
+                        "numpy_draws": rng.bit_generator.state}, keep=t.keep_checkpoints)
+                dist.barrier()
             if t.eval_every and step % t.eval_every == 0 and step < t.iterations:
-                ctx.periodic_eval(logger, model, condition, data.test, reward_set, normalizer, step)
+                if dist.main:
+                    ctx.periodic_eval(logger, model, condition, data.test, reward_set, normalizer, step)
+                dist.barrier()
         summary = {"run_dir": run_dir, "iterations": t.iterations, **ctx.last}
         if t.final_eval:
-            summary.update(ctx.final_eval(logger, model, condition, data.test, reward_set, normalizer,
-                                          t.iterations))
+            if dist.main:
+                summary.update(ctx.final_eval(logger, model, condition, data.test, reward_set, normalizer,
+                                              t.iterations))
+            dist.barrier()
         exit_code = 0
         return summary
     finally:
@@ -192,7 +217,7 @@ def train(cfg: Any) -> dict[str, Any]:
 
 
 def meta_step(cfg, model, params, net, net_opt, emb, w_star, kept_src, r_kept, batch, ro, texts, condition,
-              device, meter) -> dict[str, float]:
+              device, meter, dist: Dist | None = None) -> dict[str, float]:
     """Steps 6-9: virtual step on the inner half, meta loss on the meta half, Adam step of the net.
 
     The batch's prompts are split in two: the first half is the inner batch (its kept responses
@@ -231,13 +256,16 @@ def meta_step(cfg, model, params, net, net_opt, emb, w_star, kept_src, r_kept, b
 
     net_opt.zero_grad(set_to_none=True)
     kernel = contextlib.nullcontext()
-    if m.engine == "autograd":  # double backward is implemented by the math SDPA kernel only
+    if m.engine == "autograd" or m.directional_mode == "jvp":
+        # double backward and forward-mode AD are implemented by the math SDPA kernel only
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         kernel = sdpa_kernel(SDPBackend.MATH)
     with kernel:
         res = meta_gradient(model, params, inner, c_fn, meta_loss_fn, m.alpha_in, list(net.parameters()), m.engine,
                             m.directional_mode, m.fd_eps, m.first_order, t.micro_batch_size, meter)
+    if dist is not None:  # the meta-gradient, averaged over data-parallel ranks
+        dist.average_grads(net.parameters())
     grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters() if p.grad is not None)).item()
     net_opt.step()
     return {"meta/loss": res.meta_loss, "meta/grad_norm": grad_norm}

@@ -33,14 +33,19 @@ def test_every_group_option_composes(group):
     for path in glob.glob(os.path.join(CONF, group, "*.yaml")):
         name = os.path.splitext(os.path.basename(path))[0]
         extra = ["task.data.train_file=x.jsonl"] if name == "jsonl" else []
+        extra += {"helpful_assistant": ["rewards=hf_assistant"], "reddit_summary": ["rewards=hf_summary"]}.get(name, [])
         cfg = _compose([f"{group}={name}"] + extra)
         validate(cfg)
 
 
 def test_every_yaml_starts_with_a_comment_on_how_to_run_it():
     for path in glob.glob(os.path.join(CONF, "**", "*.yaml"), recursive=True):
-        head = open(path).read().lstrip().splitlines()
-        comments = [line for line in head[:4] if line.startswith("#")]
+        lines = open(path).read().lstrip().splitlines()
+        comments = []
+        for line in lines:  # the leading comment block
+            if not line.startswith("#"):
+                break
+            comments.append(line)
         assert comments and any("Run" in c or "run" in c for c in comments), path
 
 
@@ -83,3 +88,13 @@ def test_cli_overrides_reach_the_config():
     assert cfg.method.lam == 1.0 and cfg.trainer.seed == 3
     assert OmegaConf.select(cfg, "rewards.mine") == "tests.test_rewards.my_length_reward"
     validate(cfg)
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm_gpu", "experiment=reddit_summary"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 1440

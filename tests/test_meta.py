@@ -88,7 +88,8 @@ def _fd_hypergradient(bilevel, direction: torch.Tensor, eps: float = 0.1) -> flo
         torch.nn.utils.vector_to_parameters(flat, net.parameters())
 
 
-@pytest.mark.parametrize("engine,mode", [("autograd", "fd"), ("directional", "jvp"), ("directional", "fd")])
+@pytest.mark.parametrize("engine,mode", [("autograd", "fd"), ("directional", "jvp"), ("directional", "fd"),
+                                         ("directional", "per_example")])
 def test_hypergradient_matches_finite_differences_in_phi(bilevel, engine, mode):
     grad = _engine_grad(bilevel, engine=engine, mode=mode, fd_eps=1e-4)
     assert grad.abs().sum() > 0  # the net receives a gradient
@@ -108,6 +109,8 @@ def test_engines_agree(bilevel):
     # float32 RMSNorm inside the float64 model bounds the agreement (see _fd_hypergradient)
     torch.testing.assert_close(a, j, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(a, f, rtol=1e-3, atol=1e-7)
+    p = _engine_grad(bilevel, engine="directional", mode="per_example")
+    torch.testing.assert_close(a, p, rtol=1e-5, atol=1e-9)
     # micro-batching the directional engine changes nothing
     torch.testing.assert_close(j, _engine_grad(bilevel, engine="directional", mode="jvp", micro_batch_size=1))
 
@@ -116,6 +119,8 @@ def test_first_order_is_the_same_formula_with_v_at_theta(bilevel):
     a = _engine_grad(bilevel, engine="autograd", first_order=True)
     d = _engine_grad(bilevel, engine="directional", mode="jvp", first_order=True)
     torch.testing.assert_close(a, d, rtol=1e-5, atol=1e-9)
+    e = _engine_grad(bilevel, engine="directional", mode="per_example", first_order=True)
+    torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-9)
     exact = _engine_grad(bilevel, engine="autograd")
     assert not torch.allclose(a, exact)  # an approximation, not the exact meta-gradient
 

@@ -5,8 +5,9 @@ prompts, N = 4 samples, 48 new tokens) for ``--iterations`` iterations in a fres
 memory is not shared), through the real training loop; the first iteration is a warm-up and is
 dropped. Phases are those the trainer meters: generate, score, inner_step (the virtual step),
 meta_step (meta loss, its gradient, the hypergradient, the net's step) and real_step (the policy's
-AdamW step). Memory is each phase's peak above what was resident when it began (CPU: RSS sampled
-every ms, with MALLOC_MMAP_THRESHOLD_=65536 so that freed memory is returned; CUDA: allocator peak).
+AdamW step). Times come from one run per variant; memory from a second run (CPU: RSS sampled every
+ms, with MALLOC_MMAP_THRESHOLD_=65536 so that freed memory is returned to the OS, which slows that
+run down; CUDA: allocator peak): each phase's peak above what was resident when it began.
 
 It also checks that the engines give the same meta-gradient on one real batch (cosine similarity
 to the autograd engine), then writes ``experiments/benchmark/results.json`` and ``BENCHMARKS.md``.
@@ -28,14 +29,19 @@ VARIANTS = {
     "static": ["method=static"],
     "meal/directional-fd": ["method=meal", "method.engine=directional", "method.directional_mode=fd"],
     "meal/directional-jvp": ["method=meal", "method.engine=directional", "method.directional_mode=jvp"],
+    "meal/directional-per_example": ["method=meal", "method.engine=directional",
+                                     "method.directional_mode=per_example"],
     "meal/autograd": ["method=meal", "method.engine=autograd"],
 }
 PHASES = ["generate", "score", "inner_step", "meta_step", "real_step"]
 
 
-def run_variant(name: str, overrides: list[str], iterations: int, out_root: str) -> list[dict]:
-    out = os.path.join(out_root, name.replace("/", "_"))
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
+def run_variant(name: str, overrides: list[str], iterations: int, out_root: str, memory: bool) -> list[dict]:
+    """One training run of the variant in a fresh process; ``memory``: the pass that measures memory."""
+    out = os.path.join(out_root, name.replace("/", "_") + ("-memory" if memory else "-time"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if memory:  # glibc returns freed blocks >= 64 KiB to the OS, so RSS follows live memory (but runs slower)
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     cmd = [sys.executable, "-m", "meal.train", "experiment=demo", *overrides, f"trainer.iterations={iterations}",
            "trainer.final_eval=false", "trainer.eval_every=0", "trainer.save_every=0", "trainer.table_every=0",
            "logger=none", f"trainer.out_dir={out}", "hydra.run.dir=" + os.path.join(out, "hydra")]
@@ -47,12 +53,13 @@ def run_variant(name: str, overrides: list[str], iterations: int, out_root: str)
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"train/loss"' in line]
 
 
-def summarise(rows: list[dict]) -> dict:
-    rows = rows[1:]  # drop the warm-up iteration
-    out = {"iterations": len(rows), "iteration_s": statistics.mean(r["time/iteration"] for r in rows)}
+def summarise(timed: list[dict], metered: list[dict]) -> dict:
+    """Mean seconds from the timing pass and peak memory from the memory pass, warm-up dropped."""
+    timed, metered = timed[1:], metered[1:]
+    out = {"iterations": len(timed), "iteration_s": statistics.mean(r["time/iteration"] for r in timed)}
     for p in PHASES:
-        out[f"{p}_s"] = statistics.mean(r.get(f"time/{p}", 0.0) for r in rows)
-        out[f"{p}_mb"] = max(r.get(f"memory/{p}_mb", 0.0) for r in rows)
+        out[f"{p}_s"] = statistics.mean(r.get(f"time/{p}", 0.0) for r in timed)
+        out[f"{p}_mb"] = max(r.get(f"memory/{p}_mb", 0.0) for r in metered)
     out["meta_total_s"] = out["inner_step_s"] + out["meta_step_s"]
     out["meta_peak_mb"] = max(out["inner_step_mb"], out["meta_step_mb"])
     return out
@@ -97,7 +104,8 @@ R = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
 out = {}
 from torch.nn.attention import SDPBackend, sdpa_kernel
 for name, kw in [("autograd", dict(engine="autograd")), ("directional-jvp", dict(engine="directional", mode="jvp")),
-                 ("directional-fd", dict(engine="directional", mode="fd", fd_eps=cfg.method.fd_eps))]:
+                 ("directional-fd", dict(engine="directional", mode="fd", fd_eps=cfg.method.fd_eps)),
+                 ("directional-per_example", dict(engine="directional", mode="per_example"))]:
     net.zero_grad()
     with sdpa_kernel(SDPBackend.MATH):
         meta_gradient(model, params, inner, lambda: sample_weights(net(emb, w[:4]), R, 0.5),
@@ -138,7 +146,8 @@ def write_markdown(results: dict, path: str) -> None:
         f"Measured by `make bench` on {results['date']} on {results['machine']}.",
         f"Setting: the demo's (embedded SmolLM2-135M-Instruct, bf16 where supported, LoRA r 16 on q,v; B = 8 "
         f"prompts, N = 4 samples, 48 new tokens, micro-batch 8); mean over {s['iterations']} iterations after one "
-        f"warm-up. Memory: the phase's peak above what was resident when it began (activations and temporaries).",
+        f"warm-up. Memory (from a separate run, see `experiments/benchmark/bench.py`): the phase's peak above "
+        f"what was resident when it began (activations and temporaries).",
         "", "## Time per iteration (seconds) and peak memory (MB) per phase", "",
         "| variant | generate | score | inner step | meta step | real step | iteration | meta peak MB | "
         "real-step peak MB |", "|---|---|---|---|---|---|---|---|---|"]
@@ -155,6 +164,9 @@ def write_markdown(results: dict, path: str) -> None:
         lines.append(f"| {name} | {r['iteration_s'] / s['iteration_s']:.2f} | "
                      f"{r['meta_total_s'] / r['real_step_s']:.2f} | "
                      f"{r['meta_peak_mb'] / max(r['real_step_mb'], 1e-9):.2f} |")
+    lines += ["", "Every variant samples the same number of responses; the generate column still varies by about 15% "
+              "between runs (response lengths and machine noise), so the iteration ratio is noisier than the "
+              "meta-step ratio, which compares phases measured within one run."]
     agree = results.get("agreement")
     if agree:
         lines += ["", "## Same answer", "",
@@ -172,12 +184,21 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out"))
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--reuse", action="store_true", help="reuse variants already measured into --out")
     args = ap.parse_args()
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "variants": {}}
     results["agreement"] = engine_agreement()
     print("engine agreement:", results["agreement"], flush=True)
+    os.makedirs(args.out, exist_ok=True)
     for name in args.variants:
-        results["variants"][name] = summarise(run_variant(name, VARIANTS[name], args.iterations, args.out))
+        saved = os.path.join(args.out, name.replace("/", "_") + ".json")
+        if args.reuse and os.path.exists(saved):  # a variant measured by an interrupted earlier call
+            results["variants"][name] = json.load(open(saved))
+        else:
+            results["variants"][name] = summarise(
+                run_variant(name, VARIANTS[name], args.iterations, args.out, False),
+                run_variant(name, VARIANTS[name], args.iterations, args.out, True))
+            json.dump(results["variants"][name], open(saved, "w"))
         print(name, {k: round(x, 2) for k, x in results["variants"][name].items()}, flush=True)
     ok = [n for n in results["variants"] if n != "static" and
           results["agreement"].get(n.split("/", 1)[1], 0.0) >= 0.999]

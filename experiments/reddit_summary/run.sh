@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# reddit_summary at real scale: Meal and static over seeds 0,1,2, evaluated and compared (see README.md here).
+# Run: bash experiments/reddit_summary/run.sh   (LAUNCH=hydra/launcher=slurm_gpu for Slurm; EXTRA=more overrides)
+exec "$(dirname "$0")/../paper_task.sh" reddit_summary

@@ -1,0 +1,53 @@
+"""Policy loading: dtype and device resolution, package resources, LoRA, and the embedded GGUF (slow)."""
+
+import pytest
+import torch
+
+from meal.config import LoraConfig, PolicyConfig
+from meal.policy import load_policy, package_folder, resolve_dtype, trainable_parameters
+
+
+def test_dtype_resolution():
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cpu")) in (torch.bfloat16, torch.float32)
+
+
+def test_missing_package_is_named():
+    with pytest.raises(FileNotFoundError, match="package 'no_such_pkg_xyz' is not installed"):
+        package_folder("pkg://no_such_pkg_xyz")
+
+
+def test_local_folder_with_lora_targets(tiny_llama):
+    cfg = PolicyConfig(name_or_path=tiny_llama, dtype="float32", attn_implementation="eager",
+                       lora=LoraConfig(enabled=True, r=2, alpha=4, target_modules=["q_proj", "o_proj"]))
+    model, tok = load_policy(cfg)
+    names = list(trainable_parameters(model))
+    assert names and all("lora_" in n for n in names)
+    assert any("q_proj" in n for n in names) and any("o_proj" in n for n in names)
+    assert not any("v_proj" in n for n in names)
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    assert model.config._attn_implementation == "eager"
+
+
+def test_flash_attention_needs_cuda(tiny_llama):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ValueError, match="flash_attention_2 needs a CUDA device"):
+        load_policy(PolicyConfig(name_or_path=tiny_llama, attn_implementation="flash_attention_2"))
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_loads_and_answers(tmp_path):
+    """The embedded default, from the installed package, de-quantised into a cache folder (about 15 s)."""
+    from meal.sampling import GenerationSettings, generate
+
+    cfg = PolicyConfig(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir=str(tmp_path))
+    model, tok = load_policy(cfg)
+    assert sum(p.numel() for p in model.parameters()) > 130e6
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Name a fruit."}], tokenize=False,
+                                     add_generation_prompt=True)
+    out = generate(model, tok, [prompt], GenerationSettings(max_new_tokens=12), generator_seed=0)
+    assert out.texts[0].strip()
+    model2, _ = load_policy(cfg)  # second load reads the cached checkpoint
+    assert len(list(tmp_path.iterdir())) == 1
