@@ -96,8 +96,8 @@ class MethodConfig:
     tau: float = _f(1.0, "Temperature of the achieved preference softmax(R / tau) (step 5).")
     alpha_in: float = _f(1e-3, "Step size of the one-step virtual SGD update (step 7).")
     engine: str = _f("directional", "Meta-gradient engine: directional | autograd (same answer, see BENCHMARKS.md).")
-    directional_mode: str = _f("per_example", "How the directional engine gets grad l_i . v: per_example (kept gradients) | "
-                               "jvp (forward mode) | fd (central difference).")
+    directional_mode: str = _f("per_example", "How the directional engine gets grad l_i . v: per_example "
+                               "(kept gradients) | jvp (forward mode) | fd (central difference).")
     fd_eps: float = _f(3e-2, "Finite-difference step, relative to the norm of the parameters along v.")
     meta_objective: str = _f("best", "best (NLL of the best-of-N under the target) | advantage.")
     meta_interval: int = _f(1, "Run the meta step (7-9) every this many iterations.")

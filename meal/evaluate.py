@@ -60,7 +60,7 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
                    "train_seed": cfg.trainer.seed, "task": cfg.task.name, "normalizer": normalizer.__dict__}
     out_dir = out_dir or os.path.join(run_dir, "eval-base" if untrained else "eval")
     os.makedirs(out_dir, exist_ok=True)
-    logger = instantiate(logger_cfg) if logger_cfg is not None else instantiate({"_target_": "meal.tracking.NullLogger"})
+    logger = instantiate(logger_cfg if logger_cfg is not None else {"_target_": "meal.tracking.NullLogger"})
     logger.start(out_dir, {"run_dir": run_dir, "train_config": to_container(cfg)}, f"eval-{name}", False)
     try:
         return publish_front(front, out_dir, logger, step=0)

@@ -55,7 +55,7 @@ def build_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], fin
     pad = tokenizer.pad_token_id
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    lab = torch.tensor([l + [IGNORE] * (width - len(l)) for l in labels])
+    lab = torch.tensor([row + [IGNORE] * (width - len(row)) for row in labels])
     return SFTBatch(ids, mask, lab)
 
 

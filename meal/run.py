@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from meal.config import to_container

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from meal.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from meal.config import ConfigError, TrainConfig, to_container, validate
+from meal.config import ConfigError, TrainConfig, validate
 from meal.distributed import Dist
 from meal.embeddings import embed_prompts
 from meal.losses import build_batch, per_example_nll

@@ -109,7 +109,8 @@ for name, kw in [("autograd", dict(engine="autograd")), ("directional-jvp", dict
     net.zero_grad()
     with sdpa_kernel(SDPBackend.MATH):
         meta_gradient(model, params, inner, lambda: sample_weights(net(emb, w[:4]), R, 0.5),
-                      lambda p: per_example_nll(model, meta, p).mean(), cfg.method.alpha_in, list(net.parameters()), **kw)
+                      lambda p: per_example_nll(model, meta, p).mean(), cfg.method.alpha_in,
+                      list(net.parameters()), **kw)
     out[name] = torch.cat([p.grad.flatten() for p in net.parameters()]).double()
 ref = out["autograd"]
 print(json.dumps({k: float(torch.nn.functional.cosine_similarity(v, ref, dim=0)) for k, v in out.items()}
