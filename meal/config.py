@@ -142,6 +142,15 @@ class TrainerConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """The sampling backend of training rollouts (evaluation always uses Hugging Face generate)."""
+
+    backend: str = _f("hf", "hf (transformers generate, the default) | vllm (GPU; LoRA policies; `vllm` extra).")
+    vllm_gpu_memory_utilization: float = _f(0.3, "Share of GPU memory vLLM may take (the policy trains beside it).")
+    vllm_max_model_len: Optional[int] = _f(None, "vLLM context length (None: the model's).")
+
+
+@dataclass
 class LoggerConfig:
     """Where metrics go besides metrics.jsonl (always written)."""
 
@@ -161,6 +170,7 @@ class TrainConfig:
     rewards: Dict[str, Any] = _f({}, "Reward name -> `_target_` spec, or a dotted path to a callable.")
     method: MethodConfig = field(default_factory=MethodConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
@@ -231,6 +241,10 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
         _need(t.batch_size >= 2, "trainer.batch_size", "Meal (lam < 1) splits the batch into inner and meta halves: "
               "needs >= 2")
 
+    g = cfg.generation
+    _need(g.backend in ("hf", "vllm"), "generation.backend", f"hf | vllm, got {g.backend!r}")
+    if g.backend == "vllm":
+        _need(cfg.policy.lora.enabled, "generation.backend", "vllm synchronises LoRA adapters: needs policy.lora")
     p = cfg.policy
     _need(p.dtype in ("auto", "bfloat16", "float16", "float32"), "policy.dtype", f"unknown dtype {p.dtype!r}")
     _need(p.attn_implementation in ("sdpa", "eager", "flash_attention_2"), "policy.attn_implementation",

@@ -57,7 +57,8 @@ def rollout(model, condition: Conditioner, texts: Sequence[str], prefs: torch.Te
     prompts = condition(texts, prefs)
     t0 = time.perf_counter()
     with meter.phase("generate"):
-        gen = generate(model, condition.tokenizer, [p for p in prompts for _ in range(n)], settings, seed)  # (B*N)
+        sample = settings.sampler or generate  # the Hugging Face path unless a backend was configured
+        gen = sample(model, condition.tokenizer, [p for p in prompts for _ in range(n)], settings, seed)  # (B*N)
     gen_seconds = time.perf_counter() - t0
     with meter.phase("score"):
         raw = reward_set.score([t for t in texts for _ in range(n)], gen.texts).view(b, n, -1)  # (B, N, K)

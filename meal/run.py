@@ -42,6 +42,19 @@ def generation_settings(cfg: DictConfig, eval_protocol: bool = False) -> Generat
                               t.max_prompt_tokens)
 
 
+def training_sampler(cfg: DictConfig):
+    """The sampler of training rollouts: None (Hugging Face generate) or a vLLM sampler."""
+    g = cfg.generation
+    if g.backend != "vllm":
+        return None
+    from meal.policy import resolve_source
+    from meal.vllm_backend import VLLMSampler
+
+    return VLLMSampler(resolve_source(cfg.policy), max_lora_rank=cfg.policy.lora.r,
+                       gpu_memory_utilization=g.vllm_gpu_memory_utilization, max_model_len=g.vllm_max_model_len,
+                       seed=cfg.trainer.seed)
+
+
 def run_name(cfg: DictConfig) -> str:
     return cfg.logger.name or f"{cfg.task.name}-{cfg.method.name}-s{cfg.trainer.seed}"
 

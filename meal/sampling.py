@@ -22,6 +22,7 @@ class GenerationSettings:
     temperature: float = 1.0
     batch_size: int = 32
     max_prompt_tokens: int = 512
+    sampler: object = None  # a callable like generate() (e.g. meal.vllm_backend.VLLMSampler); None: generate()
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Generation:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
              generator_seed: int | None = None) -> Generation:
-    """Sample one response per prompt string (repeat a prompt N times for N samples).
+    """Sample one response per prompt string (repeat a prompt N times for N samples), with Hugging Face.
 
     Prompts are left-padded in batches of ``settings.batch_size``. With ``generator_seed`` the
     torch RNG is seeded first, so the same call returns the same responses (evaluation).

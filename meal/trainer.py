@@ -36,7 +36,7 @@ from meal.policy import load_policy, trainable_parameters
 from meal.profiling import PhaseMeter
 from meal.rewards import RewardNormalizer, RewardSet
 from meal.rollout import Conditioner, PromptOrder, draw_preferences, reward_statistics, rollout
-from meal.run import RunContext, generation_settings, open_logger, seed_everything
+from meal.run import RunContext, generation_settings, open_logger, seed_everything, training_sampler
 from meal.sampling import scalarise, select_best
 from meal.tracking import NullLogger
 
@@ -105,6 +105,7 @@ def train(cfg: Any) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params.values(), lr=t.lr, weight_decay=t.weight_decay)
     condition = Conditioner(task.template, objectives, tok)
     settings = generation_settings(cfg)
+    settings.sampler = training_sampler(cfg)
     device = next(model.parameters()).device
     train_texts = [e.text for e in data.train]
 

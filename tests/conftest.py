@@ -74,7 +74,7 @@ def tiny_config(model_dir: str, out_dir: str, **over) -> dict:
     }
     for key, value in over.items():
         section, _, name = key.partition(".")
-        node = cfg[section]
+        node = cfg.setdefault(section, {})
         *path, leaf = name.split(".")
         for p in path:
             node = node.setdefault(p, {})

@@ -70,6 +70,8 @@ BAD = [
     ({"task.objectives": ["coverage", "funny"]}, "task.objectives: unknown reward 'funny'"),
     ({"task.hv_ref": [0.0]}, "task.hv_ref"),
     ({"policy.dtype": "int8"}, "policy.dtype"),
+    ({"generation.backend": "magic"}, "generation.backend: hf | vllm"),
+    ({"generation.backend": "vllm"}, "generation.backend: vllm synchronises LoRA adapters"),
 ]
 
 

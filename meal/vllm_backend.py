@@ -1,0 +1,61 @@
+"""Sampling with vLLM (``generation.backend: vllm``), for GPUs; install the ``vllm`` extra.
+
+vLLM holds its own copy of the frozen base model. Before each sampling call the policy's current
+LoRA adapter is written to a fresh folder (``save_pretrained`` of the peft model: the adapter only)
+and handed to vLLM as a new ``LoRARequest`` id, so vLLM samples from the weights being trained;
+the previous folder is then removed. Only LoRA policies can be synchronised this way (a full
+fine-tune would need the whole weights reloaded), which the constructor checks.
+
+Not run by this project's CI (no GPU, no vLLM): ``tests/test_vllm.py`` runs where both are present.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Sequence
+
+from meal.sampling import Generation, GenerationSettings
+
+
+class VLLMSampler:
+    """A callable with the signature of :func:`meal.sampling.generate`, backed by ``vllm.LLM``."""
+
+    def __init__(self, base_model: str, max_lora_rank: int, dtype: str = "bfloat16",
+                 gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, seed: int = 0):
+        from vllm import LLM
+
+        self.llm = LLM(model=base_model, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1, dtype=dtype,
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed)
+        self.folder = tempfile.mkdtemp(prefix="meal-vllm-lora-")
+        self.version = 0
+
+    def sync(self, model) -> "object":
+        """Write the current adapter and return the LoRARequest that makes vLLM use it."""
+        from vllm.lora.request import LoRARequest
+
+        if not hasattr(model, "peft_config"):
+            raise ValueError("generation.backend=vllm synchronises LoRA adapters only: set policy.lora.enabled=true")
+        self.version += 1
+        path = os.path.join(self.folder, f"v{self.version}")
+        model.save_pretrained(path)
+        old = os.path.join(self.folder, f"v{self.version - 1}")
+        if os.path.isdir(old):
+            shutil.rmtree(old, ignore_errors=True)
+        return LoRARequest(f"policy-v{self.version}", self.version, path)
+
+    def __call__(self, model, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
+                 generator_seed: int | None = None) -> Generation:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=1, temperature=settings.temperature, top_p=settings.top_p,
+                                top_k=settings.top_k if settings.top_k > 0 else -1,
+                                max_tokens=settings.max_new_tokens, seed=generator_seed)
+        outs = self.llm.generate(list(prompts), params, lora_request=self.sync(model), use_tqdm=False)
+        texts = [o.outputs[0].text.strip() for o in outs]
+        finished = [o.outputs[0].finish_reason == "stop" for o in outs]
+        return Generation(texts, finished, sum(len(o.outputs[0].token_ids) for o in outs))
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
