@@ -39,11 +39,16 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSetti
              generator_seed: int | None = None) -> Generation:
     """Sample one response per prompt string (repeat a prompt N times for N samples), with Hugging Face.
 
-    Prompts are left-padded in batches of ``settings.batch_size``. With ``generator_seed`` the
-    torch RNG is seeded first, so the same call returns the same responses (evaluation).
+    Prompts are left-padded in batches of ``settings.batch_size``. With ``generator_seed`` the call
+    runs under its own seed inside ``fork_rng``: it returns the same responses every time
+    (evaluation) and leaves the caller's RNG stream untouched (training is not perturbed by
+    periodic evaluations).
     """
     if generator_seed is not None:
-        torch.manual_seed(generator_seed)
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(generator_seed)
+            return generate(model, tokenizer, prompts, settings)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

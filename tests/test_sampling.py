@@ -22,3 +22,20 @@ def test_selection_under_different_preferences_differs():
     rewards = torch.tensor([[[1.0, -1.0], [-1.0, 1.0]]]).repeat(2, 1, 1)  # (2 prompts, N=2, K=2)
     prefs = torch.tensor([[0.9, 0.1], [0.1, 0.9]])
     assert select_best(scalarise(prefs, rewards)).flatten().tolist() == [0, 1]
+
+
+def test_seeded_generation_is_repeatable_and_leaves_the_rng_alone(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from meal.sampling import GenerationSettings, generate
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    settings = GenerationSettings(max_new_tokens=5)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = generate(model, tok, ["hello", "world"], settings, generator_seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = generate(model, tok, ["hello", "world"], settings, generator_seed=7)
+    assert a.texts == b.texts
