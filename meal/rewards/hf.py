@@ -15,12 +15,13 @@ class                         what the classifier is fed                  used b
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Sequence
 
 import torch
 
 
-class SequenceClassifierReward:
+class SequenceClassifierReward(ABC):
     """Base: load ``AutoModelForSequenceClassification`` and return ``logits[:, logit_index]`` (B,).
 
     Subclasses only define :meth:`inputs`, the texts the tokenizer is called with.
@@ -43,9 +44,9 @@ class SequenceClassifierReward:
             self.model.config.pad_token_id = self.tokenizer.eos_token_id
         self.logit_index, self.device, self.batch_size, self.max_length = logit_index, device, batch_size, max_length
 
+    @abstractmethod
     def inputs(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[str], list[str] | None]:
-        """(text, text_pair or None) for the tokenizer."""
-        raise NotImplementedError  # each convention below defines it
+        """(text, text_pair or None) for the tokenizer: what defines a convention."""
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
