@@ -6,7 +6,10 @@ seeded prompt order (an epoch-wise permutation whose position is saved in checkp
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -112,10 +115,6 @@ def reward_statistics(cfg, model, condition: Conditioner, train_texts: Sequence[
     The pass uses ``trainer.norm_seed`` (not the training seed), so that every run of a task,
     whatever its method or seed, shares one normalisation and fronts compare in the same units.
     """
-    import hashlib
-    import json
-    import os
-
     t = cfg.trainer
     key = statistics_key(cfg)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
