@@ -7,14 +7,27 @@ own slice: sampling, scoring and both steps are sharded. Gradients of the policy
 preference-weight-net are averaged across ranks before each optimiser step (what DDP would do,
 without wrapping the module, so that ``torch.func.functional_call`` sees the plain model). Rank 0
 logs, checkpoints and evaluates; the others wait. With a single process every operation is a no-op.
+
+The policy's optimiser step (step 10) is one of two engines, chosen by the launcher:
+
+* :class:`AdamWStep` (default): torch AdamW, gradients averaged over ranks as above, then clipped;
+* :class:`DeepSpeedStep`, when ``accelerate launch`` runs with a DeepSpeed config
+  (``distributed_type: DEEPSPEED``, e.g. ``experiments/accelerate/deepspeed_zero2.yaml``): the same
+  AdamW wrapped by a DeepSpeed ZeRO stage 1 or 2 engine, which reduce-scatters the gradients and
+  shards the optimiser state (and, at stage 2, the gradients) over the ranks. Stage 3 is refused:
+  it partitions the weights themselves, and the virtual step of the meta-learner needs them whole.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import os
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
+
+from meal.config import ConfigError
 
 
 class Dist:
@@ -77,6 +90,16 @@ class Dist:
         if not torch.equal(lo, hi):
             raise RuntimeError(f"rank {self.rank}: parameters differ across processes ({lo.item()} vs {hi.item()})")
 
+    def gather(self, obj: Any) -> list | None:
+        """Every rank's ``obj`` as a list on rank 0 (None elsewhere); a collective."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
@@ -85,3 +108,152 @@ class Dist:
 
     def _comm_device(self):
         return self.device if self.device is not None and self.device.type == "cuda" else torch.device("cpu")
+
+
+def deepspeed_requested() -> bool:
+    """True when ``accelerate launch`` was given a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+class AdamWStep:
+    """Step 10's optimiser: AdamW on the trainable weights, gradients averaged over ranks, then clipped."""
+
+    def __init__(self, params: dict[str, torch.Tensor], lr: float, weight_decay: float, max_grad_norm: float,
+                 dist: Dist):
+        self.params, self.max_grad_norm, self.dist = params, max_grad_norm, dist
+        self.optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """Average, clip and step; returns the gradient norm before clipping."""
+        self.dist.average_grads(self.params.values())
+        norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.max_grad_norm).item()
+        self.optimizer.step()
+        return norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "deepspeed_zero" in state:
+            raise ConfigError("trainer.resume: this checkpoint was written under DeepSpeed ZeRO; resume it with "
+                              "the same accelerate DeepSpeed config")
+        self.optimizer.load_state_dict(state)
+
+
+def resolve_deepspeed_config(raw: dict[str, Any], *, micro_batch_size: int, accumulation: int, world: int,
+                             max_grad_norm: float, dtype: torch.dtype) -> dict[str, Any]:
+    """Fill the values meal owns into a DeepSpeed config and refuse what the trainer cannot honour.
+
+    Batch sizes, accumulation and clipping come from ``trainer.*`` (a different explicit value in the
+    DeepSpeed file is an error, ``auto`` is filled); bf16/fp16 follow the policy's dtype; other
+    ``auto`` entries are dropped so that DeepSpeed's defaults apply.
+    """
+    cfg = copy.deepcopy(raw)
+    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"DeepSpeed zero_optimization.stage={stage}: stage 3 partitions the policy's weights over "
+                          f"processes, but the meta-learner's virtual step needs them whole on every rank; "
+                          f"use stage 1 or 2")
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:
+            raise ConfigError(f"DeepSpeed config defines '{key}': meal builds the policy's AdamW from trainer.lr "
+                              f"and trainer.weight_decay; remove '{key}' from the DeepSpeed config")
+    owned = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": accumulation,
+             "train_batch_size": micro_batch_size * accumulation * world, "gradient_clipping": max_grad_norm}
+    for key, value in owned.items():
+        given = cfg.get(key, "auto")
+        if given == "auto":
+            cfg[key] = value
+        elif float(given) != float(value):
+            raise ConfigError(f"DeepSpeed config {key}={given}, but meal's trainer settings give {value} "
+                              f"(set it to auto, or change trainer.micro_batch_size / batch_size / max_grad_norm)")
+    for key, on in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        cfg[key] = {**{k: v for k, v in cfg.get(key, {}).items() if v != "auto"}, "enabled": on}
+
+    def drop_auto(node):
+        if isinstance(node, dict):
+            return {k: drop_auto(v) for k, v in node.items() if v != "auto"}
+        return node
+
+    cfg = drop_auto(cfg)
+    cfg.setdefault("steps_per_print", 2 ** 31)
+    return cfg
+
+
+class DeepSpeedStep:
+    """Step 10 under a DeepSpeed ZeRO (stage 1/2) engine, configured by ``accelerate launch``.
+
+    The forward passes stay on the plain module (so ``torch.func.functional_call`` in the meta step
+    sees it); ``backward`` goes through the engine, whose hooks reduce-scatter the gradients, and
+    the engine steps, clips and re-gathers the updated weights on every rank.
+    """
+
+    def __init__(self, model: torch.nn.Module, params: dict[str, torch.Tensor], lr: float, weight_decay: float,
+                 max_grad_norm: float, dist: Dist, micro_batch_size: int, examples_per_rank: int,
+                 dtype: torch.dtype):
+        import deepspeed
+        from accelerate.utils import DeepSpeedPlugin
+
+        self.dist = dist
+        self.accumulation = math.ceil(examples_per_rank / micro_batch_size)
+        self.config = resolve_deepspeed_config(DeepSpeedPlugin().deepspeed_config, micro_batch_size=micro_batch_size,
+                                               accumulation=self.accumulation, world=dist.world,
+                                               max_grad_norm=max_grad_norm, dtype=dtype)
+        optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=list(params.values()), config=self.config)
+        self._micro = 0
+
+    def zero_grad(self) -> None:
+        self._micro = 0
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        # the loss is already a share of the batch mean: no division by the accumulation steps
+        self._micro += 1
+        if last and self._micro != self.accumulation:
+            raise RuntimeError(f"{self._micro} micro-batches this step, DeepSpeed was configured for "
+                               f"{self.accumulation}")
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's optimiser shard, gathered on rank 0 (a collective: all ranks call it)."""
+        from torch.utils._pytree import tree_map
+
+        shard = tree_map(lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x,
+                         self.optimizer.state_dict())
+        return {"deepspeed_zero": self.dist.gather(shard)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        shards = state.get("deepspeed_zero") if isinstance(state, dict) else None
+        if shards is None:
+            raise ConfigError("trainer.resume: this checkpoint was written without DeepSpeed; resume it the way "
+                              "it was launched")
+        if len(shards) != self.dist.world:
+            raise ConfigError(f"trainer.resume: the checkpoint holds DeepSpeed ZeRO shards of {len(shards)} "
+                              f"processes, this launch has {self.dist.world}")
+        self.optimizer.load_state_dict(shards, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+def make_policy_optimizer(model: torch.nn.Module, params: dict[str, torch.Tensor], trainer_cfg, dist: Dist,
+                          examples_per_rank: int, dtype: torch.dtype):
+    """The engine of step 10: DeepSpeed ZeRO when the launcher asks for it, plain AdamW otherwise.
+
+    ``dtype`` is the policy's compute dtype (it switches DeepSpeed's bf16/fp16 mode).
+    """
+    t = trainer_cfg
+    if deepspeed_requested():
+        return DeepSpeedStep(model, params, t.lr, t.weight_decay, t.max_grad_norm, dist, t.micro_batch_size,
+                             examples_per_rank, dtype)
+    return AdamWStep(params, t.lr, t.weight_decay, t.max_grad_norm, dist)

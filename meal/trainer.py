@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from meal.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from meal.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from meal.config import ConfigError, TrainConfig, validate
-from meal.distributed import Dist
+from meal.distributed import Dist, make_policy_optimizer
 from meal.embeddings import embed_prompts
 from meal.losses import build_batch, per_example_nll
 from meal.meta import (PreferenceWeightNet, achieved_preference, dynamic_preference, label_preference,
                        meta_gradient, sample_weights)
-from meal.policy import load_policy, trainable_parameters
+from meal.policy import load_policy, resolve_dtype, trainable_parameters
 from meal.profiling import PhaseMeter
 from meal.rewards import RewardNormalizer, RewardSet
 from meal.rollout import Conditioner, PromptOrder, draw_preferences, reward_statistics, rollout
@@ -51,27 +51,25 @@ def as_config(cfg: Any) -> DictConfig:
     return cfg
 
 
-def policy_step(model, params, optimizer, batch, weights, micro_batch_size: int, max_grad_norm: float,
+def policy_step(model, optimizer, batch, weights, micro_batch_size: int,
                 dist: Dist | None = None) -> tuple[float, float]:
     """Step 10: one AdamW step on L_in = mean_i c_i l_i (weights c detached), micro-batched, clipped.
 
-    Gradients are averaged over data-parallel ranks before clipping. Returns (weighted loss,
-    gradient norm before clipping).
+    ``optimizer`` is an engine of ``meal.distributed`` (plain AdamW with gradients averaged over
+    data-parallel ranks, or DeepSpeed ZeRO). Returns (weighted loss, gradient norm before clipping).
     """
     device = next(model.parameters()).device
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     total, n = 0.0, len(batch)
-    for s in range(0, n, micro_batch_size):
+    starts = range(0, n, micro_batch_size)
+    for s in starts:
         part = batch.slice(slice(s, s + micro_batch_size)).to(device)
         loss = (weights[s:s + micro_batch_size].to(device) * per_example_nll(model, part)).sum() / n
-        loss.backward()
+        optimizer.backward(loss, last=s == starts[-1])
         total += loss.item()
     if dist is not None:
-        dist.average_grads(params.values())
         total = dist.mean(total)
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm).item()
-    optimizer.step()
-    return total, grad_norm
+    return total, optimizer.step()
 
 
 def train(cfg: Any) -> dict[str, Any]:
@@ -102,7 +100,8 @@ def train(cfg: Any) -> dict[str, Any]:
     reward_set = RewardSet.from_config(OmegaConf.to_container(cfg.rewards, resolve=True), objectives)
     model, tok = load_policy(cfg.policy)
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params.values(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_policy_optimizer(model, params, t, dist, t.batch_size // dist.world * t.top_m,
+                                      resolve_dtype(cfg.policy.dtype, next(model.parameters()).device))
     condition = Conditioner(task.template, objectives, tok)
     settings = generation_settings(cfg)
     settings.sampler = training_sampler(cfg)
@@ -134,6 +133,12 @@ def train(cfg: Any) -> dict[str, Any]:
         order = PromptOrder(len(train_texts), t.seed, **state["order"])
         rng.bit_generator.state = state["numpy_draws"]
         start = state["step"]
+        rank_rng = state.get("rank_rng") or []
+        if len(rank_rng) == dist.world:
+            set_rng_state(rank_rng[dist.rank])
+        elif dist.world > 1:
+            log.warning("the checkpoint was written by %d processes, this launch has %d: sampling continues "
+                        "from rank 0's random state on every rank", len(rank_rng), dist.world)
         normalizer = RewardNormalizer.load(stats_path, objectives)
         log.info("resumed %s at iteration %d", ckpt, start)
     else:
@@ -178,8 +183,7 @@ def train(cfg: Any) -> dict[str, Any]:
                 w_new = net(emb[idx], w_star)[kept_src] if net is not None else None
                 c = sample_weights(w_new, r_kept, m.lam) if w_new is not None else torch.ones(len(batch))
             with meter.phase("real_step"):
-                loss, grad_norm = policy_step(model, params, optimizer, batch, c, t.micro_batch_size,
-                                              t.max_grad_norm, dist)
+                loss, grad_norm = policy_step(model, optimizer, batch, c, t.micro_batch_size, dist)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"iteration {it}: the training loss is {loss}; the last checkpoint "
                                          f"in {run_dir}/checkpoints is intact")
@@ -195,11 +199,13 @@ def train(cfg: Any) -> dict[str, Any]:
                     ctx.sample_table(logger, step, texts, w_tilde, ro)
             if (t.save_every and step % t.save_every == 0) or step == t.iterations:
                 dist.check_same(list(params.values()) + (list(net.parameters()) if net is not None else []))
+                opt_state = optimizer.state_dict()  # a collective under DeepSpeed (shards gathered on rank 0)
+                rank_rng = dist.gather(rng_state())  # each rank samples from its own stream
                 if dist.main:
                     save_checkpoint(run_dir, step, params, net, {
-                        "optimizer": optimizer.state_dict(), "order": order.state,
+                        "optimizer": opt_state, "order": order.state,
                         "net_optimizer": net_opt.state_dict() if net_opt is not None else None,
-                        "numpy_draws": rng.bit_generator.state}, keep=t.keep_checkpoints)
+                        "numpy_draws": rng.bit_generator.state, "rank_rng": rank_rng}, keep=t.keep_checkpoints)
                 dist.barrier()
             if t.eval_every and step % t.eval_every == 0 and step < t.iterations:
                 if dist.main:

@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -40,18 +43,50 @@ def test_meal_train_cli_rejects_bad_value_with_the_field_name(tmp_path):
     assert "trainer.n_samples: N must be >= 1" in proc.stderr + proc.stdout
 
 
-def test_data_parallel_two_cpu_processes(tiny_llama, tmp_path):
-    """Two CPU processes (gloo) under torchrun, which is what `accelerate launch --multi_gpu` runs on GPUs
-    (accelerate's own CPU launcher starts a single process): sharded batch, averaged gradients, rank 0 writes,
-    and the ranks' parameters are checked identical at every checkpoint."""
-    out = tmp_path / "run"
+def _launch(cmd, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "meal.train", "method=meal", *tiny_overrides(tiny_llama, out), "trainer.final_eval=false",
-           "trainer.batch_size=8"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2]  # one writer
+    return proc
+
+
+def _rows(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_path):
+    """Two CPU processes (gloo). Plain data parallelism under torchrun, which is what `accelerate launch
+    --multi_gpu` runs on GPUs (accelerate's own CPU launcher starts a single process): sharded batch,
+    averaged gradients, rank 0 writes, ranks' parameters checked identical at every checkpoint. Then
+    `accelerate launch` with the shipped DeepSpeed ZeRO-2 config (2 micro-batches per rank), stopped after
+    2 iterations and resumed for a third: it must reproduce the plain run's losses and gradient norms."""
+    pytest.importorskip("deepspeed")
+    common = ["method=meal", "trainer.final_eval=false", "trainer.batch_size=8", "trainer.micro_batch_size=2"]
+    dp = tmp_path / "dp"
+    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+             "-m", "meal.train", *tiny_overrides(tiny_llama, dp), *common, "trainer.iterations=3"], tmp_path)
+    rows = _rows(dp)
+    assert [r["step"] for r in rows] == [1, 2, 3]  # one writer
     assert all(r["train/processes"] == 2 for r in rows) and "meta/grad_norm" in rows[0]
-    assert (out / "checkpoints" / "latest").read_text() == "step_000002"
+    assert (dp / "checkpoints" / "latest").read_text() == "step_000003"
+
+    shipped = open(os.path.join(ROOT, "experiments", "accelerate", "deepspeed_zero2.yaml")).read()
+    assert "num_processes: 8" in shipped and "deepspeed_config_file: experiments/" in shipped
+    acc_cfg = tmp_path / "zero2.yaml"
+    acc_cfg.write_text(shipped.replace("num_processes: 8", "num_processes: 2")
+                       .replace("deepspeed_config_file: experiments/", f"deepspeed_config_file: {ROOT}/experiments/"))
+    ds = tmp_path / "ds"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg),
+              "--main_process_port", "29534", "-m", "meal.train", *tiny_overrides(tiny_llama, ds), *common]
+    _launch([*launch, "trainer.iterations=2"], tmp_path)
+    state = torch.load(ds / "checkpoints" / "step_000002" / "state.pt", weights_only=False)
+    shards = state["optimizer"]["deepspeed_zero"]
+    assert len(shards) == 2 and all(sh["partition_count"] == [2] and int(sh["zero_stage"]) == 2 for sh in shards)
+    proc = _launch([*launch, "trainer.iterations=3", "trainer.resume=true"], tmp_path)
+    assert "resumed" in proc.stdout + proc.stderr
+    ds_rows = _rows(ds)
+    assert [r["step"] for r in ds_rows] == [1, 2, 3]
+    for a, b in zip(rows, ds_rows):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
+        assert b["meta/grad_norm"] == pytest.approx(a["meta/grad_norm"], rel=1e-3)
