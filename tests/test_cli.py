@@ -54,35 +54,44 @@ def _rows(out):
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
+def _accelerate_config(tmp_path, name):
+    """A shipped accelerate config with 2 processes (and the DeepSpeed file found from any folder)."""
+    shipped = open(os.path.join(ROOT, "experiments", "accelerate", name)).read()
+    assert "num_processes: 8" in shipped
+    out = tmp_path / name
+    out.write_text(shipped.replace("num_processes: 8", "num_processes: 2")
+                   .replace("deepspeed_config_file: experiments/", f"deepspeed_config_file: {ROOT}/experiments/"))
+    return str(out)
+
+
 def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_path):
-    """Two CPU processes (gloo). Plain data parallelism under torchrun, which is what `accelerate launch
-    --multi_gpu` runs on GPUs (accelerate's own CPU launcher starts a single process): sharded batch,
-    averaged gradients, rank 0 writes, ranks' parameters checked identical at every checkpoint. Then
-    `accelerate launch` with the shipped DeepSpeed ZeRO-2 config (2 micro-batches per rank), stopped after
-    2 iterations and resumed for a third: it must reproduce the plain run's losses and gradient norms."""
-    pytest.importorskip("deepspeed")
+    """`accelerate launch` with the shipped configs on two CPU processes (gloo). Plain data parallelism
+    (multi_gpu.yaml): sharded batch, averaged gradients, rank 0 writes, ranks' parameters checked
+    identical at every checkpoint. Then DeepSpeed ZeRO-2 (deepspeed_zero2.yaml, 2 micro-batches per
+    rank), stopped after 2 iterations and resumed for a third: it must reproduce the plain run's losses
+    and gradient norms."""
     common = ["method=meal", "trainer.final_eval=false", "trainer.batch_size=8", "trainer.micro_batch_size=2"]
+
+    def launch(config, out, port):
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                _accelerate_config(tmp_path, config), "--main_process_port", port, "-m", "meal.train",
+                *tiny_overrides(tiny_llama, out), *common]
+
     dp = tmp_path / "dp"
-    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-             "-m", "meal.train", *tiny_overrides(tiny_llama, dp), *common, "trainer.iterations=3"], tmp_path)
+    _launch([*launch("multi_gpu.yaml", dp, "29533"), "trainer.iterations=3"], tmp_path)
     rows = _rows(dp)
     assert [r["step"] for r in rows] == [1, 2, 3]  # one writer
     assert all(r["train/processes"] == 2 for r in rows) and "meta/grad_norm" in rows[0]
     assert (dp / "checkpoints" / "latest").read_text() == "step_000003"
 
-    shipped = open(os.path.join(ROOT, "experiments", "accelerate", "deepspeed_zero2.yaml")).read()
-    assert "num_processes: 8" in shipped and "deepspeed_config_file: experiments/" in shipped
-    acc_cfg = tmp_path / "zero2.yaml"
-    acc_cfg.write_text(shipped.replace("num_processes: 8", "num_processes: 2")
-                       .replace("deepspeed_config_file: experiments/", f"deepspeed_config_file: {ROOT}/experiments/"))
+    pytest.importorskip("deepspeed")  # in the dev extra
     ds = tmp_path / "ds"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg),
-              "--main_process_port", "29534", "-m", "meal.train", *tiny_overrides(tiny_llama, ds), *common]
-    _launch([*launch, "trainer.iterations=2"], tmp_path)
+    ds_launch = launch("deepspeed_zero2.yaml", ds, "29534")
+    _launch([*ds_launch, "trainer.iterations=2"], tmp_path)
     state = torch.load(ds / "checkpoints" / "step_000002" / "state.pt", weights_only=False)
     shards = state["optimizer"]["deepspeed_zero"]
     assert len(shards) == 2 and all(sh["partition_count"] == [2] and int(sh["zero_stage"]) == 2 for sh in shards)
-    proc = _launch([*launch, "trainer.iterations=3", "trainer.resume=true"], tmp_path)
+    proc = _launch([*ds_launch, "trainer.iterations=3", "trainer.resume=true"], tmp_path)
     assert "resumed" in proc.stdout + proc.stderr
     ds_rows = _rows(ds)
     assert [r["step"] for r in ds_rows] == [1, 2, 3]
