@@ -156,10 +156,13 @@ def resolve_deepspeed_config(raw: dict[str, Any], *, micro_batch_size: int, accu
     """
     cfg = copy.deepcopy(raw)
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
-    if stage not in (0, 1, 2):
+    if stage == 3:
         raise ConfigError(f"DeepSpeed zero_optimization.stage={stage}: stage 3 partitions the policy's weights over "
                           f"processes, but the meta-learner's virtual step needs them whole on every rank; "
                           f"use stage 1 or 2")
+    if stage not in (1, 2):
+        raise ConfigError(f"DeepSpeed zero_optimization.stage={stage}: meal runs DeepSpeed for ZeRO stage 1 or 2 "
+                          f"only (without ZeRO, launch with experiments/accelerate/multi_gpu.yaml)")
     for key in ("optimizer", "scheduler"):
         if key in cfg:
             raise ConfigError(f"DeepSpeed config defines '{key}': meal builds the policy's AdamW from trainer.lr "

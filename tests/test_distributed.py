@@ -22,12 +22,16 @@ def test_auto_values_are_filled_from_the_trainer_and_dtype():
     assert resolve_deepspeed_config(raw, dtype=torch.float32, **SIZES)["bf16"] == {"enabled": False}
 
 
+Z2 = {"zero_optimization": {"stage": 2}}
+
+
 @pytest.mark.parametrize("raw, message", [
     ({"zero_optimization": {"stage": 3}}, "stage 3 partitions the policy's weights"),
-    ({"optimizer": {"type": "AdamW"}}, "defines 'optimizer'"),
-    ({"scheduler": {"type": "WarmupLR"}}, "defines 'scheduler'"),
-    ({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu=8, but meal's trainer settings give 2"),
-    ({"gradient_clipping": 0.5}, "gradient_clipping=0.5"),
+    ({"train_batch_size": "auto"}, "stage=0: meal runs DeepSpeed for ZeRO stage 1 or 2 only"),
+    ({**Z2, "optimizer": {"type": "AdamW"}}, "defines 'optimizer'"),
+    ({**Z2, "scheduler": {"type": "WarmupLR"}}, "defines 'scheduler'"),
+    ({**Z2, "train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu=8, but meal's trainer settings give 2"),
+    ({**Z2, "gradient_clipping": 0.5}, "gradient_clipping=0.5"),
 ])
 def test_what_the_trainer_cannot_honour_is_refused_by_name(raw, message):
     with pytest.raises(ConfigError, match=message):
