@@ -198,16 +198,11 @@ class DeepSpeedStep:
     """
 
     def __init__(self, model: torch.nn.Module, params: dict[str, torch.Tensor], lr: float, weight_decay: float,
-                 max_grad_norm: float, dist: Dist, micro_batch_size: int, examples_per_rank: int,
-                 dtype: torch.dtype):
+                 dist: Dist, config: dict[str, Any]):
         import deepspeed
-        from accelerate.utils import DeepSpeedPlugin
 
-        self.dist = dist
-        self.accumulation = math.ceil(examples_per_rank / micro_batch_size)
-        self.config = resolve_deepspeed_config(DeepSpeedPlugin().deepspeed_config, micro_batch_size=micro_batch_size,
-                                               accumulation=self.accumulation, world=dist.world,
-                                               max_grad_norm=max_grad_norm, dtype=dtype)
+        self.dist, self.config = dist, config
+        self.accumulation = config["gradient_accumulation_steps"]
         optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=list(params.values()), config=self.config)
@@ -249,14 +244,27 @@ class DeepSpeedStep:
         self.optimizer.load_state_dict(shards, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
-def make_policy_optimizer(model: torch.nn.Module, params: dict[str, torch.Tensor], trainer_cfg, dist: Dist,
-                          examples_per_rank: int, dtype: torch.dtype):
-    """The engine of step 10: DeepSpeed ZeRO when the launcher asks for it, plain AdamW otherwise.
+def deepspeed_config(trainer_cfg, dist: Dist, dtype: torch.dtype) -> dict[str, Any] | None:
+    """The resolved DeepSpeed config when ``accelerate launch`` asks for DeepSpeed, else None.
 
+    Called before the policy is loaded, so that a config meal cannot honour fails in seconds.
     ``dtype`` is the policy's compute dtype (it switches DeepSpeed's bf16/fp16 mode).
     """
+    if not deepspeed_requested():
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
     t = trainer_cfg
-    if deepspeed_requested():
-        return DeepSpeedStep(model, params, t.lr, t.weight_decay, t.max_grad_norm, dist, t.micro_batch_size,
-                             examples_per_rank, dtype)
+    per_rank = t.batch_size // dist.world * t.top_m
+    return resolve_deepspeed_config(DeepSpeedPlugin().deepspeed_config, micro_batch_size=t.micro_batch_size,
+                                    accumulation=math.ceil(per_rank / t.micro_batch_size), world=dist.world,
+                                    max_grad_norm=t.max_grad_norm, dtype=dtype)
+
+
+def make_policy_optimizer(model: torch.nn.Module, params: dict[str, torch.Tensor], trainer_cfg, dist: Dist,
+                          ds_config: dict[str, Any] | None):
+    """The engine of step 10: DeepSpeed ZeRO given a resolved DeepSpeed config, plain AdamW otherwise."""
+    t = trainer_cfg
+    if ds_config is not None:
+        return DeepSpeedStep(model, params, t.lr, t.weight_decay, dist, ds_config)
     return AdamWStep(params, t.lr, t.weight_decay, t.max_grad_norm, dist)

@@ -27,12 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from meal.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from meal.config import ConfigError, TrainConfig, validate
-from meal.distributed import Dist, make_policy_optimizer
+from meal.distributed import Dist, deepspeed_config, make_policy_optimizer
 from meal.embeddings import embed_prompts
 from meal.losses import build_batch, per_example_nll
 from meal.meta import (PreferenceWeightNet, achieved_preference, dynamic_preference, label_preference,
                        meta_gradient, sample_weights)
-from meal.policy import load_policy, resolve_dtype, trainable_parameters
+from meal.policy import load_policy, resolve_device, resolve_dtype, trainable_parameters
 from meal.profiling import PhaseMeter
 from meal.rewards import RewardNormalizer, RewardSet
 from meal.rollout import Conditioner, PromptOrder, draw_preferences, reward_statistics, rollout
@@ -91,6 +91,7 @@ def train(cfg: Any) -> dict[str, Any]:
     dist.barrier()
     if dist.device is not None and cfg.policy.device == "auto":
         cfg.policy.device = str(dist.device)
+    ds_config = deepspeed_config(t, dist, resolve_dtype(cfg.policy.dtype, resolve_device(cfg.policy.device)))
     seed_everything(t.seed + dist.rank)  # sampling differs per rank; prompt order and w* draws do not
     from hydra.utils import instantiate
 
@@ -100,8 +101,7 @@ def train(cfg: Any) -> dict[str, Any]:
     reward_set = RewardSet.from_config(OmegaConf.to_container(cfg.rewards, resolve=True), objectives)
     model, tok = load_policy(cfg.policy)
     params = trainable_parameters(model)
-    optimizer = make_policy_optimizer(model, params, t, dist, t.batch_size // dist.world * t.top_m,
-                                      resolve_dtype(cfg.policy.dtype, next(model.parameters()).device))
+    optimizer = make_policy_optimizer(model, params, t, dist, ds_config)
     condition = Conditioner(task.template, objectives, tok)
     settings = generation_settings(cfg)
     settings.sampler = training_sampler(cfg)

@@ -48,3 +48,21 @@ def test_plain_optimizer_refuses_a_deepspeed_checkpoint():
     step = AdamWStep({"w": torch.nn.Parameter(torch.zeros(2))}, 1e-3, 0.0, 1.0, Dist())
     with pytest.raises(ConfigError, match="written under DeepSpeed ZeRO"):
         step.load_state_dict({"deepspeed_zero": [{}]})
+
+
+def test_the_launchers_deepspeed_settings_are_read_and_checked_before_the_policy_loads(monkeypatch):
+    """What `accelerate launch --use_deepspeed --zero_stage N` puts in the environment."""
+    from omegaconf import OmegaConf
+
+    from meal.config import TrainerConfig
+    from meal.distributed import deepspeed_config
+
+    t = OmegaConf.structured(TrainerConfig(batch_size=8, top_m=1, micro_batch_size=2))
+    assert deepspeed_config(t, Dist(), torch.float32) is None  # not launched with DeepSpeed
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    cfg = deepspeed_config(t, Dist(), torch.float32)
+    assert cfg["zero_optimization"]["stage"] == 2 and cfg["gradient_accumulation_steps"] == 4
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ConfigError, match="stage=3"):
+        deepspeed_config(t, Dist(), torch.float32)
