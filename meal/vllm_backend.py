@@ -6,7 +6,9 @@ and handed to vLLM as a new ``LoRARequest`` id, so vLLM samples from the weights
 the previous folder is then removed. Only LoRA policies can be synchronised this way (a full
 fine-tune would need the whole weights reloaded), which the constructor checks.
 
-Not run by this project's CI (no GPU, no vLLM): ``tests/test_vllm.py`` runs where both are present.
+With a real vLLM this has not run on this project's machines (no GPU): ``tests/test_vllm.py`` runs
+where vLLM and a GPU are present. The synchronisation, tokenisation and seeding are tested on CPU
+against a stand-in ``vllm`` module (``tests/test_vllm_glue.py``).
 """
 
 from __future__ import annotations
@@ -47,15 +49,35 @@ class VLLMSampler:
 
     def __call__(self, model, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
                  generator_seed: int | None = None) -> Generation:
+        """Sample one response per prompt, as :func:`meal.sampling.generate` does.
+
+        Prompts are tokenised here exactly as the Hugging Face path does (no added special tokens,
+        truncated to ``settings.max_prompt_tokens``) and passed as token ids, so both backends
+        condition on the same tokens. With ``generator_seed`` request i gets seed ``generator_seed +
+        i``: repeated prompts still get different samples, and the call is reproducible.
+        """
         from vllm import SamplingParams
 
-        params = SamplingParams(n=1, temperature=settings.temperature, top_p=settings.top_p,
-                                top_k=settings.top_k if settings.top_k > 0 else -1,
-                                max_tokens=settings.max_new_tokens, seed=generator_seed)
-        outs = self.llm.generate(list(prompts), params, lora_request=self.sync(model), use_tqdm=False)
-        texts = [o.outputs[0].text.strip() for o in outs]
-        finished = [o.outputs[0].finish_reason == "stop" for o in outs]
-        return Generation(texts, finished, sum(len(o.outputs[0].token_ids) for o in outs))
+        ids = tokenizer(list(prompts), truncation=True, max_length=settings.max_prompt_tokens,
+                        add_special_tokens=False)["input_ids"]
+        params = [SamplingParams(n=1, temperature=settings.temperature, top_p=settings.top_p,
+                                 top_k=settings.top_k if settings.top_k > 0 else -1,
+                                 max_tokens=settings.max_new_tokens,
+                                 seed=None if generator_seed is None else generator_seed + i)
+                  for i in range(len(ids))]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, lora_request=self.sync(model),
+                                 use_tqdm=False)
+        eos = tokenizer.eos_token_id
+        texts, finished, n_tokens = [], [], 0
+        for o in outs:
+            c = o.outputs[0]
+            token_ids = list(c.token_ids)
+            stopped = c.finish_reason == "stop"
+            texts.append(c.text.strip())
+            finished.append(stopped)
+            # as the HF path counts: the tokens before eos
+            n_tokens += len(token_ids) - (1 if stopped and token_ids and token_ids[-1] == eos else 0)
+        return Generation(texts, finished, n_tokens)
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
