@@ -42,8 +42,12 @@ def generation_settings(cfg: DictConfig, eval_protocol: bool = False) -> Generat
                               t.max_prompt_tokens)
 
 
-def training_sampler(cfg: DictConfig):
-    """The sampler of training rollouts: None (Hugging Face generate) or a vLLM sampler."""
+def training_sampler(cfg: DictConfig, rank: int = 0, world: int = 1):
+    """The sampler of training rollouts: None (Hugging Face generate) or a vLLM sampler.
+
+    Under data parallelism every rank runs its own vLLM engine on its own GPU, started by the
+    same launcher (vLLM's ``external_launcher`` executor) and seeded per rank.
+    """
     g = cfg.generation
     if g.backend != "vllm":
         return None
@@ -52,7 +56,7 @@ def training_sampler(cfg: DictConfig):
 
     return VLLMSampler(resolve_source(cfg.policy), max_lora_rank=cfg.policy.lora.r,
                        gpu_memory_utilization=g.vllm_gpu_memory_utilization, max_model_len=g.vllm_max_model_len,
-                       seed=cfg.trainer.seed)
+                       seed=cfg.trainer.seed + rank, external_launcher=world > 1)
 
 
 def run_name(cfg: DictConfig) -> str:

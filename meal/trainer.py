@@ -104,7 +104,7 @@ def train(cfg: Any) -> dict[str, Any]:
     optimizer = make_policy_optimizer(model, params, t, dist, ds_config)
     condition = Conditioner(task.template, objectives, tok)
     settings = generation_settings(cfg)
-    settings.sampler = training_sampler(cfg)
+    settings.sampler = training_sampler(cfg, dist.rank, dist.world)
     device = next(model.parameters()).device
     train_texts = [e.text for e in data.train]
 
@@ -221,6 +221,8 @@ def train(cfg: Any) -> dict[str, Any]:
         return summary
     finally:
         logger.finish(exit_code)
+        if settings.sampler is not None:
+            settings.sampler.close()  # the vLLM backend's adapter folder
 
 
 def meta_step(cfg, model, params, net, net_opt, emb, w_star, kept_src, r_kept, batch, ro, texts, condition,

@@ -25,11 +25,16 @@ class VLLMSampler:
     """A callable with the signature of :func:`meal.sampling.generate`, backed by ``vllm.LLM``."""
 
     def __init__(self, base_model: str, max_lora_rank: int, dtype: str = "bfloat16",
-                 gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, seed: int = 0):
+                 gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, seed: int = 0,
+                 external_launcher: bool = False):
         from vllm import LLM
 
+        # external_launcher: one engine per data-parallel process, inside the process group that
+        # accelerate/torchrun started (as TRL's colocate mode does), instead of vLLM spawning workers
+        extra = {"distributed_executor_backend": "external_launcher"} if external_launcher else {}
         self.llm = LLM(model=base_model, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1, dtype=dtype,
-                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed)
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
+                       **extra)
         self.folder = tempfile.mkdtemp(prefix="meal-vllm-lora-")
         self.version = 0
 

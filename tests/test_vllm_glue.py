@@ -122,9 +122,25 @@ def test_training_hands_vllm_the_current_adapter_each_rollout(fake_vllm, tiny_ll
     ids = [c["lora"].lora_int_id for c in calls]
     assert ids == sorted(set(ids)) and ids[0] >= 1  # a new adapter id every time
     folders = [c["lora"].lora_path for c in calls]
-    assert not any(os.path.isdir(f) for f in folders[:-1])  # old adapters removed
+    assert not any(os.path.isdir(f) for f in folders)  # old adapters removed, the last one at the end
     # rollout 1 sees the initial adapter (LoRA B = 0), later rollouts the trained one
     b_keys = [k for k in calls[1]["adapter"] if "lora_B" in k]
     assert b_keys and all(torch.count_nonzero(calls[1]["adapter"][k]) == 0 for k in b_keys)
     assert any(torch.count_nonzero(calls[3]["adapter"][k]) > 0 for k in b_keys)
     assert not torch.equal(calls[2]["adapter"][b_keys[0]], calls[3]["adapter"][b_keys[0]])
+
+
+def test_each_data_parallel_rank_gets_its_own_engine_in_the_launchers_process_group(fake_vllm, tiny_llama):
+    from omegaconf import OmegaConf
+
+    from meal.run import training_sampler
+    from meal.trainer import as_config
+
+    cfg = as_config(tiny_config(tiny_llama, "unused", **{"generation.backend": "vllm", "trainer.seed": 7,
+                                                        "policy.lora": {"enabled": True, "r": 8}}))
+    assert training_sampler(OmegaConf.merge(cfg, {"generation": {"backend": "hf"}})) is None
+    for sampler in (training_sampler(cfg), training_sampler(cfg, rank=1, world=2)):
+        sampler.close()
+    single, rank1 = (m.kwargs for m in fake_vllm)
+    assert "distributed_executor_backend" not in single and single["seed"] == 7 and single["max_lora_rank"] == 8
+    assert rank1["distributed_executor_backend"] == "external_launcher" and rank1["seed"] == 8
