@@ -67,6 +67,21 @@ class Dist:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad /= self.world
 
+    def broadcast(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Copy rank 0's values into every rank's tensors (as DDP does with a module at start-up)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for t in tensors:
+                if self._comm_device().type == t.device.type:
+                    dist.broadcast(t.data, src=0)
+                else:
+                    buf = t.detach().to(self._comm_device())
+                    dist.broadcast(buf, src=0)
+                    t.copy_(buf)
+
     def mean(self, value: float) -> float:
         """The mean of a scalar over ranks."""
         if self.world == 1:

@@ -101,6 +101,7 @@ def train(cfg: Any) -> dict[str, Any]:
     reward_set = RewardSet.from_config(OmegaConf.to_container(cfg.rewards, resolve=True), objectives)
     model, tok = load_policy(cfg.policy)
     params = trainable_parameters(model)
+    dist.broadcast(params.values())  # one starting point: LoRA's random init drew from each rank's own seed
     optimizer = make_policy_optimizer(model, params, t, dist, ds_config)
     condition = Conditioner(task.template, objectives, tok)
     settings = generation_settings(cfg)

@@ -64,18 +64,23 @@ def _accelerate_config(tmp_path, name):
     return str(out)
 
 
-def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_path, lora):
     """`accelerate launch` with the shipped configs on two CPU processes (gloo). Plain data parallelism
     (multi_gpu.yaml): sharded batch, averaged gradients, rank 0 writes, ranks' parameters checked
     identical at every checkpoint. Then DeepSpeed ZeRO-2 (deepspeed_zero2.yaml, 2 micro-batches per
     rank), stopped after 2 iterations and resumed for a third: it must reproduce the plain run's losses
-    and gradient norms."""
+    and gradient norms. With LoRA, whose random init draws from each rank's own seed, rank 0's start
+    must reach every rank."""
     common = ["method=meal", "trainer.final_eval=false", "trainer.batch_size=8", "trainer.micro_batch_size=2"]
+    if lora:
+        common += ["policy.lora.enabled=true", "policy.lora.r=4", "policy.lora.target_modules=[q_proj,v_proj]",
+                   "trainer.lr=1e-2"]
 
     def launch(config, out, port):
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 _accelerate_config(tmp_path, config), "--main_process_port", port, "-m", "meal.train",
-                *tiny_overrides(tiny_llama, out), *common]
+                *tiny_overrides(tiny_llama, out), *common]  # later overrides win
 
     dp = tmp_path / "dp"
     _launch([*launch("multi_gpu.yaml", dp, "29533"), "trainer.iterations=3"], tmp_path)
