@@ -45,8 +45,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: str, step: int, policy_params: dict[str, torch.Tensor],
-                    net: torch.nn.Module | None, state: dict[str, Any], keep: int = 2) -> str:
-    """Write checkpoint ``step`` and point ``latest`` at it; keep the newest ``keep``. Returns its folder."""
+                    net: torch.nn.Module | None, state: dict[str, Any], keep: int = 2,
+                    rng: list[dict[str, Any]] | None = None) -> str:
+    """Write checkpoint ``step`` and point ``latest`` at it; keep the newest ``keep``. Returns its folder.
+
+    ``rng``: the random states of every data-parallel rank, in rank order (default: this process's).
+    """
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:06d}"
@@ -57,7 +61,7 @@ def save_checkpoint(run_dir: str, step: int, policy_params: dict[str, torch.Tens
         if net is not None:
             save_file({n: p.detach().contiguous().cpu() for n, p in net.state_dict().items()},
                       os.path.join(tmp, "net.safetensors"))
-        torch.save({**state, "step": step, "rng": rng_state()}, os.path.join(tmp, "state.pt"))
+        torch.save({**state, "step": step, "rng": rng or [rng_state()]}, os.path.join(tmp, "state.pt"))
         final = os.path.join(root, name)
         if os.path.exists(final):
             shutil.rmtree(final)
@@ -87,15 +91,21 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return folder
 
 
-def load_checkpoint(folder: str, policy_params: dict[str, torch.Tensor], net: torch.nn.Module | None
-                    ) -> dict[str, Any]:
-    """Copy the saved weights into ``policy_params`` (and ``net``), restore RNG; return the state dict."""
+def load_checkpoint(folder: str, policy_params: dict[str, torch.Tensor], net: torch.nn.Module | None,
+                    rank: int = 0) -> dict[str, Any]:
+    """Copy the saved weights into ``policy_params`` (and ``net``), restore RNG; return the state dict.
+
+    The random state restored is rank ``rank``'s, or rank 0's when the checkpoint was written by
+    fewer processes (``state["rng"]`` lists one per rank).
+    """
     load_policy_weights(folder, policy_params)
     try:
         state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
         if net is not None:
             net.load_state_dict(load_file(os.path.join(folder, "net.safetensors")))
-        set_rng_state(state["rng"])
+        if isinstance(state["rng"], dict):  # written before per-rank states were kept
+            state["rng"] = [state["rng"]]
+        set_rng_state(state["rng"][rank if rank < len(state["rng"]) else 0])
     except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
         raise CheckpointError(f"checkpoint {folder} is corrupt or incomplete: {e}") from e
     return state

@@ -73,14 +73,8 @@ class Dist:
             return
         import torch.distributed as dist
 
-        with torch.no_grad():
-            for t in tensors:
-                if self._comm_device().type == t.device.type:
-                    dist.broadcast(t.data, src=0)
-                else:
-                    buf = t.detach().to(self._comm_device())
-                    dist.broadcast(buf, src=0)
-                    t.copy_(buf)
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
 
     def mean(self, value: float) -> float:
         """The mean of a scalar over ranks."""

@@ -31,7 +31,7 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
     from meal.policy import load_policy, trainable_parameters
     from meal.rewards import RewardNormalizer, RewardSet
     from meal.rollout import Conditioner
-    from meal.run import generation_settings, publish_front
+    from meal.run import front_provenance, generation_settings, publish_front
 
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(cfg_path):
@@ -56,8 +56,7 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
     front = evaluate_front(model, Conditioner(cfg.task.template, objectives, tok), texts, reward_set, normalizer,
                            preference_grid(len(objectives)), generation_settings(cfg, eval_protocol=True),
                            list(cfg.task.hv_ref), seed=seed, label=name)
-    front.extra = {"run_dir": os.path.abspath(run_dir), "checkpoint": folder, "method": cfg.method.name,
-                   "train_seed": cfg.trainer.seed, "task": cfg.task.name, "normalizer": normalizer.__dict__}
+    front.extra = front_provenance(cfg, run_dir, normalizer, checkpoint=folder)
     out_dir = out_dir or os.path.join(run_dir, "eval-base" if untrained else "eval")
     os.makedirs(out_dir, exist_ok=True)
     logger = instantiate(logger_cfg if logger_cfg is not None else {"_target_": "meal.tracking.NullLogger"})

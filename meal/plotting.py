@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-from meal.evaluation import Front
+from meal.evaluation import Front, pareto_mask
 
 
 def plot_fronts(fronts: Sequence[Front], path: str, title: str | None = None) -> str:
@@ -36,9 +36,7 @@ def plot_fronts(fronts: Sequence[Front], path: str, title: str | None = None) ->
             alpha = 0.9 if len(hvs) == 1 else 0.55
             ax.scatter(xs, ys, color=color, alpha=alpha, s=22, label=legend)
             # the non-dominated points of this projection, joined in order: the front as drawn in the papers
-            front_idx = sorted((i for i in range(len(xs)) if not any(
-                xs[j] >= xs[i] and ys[j] >= ys[i] and (xs[j] > xs[i] or ys[j] > ys[i]) for j in range(len(xs)))),
-                key=lambda i: xs[i])
+            front_idx = sorted(pareto_mask(list(zip(xs, ys))).nonzero()[0], key=lambda i: xs[i])
             ax.plot([xs[i] for i in front_idx], [ys[i] for i in front_idx], "-", color=color, alpha=alpha)
             at: dict[tuple[float, float], list[str]] = {}  # coincident points share one label
             for x, y, w in zip(xs, ys, front.preferences):

@@ -59,6 +59,13 @@ def training_sampler(cfg: DictConfig, rank: int = 0, world: int = 1):
                        seed=cfg.trainer.seed + rank, external_launcher=world > 1)
 
 
+def front_provenance(cfg: DictConfig, run_dir: str, normalizer, **more) -> dict[str, Any]:
+    """What a front's ``extra`` records: the run, method, training seed, task and reward
+    normalisation (meal-compare refuses fronts whose normalisations differ)."""
+    return {"run_dir": os.path.abspath(run_dir), **more, "method": cfg.method.name, "train_seed": cfg.trainer.seed,
+            "task": cfg.task.name, "normalizer": normalizer.__dict__}
+
+
 def run_name(cfg: DictConfig) -> str:
     return cfg.logger.name or f"{cfg.task.name}-{cfg.method.name}-s{cfg.trainer.seed}"
 
@@ -128,9 +135,7 @@ class RunContext:
         front = evaluate_front(model, condition, texts, reward_set, normalizer, grid,
                                generation_settings(self.cfg, eval_protocol=True), list(self.cfg.task.hv_ref),
                                seed=0, label=self.cfg.method.name)
-        front.extra = {"run_dir": os.path.abspath(self.run_dir), "method": self.cfg.method.name,
-                       "train_seed": self.cfg.trainer.seed, "task": self.cfg.task.name,
-                       "normalizer": normalizer.__dict__}
+        front.extra = front_provenance(self.cfg, self.run_dir, normalizer)
         return front
 
     def periodic_eval(self, logger, model, condition, test, reward_set, normalizer, step: int) -> None:

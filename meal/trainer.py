@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from meal.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from meal.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from meal.config import ConfigError, TrainConfig, validate
 from meal.distributed import Dist, deepspeed_config, make_policy_optimizer
 from meal.embeddings import embed_prompts
@@ -127,19 +127,16 @@ def train(cfg: Any) -> dict[str, Any]:
     stats_path = os.path.join(run_dir, "reward_stats.json")
     ckpt = latest_checkpoint(run_dir) if t.resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, params, net)
+        state = load_checkpoint(ckpt, params, net, rank=dist.rank)
+        if len(state["rng"]) != dist.world:
+            log.warning("the checkpoint was written by %d processes, this launch has %d: sampling does not "
+                        "continue the saved random streams exactly", len(state["rng"]), dist.world)
         optimizer.load_state_dict(state["optimizer"])
         if net_opt is not None:
             net_opt.load_state_dict(state["net_optimizer"])
         order = PromptOrder(len(train_texts), t.seed, **state["order"])
         rng.bit_generator.state = state["numpy_draws"]
         start = state["step"]
-        rank_rng = state.get("rank_rng") or []
-        if len(rank_rng) == dist.world:
-            set_rng_state(rank_rng[dist.rank])
-        elif dist.world > 1:
-            log.warning("the checkpoint was written by %d processes, this launch has %d: sampling continues "
-                        "from rank 0's random state on every rank", len(rank_rng), dist.world)
         normalizer = RewardNormalizer.load(stats_path, objectives)
         log.info("resumed %s at iteration %d", ckpt, start)
     else:
@@ -206,7 +203,7 @@ def train(cfg: Any) -> dict[str, Any]:
                     save_checkpoint(run_dir, step, params, net, {
                         "optimizer": opt_state, "order": order.state,
                         "net_optimizer": net_opt.state_dict() if net_opt is not None else None,
-                        "numpy_draws": rng.bit_generator.state, "rank_rng": rank_rng}, keep=t.keep_checkpoints)
+                        "numpy_draws": rng.bit_generator.state}, keep=t.keep_checkpoints, rng=rank_rng)
                 dist.barrier()
             if t.eval_every and step % t.eval_every == 0 and step < t.iterations:
                 if dist.main:

@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,8 +46,7 @@ def run_variant(name: str, overrides: list[str], iterations: int, out_root: str,
     cmd = [sys.executable, "-m", "meal.train", "experiment=demo", *overrides, f"trainer.iterations={iterations}",
            "trainer.final_eval=false", "trainer.eval_every=0", "trainer.save_every=0", "trainer.table_every=0",
            "logger=none", f"trainer.out_dir={out}", "hydra.run.dir=" + os.path.join(out, "hydra")]
-    if os.path.exists(out):
-        subprocess.run(["rm", "-rf", out], check=True)
+    shutil.rmtree(out, ignore_errors=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
