@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 setup: $(STAMP)
 
-demo: setup  ## train Meal on the embedded default, then evaluate the front (about 11 min on 2 CPU cores, set-up included)
+demo: setup  ## train Meal on the embedded default, then evaluate the front (about 12 min on 2 CPU cores, set-up included)
 	$(BIN)/meal-train experiment=demo
 
 test: setup  ## the default test suite (CPU, no network)
