@@ -3,8 +3,10 @@
     meal-compare runs/embedded/*/ --out docs/compare_embedded
 
 Each argument is a ``front.json`` or a run folder (its ``front.json``, else ``eval/front.json``).
-Fronts are grouped by their label (the method); the table gives, per method, the number of runs,
-the hypervolume's mean and standard deviation over them, and the same for preference alignment.
+Fronts are grouped by their label (the method); the table gives, per method, the number of runs and
+the mean and standard deviation over them of the hypervolume, the MIP, how well the fronts follow
+their preferences (rank correlation and range per objective, non-dominated points, degenerate
+responses) and what they cost; each method's hypervolume is tested against a reference method.
 All fronts must share the reference point and the reward normalisation: hypervolumes in
 different units do not compare.
 """
@@ -40,8 +42,51 @@ def find_front(path: str) -> str:
     raise CompareError(f"{path}: no front.json (run meal-eval on it first)")
 
 
-def compare(paths: Sequence[str], out_dir: str, title: str | None = None) -> dict:
-    """Load the fronts, check they compare, write compare.{png,md,json} into ``out_dir``."""
+def run_row(path: str, front: Front) -> dict:
+    """One run's numbers: hypervolume, MIP (mean w . normalised reward), preference-following, cost."""
+    return {"method": front.label or "run", "seed": front.extra.get("train_seed"), "front": path,
+            "hypervolume": front.hypervolume, "mip": front.alignment, "spearman": front.spearman,
+            "ranges": front.ranges, "nondominated": front.nondominated, "points": len(front.points),
+            "degenerate": front.degenerate, "budget": front.extra.get("budget"),
+            "conditioning_budget": front.extra.get("conditioning_budget")}
+
+
+def _mean_std(values) -> tuple[float | None, float | None]:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if len(v) == 0:
+        return None, None
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def hypervolume_difference(a: Sequence[float], b: Sequence[float], seed: int = 0, draws: int = 10000) -> dict:
+    """Mean hypervolume of ``a`` minus that of ``b``: Welch's t-test (two-sided) and a bootstrap 95%
+    interval of the difference (runs resampled within each method)."""
+    from scipy.stats import ttest_ind
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    out = {"difference": float(a.mean() - b.mean()), "welch_t": None, "welch_p": None}
+    if len(a) > 1 and len(b) > 1 and (a.std() > 0 or b.std() > 0):
+        t = ttest_ind(a, b, equal_var=False)
+        out.update(welch_t=float(t.statistic), welch_p=float(t.pvalue))
+    rng = np.random.default_rng(seed)
+    boot = rng.choice(a, (draws, len(a))).mean(1) - rng.choice(b, (draws, len(b))).mean(1)
+    out["bootstrap_95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    return out
+
+
+def _fmt(m, s, digits=2) -> str:
+    return "n/a" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def compare(paths: Sequence[str], out_dir: str, title: str | None = None, reference: str | None = None,
+            meta: dict | None = None) -> dict:
+    """Load the fronts, check they compare, write compare.{png,md,json} into ``out_dir``.
+
+    Per method (fronts grouped by label): hypervolume, MIP, Spearman and range per objective, distinct
+    non-dominated points, degenerate share and cost, mean ± std over runs; each method's hypervolume
+    against ``reference`` (default: the first method) by Welch's test and a bootstrap interval.
+    ``meta`` (date, machine, wall time ...) is written into compare.json as it is.
+    """
     files = [find_front(p) for p in paths]
     fronts = [Front.load(f) for f in files]
     if not fronts:
@@ -54,32 +99,71 @@ def compare(paths: Sequence[str], out_dir: str, title: str | None = None) -> dic
                                f"{files[0]} ({objs} / {ref})")
         if norm0 is not None and front.extra.get("normalizer") not in (None, norm0):
             raise CompareError(f"{f}: reward normalisation differs from {files[0]}: hypervolumes would be in "
-                               f"different units (train both with the same trainer.norm_seed and pass settings)")
-    groups: dict[str, list[tuple[str, Front]]] = defaultdict(list)
-    for f, front in zip(files, fronts):
-        groups[front.label or "run"].append((f, front))
+                               f"different units (use runs of one task with the same conditioning stage or "
+                               f"normalisation pass)")
+    runs = [run_row(f, front) for f, front in zip(files, fronts)]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[r["method"]].append(r)
+    reference = reference or next(iter(groups))
+    if reference not in groups:
+        raise CompareError(f"--reference {reference!r} is none of the methods {sorted(groups)}")
     rows = []
     for label, members in groups.items():
-        hv = np.array([m.hypervolume for _, m in members])
-        al = np.array([m.alignment for _, m in members])
-        rows.append({"method": label, "runs": len(members),
-                     "seeds": [m.extra.get("train_seed") for _, m in members],
-                     "hypervolume_mean": float(hv.mean()), "hypervolume_std": float(hv.std(ddof=1)) if len(hv) > 1
-                     else 0.0, "alignment_mean": float(al.mean()),
-                     "alignment_std": float(al.std(ddof=1)) if len(al) > 1 else 0.0,
-                     "hypervolumes": hv.tolist(), "fronts": [f for f, _ in members]})
+        row = {"method": label, "runs": len(members), "seeds": [m["seed"] for m in members],
+               "hypervolumes": [m["hypervolume"] for m in members]}
+        for key in ("hypervolume", "mip", "nondominated", "degenerate"):
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(m[key] for m in members)
+        row["alignment_mean"], row["alignment_std"] = row["mip_mean"], row["mip_std"]
+        for k, name in enumerate(objs):
+            row[f"spearman_{name}_mean"], row[f"spearman_{name}_std"] = _mean_std(m["spearman"][k] if m["spearman"]
+                                                                                  else None for m in members)
+            row[f"range_{name}_mean"], row[f"range_{name}_std"] = _mean_std(m["ranges"][k] if m["ranges"]
+                                                                            else None for m in members)
+        for key in ("responses", "tokens", "reward_calls", "steps", "seconds"):
+            row[f"{key}_mean"], _ = _mean_std((m["budget"] or {}).get(key) for m in members)
+            row[f"conditioning_{key}"], _ = _mean_std((m["conditioning_budget"] or {}).get(key) for m in members)
+        if label != reference:
+            row[f"vs_{reference}"] = hypervolume_difference(row["hypervolumes"], groups[reference] and
+                                                            [m["hypervolume"] for m in groups[reference]])
+        rows.append(row)
     os.makedirs(out_dir, exist_ok=True)
     png = plot_fronts(fronts, os.path.join(out_dir, "compare.png"), title=title)
-    md = [f"Hypervolume (reference point {ref}, normalised units; mean ± std over runs) and alignment "
-          f"(mean w . normalised reward).", "",
-          "| method | runs | hypervolume | alignment | per run |", "|---|---|---|---|---|"]
+    md = [f"Hypervolume (reference point {ref}, normalised units), MIP (mean w . normalised reward), "
+          f"preference-following (Spearman rank correlation between w_k and reward k over the grid; range: "
+          f"reward k at the largest w_k minus at the smallest; distinct non-dominated points of "
+          f"{len(fronts[0].points)}; degenerate responses) and online cost; mean ± std over runs.", "",
+          "| method | runs | hypervolume | MIP | " + " | ".join(f"Spearman {o}" for o in objs) + " | "
+          + " | ".join(f"range {o}" for o in objs) + " | non-dominated | degenerate | responses | tokens | "
+          "steps | minutes |",
+          "|---" * (10 + 2 * len(objs)) + "|"]
     for r in rows:
-        md.append(f"| {r['method']} | {r['runs']} | {r['hypervolume_mean']:.3f} ± {r['hypervolume_std']:.3f} | "
-                  f"{r['alignment_mean']:.3f} ± {r['alignment_std']:.3f} | "
-                  f"{', '.join(f'{h:.3f}' for h in r['hypervolumes'])} |")
+        md.append(f"| {r['method']} | {r['runs']} | {_fmt(r['hypervolume_mean'], r['hypervolume_std'])} | "
+                  f"{_fmt(r['mip_mean'], r['mip_std'])} | "
+                  + " | ".join(_fmt(r[f"spearman_{o}_mean"], r[f"spearman_{o}_std"]) for o in objs) + " | "
+                  + " | ".join(_fmt(r[f"range_{o}_mean"], r[f"range_{o}_std"]) for o in objs) + " | "
+                  f"{_fmt(r['nondominated_mean'], r['nondominated_std'], 1)} | "
+                  f"{100 * (r['degenerate_mean'] or 0):.1f}% | {r['responses_mean'] or 0:,.0f} | "
+                  f"{r['tokens_mean'] or 0:,.0f} | {r['steps_mean'] or 0:.0f} | {(r['seconds_mean'] or 0) / 60:.1f} |")
+    md.append("")
+    md.append("Hypervolume per run: " + "; ".join(f"{r['method']} {', '.join(f'{h:.2f}' for h in r['hypervolumes'])}"
+                                                  for r in rows) + ".")
+    for r in rows:
+        d = r.get(f"vs_{reference}")
+        if d:
+            p = "n/a" if d["welch_p"] is None else f"{d['welch_p']:.3f}"
+            md.append(f"{r['method']} - {reference}: hypervolume difference {d['difference']:+.2f}, Welch's test "
+                      f"p = {p}, bootstrap 95% interval [{d['bootstrap_95'][0]:+.2f}, {d['bootstrap_95'][1]:+.2f}].")
+    cond = [r for r in rows if r["conditioning_steps"]]
+    if cond:
+        c = cond[0]
+        md.append(f"Conditioning stage (shared, not in the online cost above): {c['conditioning_responses'] or 0:,.0f} "
+                  f"responses, {c['conditioning_tokens'] or 0:,.0f} tokens, {c['conditioning_steps']:.0f} SFT steps, "
+                  f"{(c['conditioning_seconds'] or 0) / 60:.1f} min.")
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write("\n".join(md) + "\n")
-    result = {"objectives": objs, "hv_ref": ref, "methods": rows, "figure": png}
+    result = {**(meta or {}), "objectives": objs, "hv_ref": ref, "reference_method": reference, "methods": rows,
+              "runs": runs, "figure": png}
     with open(os.path.join(out_dir, "compare.json"), "w") as f:
         json.dump(result, f, indent=2)
     print("\n".join(md))
@@ -93,9 +177,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("paths", nargs="+", help="front.json files or run folders")
     ap.add_argument("--out", default="compare", help="output folder (compare.png, compare.md, compare.json)")
     ap.add_argument("--title", default=None)
+    ap.add_argument("--reference", default=None, help="method the others' hypervolumes are tested against "
+                    "(default: the first)")
+    ap.add_argument("--meta", default=None, help="JSON object written into compare.json (date, machine, wall time)")
     args = ap.parse_args(argv)
     try:
-        compare(args.paths, args.out, args.title)
+        compare(args.paths, args.out, args.title, args.reference, json.loads(args.meta) if args.meta else None)
     except (CompareError, ValueError) as e:
         print(f"meal-compare: {e}", file=sys.stderr)
         sys.exit(2)

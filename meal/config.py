@@ -47,6 +47,9 @@ class TaskConfig:
     template: TemplateConfig = field(default_factory=TemplateConfig, metadata={"help": "Prompt template."})
     max_new_tokens: int = _f(48, "Maximum number of generated tokens per response.")
     hv_ref: List[float] = _f([], "Hypervolume reference point, in normalised reward units, one per objective.")
+    pool_instructions: List[str] = _f([""], "Instructions appended to the task text when the conditioning stage "
+                                      "samples its pool (a task with prompts only), so that the pool spans the "
+                                      "trade-off; '' samples the plain prompt. Never part of a training prompt.")
 
 
 @dataclass
@@ -58,6 +61,11 @@ class LoraConfig:
     alpha: int = _f(16, "LoRA alpha (scaling = alpha / r).")
     dropout: float = _f(0.0, "LoRA dropout.")
     target_modules: List[str] = _f(["q_proj", "v_proj"], "Module names to adapt.")
+    layers_from: int = _f(0, "Adapt only the decoder layers with this index and above (0: all). The backward "
+                          "pass then stops at the lowest adapted layer.")
+    preference_aware: bool = _f(False, "Preference-aware LoRA (meal/preference_lora.py): one shared adapter plus one "
+                                "per objective, mixed by each example's preference w; the preference enters the "
+                                "weights as well as the prompt.")
 
 
 @dataclass
@@ -103,6 +111,31 @@ class MethodConfig:
     meta_interval: int = _f(1, "Run the meta step (7-9) every this many iterations.")
     first_order: bool = _f(False, "Approximation: take the meta-loss gradient at theta instead of theta'.")
     weight_net: WeightNetConfig = field(default_factory=WeightNetConfig, metadata={"help": "Meta-learner."})
+
+
+@dataclass
+class ConditioningConfig:
+    """Step 0 of method.md: teach the policy to follow the preference in its prompt before any online
+    iteration (meal/conditioning.py). Its result is cached and shared by every run of a task."""
+
+    enabled: bool = _f(True, "Run the conditioning stage (False: the online stage starts from the base policy).")
+    source: str = _f("auto", "auto (the dataset's own responses where the task has them, else a pool) | pool | "
+                     "dataset.")
+    pool_prompts: int = _f(0, "Training prompts in the sampled pool (0: all).")
+    pool_samples: int = _f(1, "Responses per prompt and pool instruction.")
+    max_rows: int = _f(0, "Rows of a dataset's corpus kept (0: all), a seeded choice of prompt groups.")
+    seed: int = _f(0, "Seed of the pool, the labels and the order of the SFT rows (shared by every run).")
+    label: str = _f("region", "How a row gets the preference it achieves: region (the preferences under which it is "
+                    "its group's best, by w . R) | rank (its rank within the group) | softmax (softmax(R / tau)).")
+    tau: float = _f(1.0, "Temperature of label=softmax.")
+    labels_per_group: int = _f(8, "Preferences drawn per prompt group by label=region.")
+    steps: int = _f(150, "SFT steps.")
+    batch_size: int = _f(8, "Rows per SFT step.")
+    micro_batch_size: int = _f(8, "Rows per forward/backward; divides batch_size.")
+    lr: float = _f(5e-4, "AdamW learning rate (linear decay to 0).")
+    save_every: int = _f(50, "Checkpoint the stage every this many steps (resumable).")
+    cache: Optional[str] = _f("~/.cache/meal/conditioning", "Where scored corpora and conditioned policies are "
+                              "kept, keyed by what they depend on (None: inside the run folder, not shared).")
 
 
 @dataclass
@@ -169,6 +202,7 @@ class TrainConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rewards: Dict[str, Any] = _f({}, "Reward name -> `_target_` spec, or a dotted path to a callable.")
     method: MethodConfig = field(default_factory=MethodConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -192,9 +226,44 @@ def check_preference(pref: List[float], k: int, field_name: str) -> None:
     _need(math.isclose(sum(pref), 1.0, abs_tol=1e-3), field_name, f"weights must sum to 1, got {sum(pref):.4f}")
 
 
+def check_known_keys(cfg: DictConfig, schema: type = None, prefix: str = "") -> None:
+    """Raise ConfigError for a key the schema does not define, naming the nearest known one.
+
+    Hydra's ``+group.key=value`` adds a key even to a typed node: a typo such as
+    ``+trainer.iteratons=3`` would otherwise become a run at the default length.
+    Free-form mappings (``task.data``, ``rewards``) are not checked.
+    """
+    import dataclasses
+    import difflib
+
+    schema = schema or TrainConfig
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in known:
+            near = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; known: {sorted(known)}"
+            raise ConfigError(f"{name}: unknown setting{hint}")
+        ftype = known[key].type
+        sub = _dataclass_of(ftype)
+        if sub is not None and isinstance(cfg[key], DictConfig):
+            check_known_keys(cfg[key], sub, f"{name}.")
+
+
+def _dataclass_of(annotation) -> type | None:
+    import dataclasses
+
+    if isinstance(annotation, str):
+        annotation = globals().get(annotation)
+    return annotation if isinstance(annotation, type) and dataclasses.is_dataclass(annotation) else None
+
+
 def validate(cfg: DictConfig | TrainConfig) -> None:
     """Check values a type cannot express; raises ConfigError naming the field. Loads no model."""
     from meal.rewards import reward_names_known
+
+    if isinstance(cfg, DictConfig):
+        check_known_keys(cfg)
 
     t, tr, m = cfg.trainer, cfg.method, cfg.task
     _need(len(m.objectives) >= 2, "task.objectives", f"needs at least 2 objectives, got {list(m.objectives)}")
@@ -241,10 +310,26 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
         _need(t.batch_size >= 2, "trainer.batch_size", "Meal (lam < 1) splits the batch into inner and meta halves: "
               "needs >= 2")
 
+    c = cfg.conditioning
+    _need(c.source in ("auto", "pool", "dataset"), "conditioning.source", f"auto | pool | dataset, got {c.source!r}")
+    _need(c.label in ("region", "rank", "softmax"), "conditioning.label",
+          f"region | rank | softmax, got {c.label!r}")
+    _need(c.pool_prompts >= 0 and c.pool_samples >= 1, "conditioning.pool_samples",
+          "pool_prompts must be >= 0 and pool_samples >= 1")
+    _need(c.tau > 0, "conditioning.tau", f"must be > 0, got {c.tau}")
+    _need(c.labels_per_group >= 1, "conditioning.labels_per_group", "must be >= 1")
+    _need(c.steps >= 0, "conditioning.steps", f"must be >= 0, got {c.steps}")
+    _need(c.batch_size >= 1 and c.micro_batch_size >= 1 and c.batch_size % c.micro_batch_size == 0,
+          "conditioning.micro_batch_size", f"must divide conditioning.batch_size = {c.batch_size}")
+    _need(c.lr > 0, "conditioning.lr", f"must be > 0, got {c.lr}")
+    _need(len(m.pool_instructions) >= 1, "task.pool_instructions", "needs at least one instruction ('' for none)")
+
     g = cfg.generation
     _need(g.backend in ("hf", "vllm"), "generation.backend", f"hf | vllm, got {g.backend!r}")
     if g.backend == "vllm":
         _need(cfg.policy.lora.enabled, "generation.backend", "vllm synchronises LoRA adapters: needs policy.lora")
+        _need(not cfg.policy.lora.preference_aware, "generation.backend",
+              "vllm cannot sample from preference-aware LoRA (policy.lora.preference_aware=false, or backend=hf)")
     p = cfg.policy
     _need(p.dtype in ("auto", "bfloat16", "float16", "float32"), "policy.dtype", f"unknown dtype {p.dtype!r}")
     _need(p.attn_implementation in ("sdpa", "eager", "flash_attention_2"), "policy.attn_implementation",

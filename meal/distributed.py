@@ -109,6 +109,16 @@ class Dist:
         dist.gather_object(obj, out, dst=0)
         return out
 
+    def all_gather(self, obj: Any) -> list:
+        """Every rank's ``obj``, as a list in rank order, on every rank; a collective."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist

@@ -10,10 +10,11 @@ Both are L2-normalised so the net sees inputs of one scale whatever the policy's
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
+
+from meal.preference_lora import adapters_disabled
 
 
 @torch.no_grad()
@@ -21,7 +22,7 @@ def policy_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 
                       max_tokens: int = 512) -> torch.Tensor:
     """(M, H) mean-pooled last hidden states of the base policy, L2-normalised, float32 on CPU."""
     device = next(model.parameters()).device
-    base_only = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    base_only = model.disable_adapter() if hasattr(model, "disable_adapter") else adapters_disabled(model)
     was_training = model.training
     model.eval()
     out = []

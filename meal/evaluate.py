@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from meal.config import ConfigError, TrainConfig, register_configs, to_container
-from meal.train import CONF_DIR
+from meal.train import CONF_DIR, print_front
 
 log = logging.getLogger("meal")
 
@@ -41,23 +41,32 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
     normalizer = RewardNormalizer.load(os.path.join(run_dir, "reward_stats.json"), objectives)
     folder = None
     if not untrained:
-        folder = latest_checkpoint(run_dir) if checkpoint == "latest" else os.path.join(run_dir, "checkpoints",
-                                                                                        checkpoint)
+        if checkpoint == "conditioned":  # the run's starting point: the conditioning stage's policy
+            folder = os.path.join(run_dir, "conditioning")
+            if not os.path.exists(os.path.join(folder, "policy.safetensors")):
+                raise ConfigError(f"checkpoint: {run_dir} ran no conditioning stage (no conditioning/)")
+        elif checkpoint == "latest":
+            folder = latest_checkpoint(run_dir)
+        else:
+            folder = os.path.join(run_dir, "checkpoints", checkpoint)
         if folder is None or not os.path.isdir(folder):
             raise ConfigError(f"checkpoint: {run_dir} has no checkpoint {checkpoint!r}")
     data = instantiate(cfg.task.data, _convert_="all")
     reward_set = RewardSet.from_config(OmegaConf.to_container(cfg.rewards, resolve=True), objectives)
-    model, tok = load_policy(cfg.policy)
+    model, tok = load_policy(cfg.policy, len(objectives))
     if folder is not None:
         load_policy_weights(folder, trainable_parameters(model))
     cfg.trainer.gen_batch_size = batch_size
     texts = [e.text for e in data.test[:prompts or len(data.test)]]
-    name = label or (f"{cfg.method.name} (base)" if untrained else cfg.method.name)
+    name = label or (f"{cfg.method.name} (base)" if untrained else "conditioned" if checkpoint == "conditioned"
+                     else cfg.method.name)
     front = evaluate_front(model, Conditioner(cfg.task.template, objectives, tok), texts, reward_set, normalizer,
                            preference_grid(len(objectives)), generation_settings(cfg, eval_protocol=True),
                            list(cfg.task.hv_ref), seed=seed, label=name)
-    front.extra = front_provenance(cfg, run_dir, normalizer, checkpoint=folder)
-    out_dir = out_dir or os.path.join(run_dir, "eval-base" if untrained else "eval")
+    budgets = run_budgets(run_dir, folder, untrained, checkpoint == "conditioned")
+    front.extra = front_provenance(cfg, run_dir, normalizer, budgets, checkpoint=folder)
+    out_dir = out_dir or os.path.join(run_dir, "eval-base" if untrained else "eval-conditioned"
+                                      if checkpoint == "conditioned" else "eval")
     os.makedirs(out_dir, exist_ok=True)
     logger = instantiate(logger_cfg if logger_cfg is not None else {"_target_": "meal.tracking.NullLogger"})
     logger.start(out_dir, {"run_dir": run_dir, "train_config": to_container(cfg)}, f"eval-{name}", False)
@@ -65,6 +74,23 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
         return publish_front(front, out_dir, logger, step=0)
     finally:
         logger.finish()
+
+
+def run_budgets(run_dir: str, folder: str | None, untrained: bool, conditioned: bool) -> dict:
+    """What the evaluated weights cost: nothing for the base policy; the conditioning stage for its
+    policy; the online budget saved with a checkpoint, beside the conditioning stage's."""
+    import torch
+
+    from meal.budget import Budget
+    from meal.conditioning import conditioning_budget, read_conditioning
+
+    if untrained:
+        return {"online": Budget(), "conditioning": None}
+    stage = conditioning_budget(read_conditioning(run_dir))
+    if conditioned:
+        return {"online": Budget(), "conditioning": stage}
+    state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+    return {"online": Budget.from_dict(state.get("budget")), "conditioning": stage}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
@@ -75,8 +101,7 @@ def _main(cfg: DictConfig) -> None:
     except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)
-    print(f"\nfront: {out['front_png']}\nhypervolume: {out['hypervolume']:.4f} "
-          f"(reference point {out['hv_ref']}, normalised units)")
+    print_front(out)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import torch
 
 from meal.rewards import RewardNormalizer, RewardSet
 from meal.rollout import Conditioner, rollout
-from meal.sampling import GenerationSettings
+from meal.sampling import GenerationSettings, degenerate_mask
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,33 @@ def hypervolume(points: np.ndarray, ref: Sequence[float]) -> float:
     return float(moocore.hypervolume(pts, ref=np.asarray(ref, dtype=float), maximise=True))
 
 
+def preference_following(prefs: Sequence[Sequence[float]], points: Sequence[Sequence[float]]) -> dict:
+    """How well a front follows its preferences (method.md, evaluation protocol).
+
+    For each objective k: ``spearman[k]``, the Spearman rank correlation between w_k and the
+    points' k-th coordinate over the grid (None where either is constant: a front that does not
+    move cannot be ranked); ``ranges[k]``, the mean k-th coordinate at the grid points with the
+    largest w_k minus that at the points with the smallest. ``nondominated``: the number of distinct
+    non-dominated points.
+    """
+    from scipy.stats import spearmanr
+
+    w, pts = np.asarray(prefs, dtype=float), np.asarray(points, dtype=float)
+    spearman, ranges = [], []
+    for k in range(w.shape[1]):
+        const = np.ptp(w[:, k]) == 0 or np.ptp(pts[:, k]) == 0
+        spearman.append(None if const else float(spearmanr(w[:, k], pts[:, k]).statistic))
+        hi, lo = w[:, k] == w[:, k].max(), w[:, k] == w[:, k].min()
+        ranges.append(float(pts[hi, k].mean() - pts[lo, k].mean()))
+    front = pts[pareto_mask(pts)]
+    distinct = len(np.unique(np.round(front, 9), axis=0))
+    return {"spearman": spearman, "ranges": ranges, "nondominated": int(distinct)}
+
+
 @dataclass
 class Front:
-    """An evaluated front: points (P, K) of mean normalised rewards, one per grid preference."""
+    """An evaluated front: points (P, K) of mean normalised rewards, one per grid preference, with
+    how well it follows them (:func:`preference_following`) and the share of degenerate responses."""
 
     objectives: list[str]
     preferences: list[list[float]]
@@ -74,6 +98,17 @@ class Front:
     seed: int
     label: str = ""
     extra: dict = field(default_factory=dict)
+    spearman: list = field(default_factory=list)
+    ranges: list = field(default_factory=list)
+    nondominated: int = 0
+    degenerate: float = 0.0
+
+    def following_summary(self) -> str:
+        """One line: rank correlation and range per objective, distinct non-dominated points, degenerate share."""
+        rho = ", ".join(f"{o} {'n/a' if r is None else f'{r:+.2f}'}" for o, r in zip(self.objectives, self.spearman))
+        rng = ", ".join(f"{o} {r:+.2f}" for o, r in zip(self.objectives, self.ranges))
+        return (f"Spearman(w_k, reward_k): {rho}; range: {rng}; non-dominated: {self.nondominated} of "
+                f"{len(self.points)}; degenerate responses: {100 * self.degenerate:.1f}%")
 
     def save(self, path: str) -> None:
         tmp = f"{path}.tmp"
@@ -94,7 +129,7 @@ def evaluate_front(model, condition: Conditioner, texts: Sequence[str], reward_s
                    normalizer: RewardNormalizer, grid: Sequence[Sequence[float]], settings: GenerationSettings,
                    hv_ref: Sequence[float], seed: int = 0, label: str = "") -> Front:
     """Condition on every grid preference, generate for every text, score, average: the front."""
-    points, raw_points, alignment = [], [], []
+    points, raw_points, alignment, degenerate = [], [], [], []
     for w in grid:
         prefs = torch.tensor([list(w)] * len(texts), dtype=torch.float32)
         ro = rollout(model, condition, texts, prefs, 1, settings, reward_set, normalizer, seed=seed)
@@ -102,11 +137,13 @@ def evaluate_front(model, condition: Conditioner, texts: Sequence[str], reward_s
         points.append(r.mean(0).tolist())
         raw_points.append(ro.raw[:, 0].mean(0).tolist())
         alignment.append((r * prefs).sum(-1).mean().item())
+        degenerate.append(degenerate_mask(ro.texts, ro.finished).float().mean().item())
     pts = np.array(points)
     hv = hypervolume(pts, hv_ref)
-    front = Front(list(condition.objectives), [list(map(float, w)) for w in grid], points, raw_points,
-                  pareto_mask(pts).tolist(), hv, list(map(float, hv_ref)), float(np.mean(alignment)), len(texts),
-                  seed, label)
-    log.info("front %s: hypervolume %.4f (reference point %s), alignment %.4f", label, hv, list(hv_ref),
-             front.alignment)
+    grid = [list(map(float, w)) for w in grid]
+    front = Front(list(condition.objectives), grid, points, raw_points, pareto_mask(pts).tolist(), hv,
+                  list(map(float, hv_ref)), float(np.mean(alignment)), len(texts), seed, label,
+                  degenerate=float(np.mean(degenerate)), **preference_following(grid, points))
+    log.info("front %s: hypervolume %.4f (reference point %s), alignment %.4f; %s", label, hv, list(hv_ref),
+             front.alignment, front.following_summary())
     return front

@@ -12,29 +12,35 @@ from typing import Mapping, Sequence
 import torch
 from torch.func import functional_call
 
+from meal.preference_lora import preference_weights
+
 IGNORE = -100
 
 
 @dataclass
 class SFTBatch:
-    """Right-padded token ids (B, T), attention mask (B, T) and labels (B, T) with -100 off-response."""
+    """Right-padded token ids (B, T), attention mask (B, T) and labels (B, T) with -100 off-response;
+    ``prefs`` (B, K): the preference each prompt was written with (read by preference-aware LoRA)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    prefs: torch.Tensor | None = None
 
     def to(self, device) -> "SFTBatch":
-        return SFTBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return SFTBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                        None if self.prefs is None else self.prefs.to(device))
 
     def slice(self, idx) -> "SFTBatch":
-        return SFTBatch(self.input_ids[idx], self.attention_mask[idx], self.labels[idx])
+        return SFTBatch(self.input_ids[idx], self.attention_mask[idx], self.labels[idx],
+                        None if self.prefs is None else self.prefs[idx])
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
 
 def build_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], finished: Sequence[bool] | None = None,
-                max_prompt_tokens: int = 512) -> SFTBatch:
+                max_prompt_tokens: int = 512, prefs: torch.Tensor | None = None) -> SFTBatch:
     """Tokenise each (prompt, response) pair; eos closes a response that finished with eos.
 
     The prompt is tokenised on its own (it ends with the generation prompt), the response after
@@ -56,7 +62,7 @@ def build_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], fin
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     lab = torch.tensor([row + [IGNORE] * (width - len(row)) for row in labels])
-    return SFTBatch(ids, mask, lab)
+    return SFTBatch(ids, mask, lab, None if prefs is None else torch.as_tensor(prefs, dtype=torch.float32))
 
 
 def with_tied_aliases(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -74,6 +80,15 @@ def with_tied_aliases(model: torch.nn.Module, params: Mapping[str, torch.Tensor]
     return out
 
 
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs: the LM head then
+    runs on the last positions only; the prompt's logits, most of a batch, are never computed)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
 def per_example_nll(model: torch.nn.Module, batch: SFTBatch,
                     params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Token-mean NLL of each example's response tokens: (B,).
@@ -82,15 +97,43 @@ def per_example_nll(model: torch.nn.Module, batch: SFTBatch,
     ``torch.func.functional_call``; the other parameters and buffers are the module's own.
     """
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    if params is None:
-        out = model(**kwargs)
-    else:
-        out = functional_call(model, with_tied_aliases(model, params), args=(), kwargs=kwargs, strict=False,
-                              tie_weights=False)
-    logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+    width = batch.input_ids.shape[1]
+    first = int((batch.labels != IGNORE).to(torch.int8).argmax(1).min()) if (batch.labels != IGNORE).any() else 1
+    keep = width - max(first, 1) + 1  # logits only from the position before the earliest response token on
+    if accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
+    with preference_weights(model, batch.prefs):
+        if params is None:
+            out = model(**kwargs)
+        else:
+            out = functional_call(model, with_tied_aliases(model, params), args=(), kwargs=kwargs, strict=False,
+                                  tie_weights=False)
+    kept = out.logits.shape[1]  # T, or `keep` where the model computed only the last positions' logits
+    logits = out.logits[:, :-1]  # (B, kept-1, V): position t predicts token t+1
     if logits.dtype in (torch.bfloat16, torch.float16):
         logits = logits.float()  # the softmax in at least fp32
-    targets = batch.labels[:, 1:]  # (B, T-1)
+    targets = batch.labels[:, width - kept + 1:]  # (B, kept-1)
     tok_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
     mask = (targets != IGNORE).to(tok_nll.dtype)
     return (tok_nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def policy_step(model, optimizer, batch, weights, micro_batch_size: int,
+                dist=None) -> tuple[float, float]:
+    """Step 10: one AdamW step on L_in = mean_i c_i l_i (weights c detached), micro-batched, clipped.
+
+    ``optimizer`` is an engine of ``meal.distributed`` (plain AdamW with gradients averaged over
+    data-parallel ranks, or DeepSpeed ZeRO). Returns (weighted loss, gradient norm before clipping).
+    """
+    device = next(model.parameters()).device
+    optimizer.zero_grad()
+    total, n = 0.0, len(batch)
+    starts = range(0, n, micro_batch_size)
+    for s in starts:
+        part = batch.slice(slice(s, s + micro_batch_size)).to(device)
+        loss = (weights[s:s + micro_batch_size].to(device) * per_example_nll(model, part)).sum() / n
+        optimizer.backward(loss, last=s == starts[-1])
+        total += loss.item()
+    if dist is not None:
+        total = dist.mean(total)
+    return total, optimizer.step()

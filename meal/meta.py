@@ -69,16 +69,32 @@ def label_preference(w_tilde: torch.Tensor, w_hat: torch.Tensor, lam: float) -> 
     return w_tilde if lam == 1.0 else lam * w_tilde + (1.0 - lam) * w_hat
 
 
-def sample_weights(w_phi: torch.Tensor, rewards: torch.Tensor, lam: float) -> torch.Tensor:
+def masked_ones(ok: torch.Tensor | None, n: int | None = None) -> torch.Tensor:
+    """Weights 1 on the rows where ``ok`` (B,) holds and 0 elsewhere, rescaled to mean 1 over all rows
+    (so that mean_i c_i l_i is the mean over the valid rows); all ones without a mask."""
+    if ok is None:
+        return torch.ones(n)
+    okf = ok.float()
+    return okf / okf.mean() if okf.any() else okf
+
+
+def sample_weights(w_phi: torch.Tensor, rewards: torch.Tensor, lam: float, ok: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """c_i = lam + (1 - lam) * c^_i with c^_i = w_phi(x_i) . sigmoid(R_i), normalised to mean 1 (B,).
 
-    Differentiable in w_phi; with lam = 1 every weight is exactly 1.
+    Differentiable in w_phi; with lam = 1 every weight is exactly 1. ``ok`` (B,) marks the rows whose
+    kept response is valid: the others get weight 0, c^ is normalised over the valid rows, and the
+    weights are rescaled by :func:`masked_ones` so that the weighted mean covers the valid rows only.
     """
+    mask = masked_ones(ok, rewards.shape[0]).to(rewards.device)
     if lam == 1.0:
-        return torch.ones(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+        return mask.to(rewards.dtype)
     c_hat = (w_phi * torch.sigmoid(rewards.to(w_phi.dtype))).sum(-1)
-    c_hat = c_hat / c_hat.mean()
-    return lam + (1.0 - lam) * c_hat
+    valid = mask > 0
+    if not valid.any():
+        return mask.to(c_hat.dtype)
+    c_hat = c_hat / c_hat[valid].mean()
+    return (lam + (1.0 - lam) * c_hat) * mask.to(c_hat.dtype)
 
 
 def virtual_step(params: Params, grads: Mapping[str, torch.Tensor], alpha: float) -> Params:

@@ -113,8 +113,12 @@ def load_tokenizer(cfg: PolicyConfig, source: str | None = None):
     return tok
 
 
-def load_policy(cfg: PolicyConfig):
-    """Return ``(model, tokenizer)``: the policy on its device with LoRA or all weights trainable."""
+def load_policy(cfg: PolicyConfig, num_objectives: int | None = None):
+    """Return ``(model, tokenizer)``: the policy on its device with LoRA or all weights trainable.
+
+    ``num_objectives`` (K) is needed by preference-aware LoRA (``cfg.lora.preference_aware``), which
+    adds one adapter per objective (meal/preference_lora.py).
+    """
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(cfg.device)
@@ -138,15 +142,31 @@ def load_policy(cfg: PolicyConfig):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if cfg.lora.enabled:
+    if cfg.lora.enabled and cfg.lora.preference_aware:
+        from meal.preference_lora import attach_preference_lora
+
+        if cfg.load_in_8bit:
+            raise ValueError("policy.lora.preference_aware: not available with load_in_8bit")
+        if not num_objectives:
+            raise ValueError("policy.lora.preference_aware needs the number of objectives")
+        attach_preference_lora(model, num_objectives, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
+                               list(cfg.lora.target_modules), cfg.lora.layers_from)
+    elif cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
         if cfg.load_in_8bit:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        layers = None
+        if cfg.lora.layers_from:
+            n_layers = model.config.num_hidden_layers
+            if cfg.lora.layers_from >= n_layers:
+                raise ValueError(f"policy.lora.layers_from: {cfg.lora.layers_from} >= the policy's {n_layers} layers")
+            layers = list(range(cfg.lora.layers_from, n_layers))
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+                          target_modules=list(cfg.lora.target_modules), layers_to_transform=layers,
+                          task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
     else:
         for p in model.parameters():

@@ -54,17 +54,22 @@ class Rollout:
 
 def rollout(model, condition: Conditioner, texts: Sequence[str], prefs: torch.Tensor, n: int,
             settings: GenerationSettings, reward_set: RewardSet, normalizer: RewardNormalizer | None,
-            seed: int | None = None, meter=NoMeter()) -> Rollout:
-    """Sample ``n`` responses for each text under its preference (B, K) and score them."""
+            seed: int | None = None, meter=NoMeter(), reward_texts: Sequence[str] | None = None) -> Rollout:
+    """Sample ``n`` responses for each text under its preference (B, K) and score them.
+
+    ``reward_texts``: what the rewards see as each prompt, when it differs from the text the policy
+    is conditioned on (the conditioning stage's pool appends an instruction to the latter).
+    """
     b = len(texts)
     prompts = condition(texts, prefs)
     t0 = time.perf_counter()
     with meter.phase("generate"):
         sample = settings.sampler or generate  # the Hugging Face path unless a backend was configured
-        gen = sample(model, condition.tokenizer, [p for p in prompts for _ in range(n)], settings, seed)  # (B*N)
+        gen = sample(model, condition.tokenizer, [p for p in prompts for _ in range(n)], settings, seed,
+                     prefs=prefs.repeat_interleave(n, 0))  # (B*N)
     gen_seconds = time.perf_counter() - t0
     with meter.phase("score"):
-        raw = reward_set.score([t for t in texts for _ in range(n)], gen.texts).view(b, n, -1)  # (B, N, K)
+        raw = reward_set.score([t for t in (reward_texts or texts) for _ in range(n)], gen.texts).view(b, n, -1)  # (B, N, K)
     normed = normalizer(raw) if normalizer is not None else raw
     grid = [gen.texts[i * n:(i + 1) * n] for i in range(b)]
     done = [gen.finished[i * n:(i + 1) * n] for i in range(b)]

@@ -59,21 +59,28 @@ def training_sampler(cfg: DictConfig, rank: int = 0, world: int = 1):
                        seed=cfg.trainer.seed + rank, external_launcher=world > 1)
 
 
-def front_provenance(cfg: DictConfig, run_dir: str, normalizer, **more) -> dict[str, Any]:
-    """What a front's ``extra`` records: the run, method, training seed, task and reward
-    normalisation (meal-compare refuses fronts whose normalisations differ)."""
-    return {"run_dir": os.path.abspath(run_dir), **more, "method": cfg.method.name, "train_seed": cfg.trainer.seed,
-            "task": cfg.task.name, "normalizer": normalizer.__dict__}
+def front_provenance(cfg: DictConfig, run_dir: str, normalizer, budgets: dict | None = None, **more
+                     ) -> dict[str, Any]:
+    """What a front's ``extra`` records: the run, method, training seed, task, reward normalisation
+    (meal-compare refuses fronts whose normalisations differ) and what training cost
+    (``budget``: the online stage; ``conditioning_budget``: the conditioning stage, apart)."""
+    out = {"run_dir": os.path.abspath(run_dir), **more, "method": cfg.method.name, "train_seed": cfg.trainer.seed,
+           "task": cfg.task.name, "normalizer": normalizer.__dict__}
+    for name, b in (budgets or {}).items():
+        out["budget" if name == "online" else f"{name}_budget"] = None if b is None else b.as_dict()
+    return out
 
 
 def run_name(cfg: DictConfig) -> str:
     return cfg.logger.name or f"{cfg.task.name}-{cfg.method.name}-s{cfg.trainer.seed}"
 
 
-def open_logger(cfg: DictConfig, run_dir: str, resume: bool):
-    """Instantiate ``cfg.logger`` (``_target_``) and start it."""
+def open_logger(cfg: DictConfig, run_dir: str, resume: bool, stage: bool = False):
+    """Instantiate ``cfg.logger`` (``_target_``) and start it. ``stage``: the conditioning stage's own
+    run (its ``warmup/*`` metrics have their own steps; it is shared by every run of the task)."""
     logger = instantiate(cfg.logger)
-    logger.start(run_dir, to_container(cfg), run_name(cfg), resume)
+    name = f"{cfg.task.name}-conditioning" if stage else run_name(cfg)
+    logger.start(run_dir, to_container(cfg), name, resume)
     return logger
 
 
@@ -89,6 +96,7 @@ class RunContext:
         self.jsonl = JsonlWriter(os.path.join(run_dir, "metrics.jsonl"))
         self.last: dict[str, float] = {}
         self.bar = None
+        self.budgets: dict = {}  # name -> Budget (online, conditioning), recorded with every front
 
     def progress(self, start: int, stop: int, show: bool = True):
         self.bar = tqdm(range(start, stop), initial=start, total=stop, desc=run_name(self.cfg), unit="it",
@@ -135,7 +143,7 @@ class RunContext:
         front = evaluate_front(model, condition, texts, reward_set, normalizer, grid,
                                generation_settings(self.cfg, eval_protocol=True), list(self.cfg.task.hv_ref),
                                seed=0, label=self.cfg.method.name)
-        front.extra = front_provenance(self.cfg, self.run_dir, normalizer)
+        front.extra = front_provenance(self.cfg, self.run_dir, normalizer, self.budgets)
         return front
 
     def periodic_eval(self, logger, model, condition, test, reward_set, normalizer, step: int) -> None:
@@ -144,7 +152,8 @@ class RunContext:
         grid = preference_grid(2, points=3) if k == 2 else preference_grid(k)
         texts = [e.text for e in test[:self.cfg.trainer.eval_prompts]]
         front = self._evaluate(model, condition, texts, reward_set, normalizer, grid)
-        metrics = {"eval/hypervolume": front.hypervolume, "eval/alignment": front.alignment}
+        metrics = {"eval/hypervolume": front.hypervolume, "eval/alignment": front.alignment,
+                   **following_metrics(front)}
         self.jsonl.write({"step": step, **metrics})
         logger.log(metrics, step)
 
@@ -163,7 +172,7 @@ def publish_front(front: Front, out_dir: str, logger, step: int, jsonl: JsonlWri
     json_path, png_path = os.path.join(out_dir, "front.json"), os.path.join(out_dir, "front.png")
     front.save(json_path)
     plot_fronts([front], png_path)
-    metrics = {"eval/hypervolume": front.hypervolume, "eval/alignment": front.alignment}
+    metrics = {"eval/hypervolume": front.hypervolume, "eval/alignment": front.alignment, **following_metrics(front)}
     if jsonl is not None:
         jsonl.write({"step": step, **metrics})
     logger.log(metrics, step)
@@ -174,4 +183,16 @@ def publish_front(front: Front, out_dir: str, logger, step: int, jsonl: JsonlWri
                      step)
     log.info("hypervolume %.4f (reference point %s); front: %s", front.hypervolume, front.hv_ref, png_path)
     return {"hypervolume": front.hypervolume, "hv_ref": front.hv_ref, "alignment": front.alignment,
-            "front_png": png_path, "front_json": json_path}
+            "following": front.following_summary(), "budget": front.extra.get("budget"),
+            "conditioning_budget": front.extra.get("conditioning_budget"), "front_png": png_path,
+            "front_json": json_path}
+
+
+def following_metrics(front: Front) -> dict[str, float]:
+    """eval/spearman/<objective>, eval/range/<objective>, eval/nondominated, eval/degenerate."""
+    out = {"eval/nondominated": front.nondominated, "eval/degenerate": front.degenerate}
+    for name, rho, rng in zip(front.objectives, front.spearman, front.ranges):
+        out[f"eval/range/{name}"] = rng
+        if rho is not None:
+            out[f"eval/spearman/{name}"] = rho
+    return out

@@ -88,3 +88,27 @@ class JsonlWriter:
     def write(self, record: Mapping[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps after ``step`` (a resumed run does them again); returns how many.
+        A torn last line (a write killed half-way) is dropped too."""
+        if not os.path.exists(self.path):
+            return 0
+        kept, dropped = [], 0
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    dropped += 1
+                    continue
+                if record.get("step", 0) > step:
+                    dropped += 1
+                else:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+        return dropped

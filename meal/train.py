@@ -25,9 +25,21 @@ def _main(cfg: DictConfig) -> float | None:
         log.error("invalid configuration: %s", e)
         sys.exit(2)
     if "front_png" in summary:
-        print(f"\nfront: {summary['front_png']}\nhypervolume: {summary['hypervolume']:.4f} "
-              f"(reference point {summary['hv_ref']}, normalised units)")
+        print_front(summary)
     return summary.get("hypervolume")  # the sweep objective
+
+
+def print_front(summary: dict) -> None:
+    """What meal-train and meal-eval end with: the figure, the hypervolume, how well the front follows
+    its preferences, and what it cost."""
+    from meal.budget import Budget
+
+    print(f"\nfront: {summary['front_png']}\nhypervolume: {summary['hypervolume']:.4f} "
+          f"(reference point {summary['hv_ref']}, normalised units)\n{summary['following']}")
+    if summary.get("conditioning_budget"):
+        print(f"cost of the conditioning stage: {Budget.from_dict(summary['conditioning_budget']).summary()}")
+    if summary.get("budget"):
+        print(f"cost of the online stage: {Budget.from_dict(summary['budget']).summary()}")
 
 
 def main() -> None:

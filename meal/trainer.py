@@ -25,19 +25,21 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from meal.budget import Budget
 from meal.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from meal.conditioning import condition_policy, conditioning_budget, read_conditioning, record_conditioning
 from meal.config import ConfigError, TrainConfig, validate
 from meal.distributed import Dist, deepspeed_config, make_policy_optimizer
 from meal.embeddings import embed_prompts
-from meal.losses import build_batch, per_example_nll
+from meal.losses import build_batch, per_example_nll, policy_step
 from meal.meta import (PreferenceWeightNet, achieved_preference, dynamic_preference, label_preference,
-                       meta_gradient, sample_weights)
+                       masked_ones, meta_gradient, sample_weights)
 from meal.policy import load_policy, resolve_device, resolve_dtype, trainable_parameters
 from meal.profiling import PhaseMeter
 from meal.rewards import RewardNormalizer, RewardSet
 from meal.rollout import Conditioner, PromptOrder, draw_preferences, reward_statistics, rollout
 from meal.run import RunContext, generation_settings, open_logger, seed_everything, training_sampler
-from meal.sampling import scalarise, select_best
+from meal.sampling import degenerate_mask, scalarise, select_valid_best
 from meal.tracking import NullLogger
 
 log = logging.getLogger(__name__)
@@ -49,27 +51,6 @@ def as_config(cfg: Any) -> DictConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
     OmegaConf.resolve(cfg)  # freeze interpolations (e.g. a timestamped out_dir) once
     return cfg
-
-
-def policy_step(model, optimizer, batch, weights, micro_batch_size: int,
-                dist: Dist | None = None) -> tuple[float, float]:
-    """Step 10: one AdamW step on L_in = mean_i c_i l_i (weights c detached), micro-batched, clipped.
-
-    ``optimizer`` is an engine of ``meal.distributed`` (plain AdamW with gradients averaged over
-    data-parallel ranks, or DeepSpeed ZeRO). Returns (weighted loss, gradient norm before clipping).
-    """
-    device = next(model.parameters()).device
-    optimizer.zero_grad()
-    total, n = 0.0, len(batch)
-    starts = range(0, n, micro_batch_size)
-    for s in starts:
-        part = batch.slice(slice(s, s + micro_batch_size)).to(device)
-        loss = (weights[s:s + micro_batch_size].to(device) * per_example_nll(model, part)).sum() / n
-        optimizer.backward(loss, last=s == starts[-1])
-        total += loss.item()
-    if dist is not None:
-        total = dist.mean(total)
-    return total, optimizer.step()
 
 
 def train(cfg: Any) -> dict[str, Any]:
@@ -99,7 +80,7 @@ def train(cfg: Any) -> dict[str, Any]:
     objectives = list(task.objectives)
     k = len(objectives)
     reward_set = RewardSet.from_config(OmegaConf.to_container(cfg.rewards, resolve=True), objectives)
-    model, tok = load_policy(cfg.policy)
+    model, tok = load_policy(cfg.policy, k)
     params = trainable_parameters(model)
     dist.broadcast(params.values())  # one starting point: LoRA's random init drew from each rank's own seed
     optimizer = make_policy_optimizer(model, params, t, dist, ds_config)
@@ -125,6 +106,8 @@ def train(cfg: Any) -> dict[str, Any]:
     rng = np.random.default_rng(t.seed)
     start = 0
     stats_path = os.path.join(run_dir, "reward_stats.json")
+    budget = Budget()  # the online stage's cost (the conditioning stage's is reported apart)
+    conditioning = None
     ckpt = latest_checkpoint(run_dir) if t.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, params, net, rank=dist.rank)
@@ -137,13 +120,25 @@ def train(cfg: Any) -> dict[str, Any]:
         order = PromptOrder(len(train_texts), t.seed, **state["order"])
         rng.bit_generator.state = state["numpy_draws"]
         start = state["step"]
+        budget = Budget.from_dict(state.get("budget"))
         normalizer = RewardNormalizer.load(stats_path, objectives)
+        conditioning = read_conditioning(run_dir)
         log.info("resumed %s at iteration %d", ckpt, start)
+    elif cfg.conditioning.enabled:
+        # 0. the conditioning stage (cached, shared by every run of the task): the policy learns to
+        #    follow its preference; the statistics of its scored corpus become the run's
+        conditioning = condition_policy(cfg, data, model, params, condition, settings, reward_set, run_dir,
+                                        lambda folder: open_logger(cfg, folder, False, stage=True), dist)
+        normalizer = conditioning.normalizer
+        if dist.main:
+            normalizer.save(stats_path, {"source": "conditioning corpus", "stage": conditioning.folder})
+            record_conditioning(run_dir, conditioning)
     else:
         normalizer = reward_statistics(cfg, model, condition, train_texts, settings, reward_set)
         if dist.main:
-            normalizer.save(stats_path, {"prompts": t.norm_prompts, "samples_per_prompt": t.norm_samples,
-                                         "seed": t.norm_seed})
+            normalizer.save(stats_path, {"source": "normalisation pass", "prompts": t.norm_prompts,
+                                         "samples_per_prompt": t.norm_samples, "seed": t.norm_seed})
+    ctx.budgets = {"online": budget, "conditioning": conditioning_budget(conditioning)}
 
     logger = open_logger(cfg, run_dir, resume=ckpt is not None) if dist.main else NullLogger()
     exit_code = 1
@@ -161,27 +156,36 @@ def train(cfg: Any) -> dict[str, Any]:
             # 4. rejection sampling: N responses each, scored, best by w~ . R
             ro = rollout(model, condition, texts, w_tilde, t.n_samples, settings, reward_set, normalizer,
                          meter=meter)
-            keep = select_best(scalarise(w_tilde, ro.rewards), t.top_m)  # (B, m)
+            budget.add_sampling(t.batch_size * t.n_samples, round(dist.mean(ro.num_tokens) * dist.world), k)
+            valid = ~degenerate_mask(ro.texts, ro.finished)  # (B, N): an empty or looping response is never kept
+            keep, ok = select_valid_best(scalarise(w_tilde, ro.rewards), valid, t.top_m)  # (B, m)
             rows = torch.arange(len(idx)).unsqueeze(1).expand_as(keep)  # (B, m)
             r_kept = ro.rewards[rows, keep].reshape(-1, k)  # (B*m, K)
             kept_src = rows.reshape(-1)  # prompt of each kept response
+            ok = ok.reshape(-1)  # (B*m,) False: the prompt had no valid response left (weight 0)
             # 5. achieved preference and the label the policy is trained with
             w_lab = label_preference(w_tilde[kept_src], achieved_preference(r_kept, m.tau), m.lam)
             batch = build_batch(tok, condition([texts[i] for i in kept_src], w_lab),
                                 [ro.texts[b][j] for b, j in zip(rows.reshape(-1), keep.reshape(-1))],
                                 [ro.finished[b][j] for b, j in zip(rows.reshape(-1), keep.reshape(-1))],
-                                t.max_prompt_tokens)
+                                t.max_prompt_tokens, prefs=w_lab)
             metrics: dict[str, float] = {}
             # 6-9. the meta step on (inner half, meta half) of the batch
             if net is not None and m.lam < 1.0 and it % m.meta_interval == 0:
-                metrics.update(meta_step(cfg, model, params, net, net_opt, emb[idx], w_star, kept_src, r_kept,
-                                         batch, ro, texts, condition, device, meter, dist))
-            # 10. real update with the new, detached sample weights
+                metrics.update(meta_step(cfg, model, params, net, net_opt, emb[idx], w_star, kept_src, r_kept, ok,
+                                         batch, ro, valid, texts, condition, device, meter, dist))
+                budget.meta_steps += 1
+            # 10. real update with the new, detached sample weights (0 where nothing valid was kept)
             with torch.no_grad():
                 w_new = net(emb[idx], w_star)[kept_src] if net is not None else None
-                c = sample_weights(w_new, r_kept, m.lam) if w_new is not None else torch.ones(len(batch))
-            with meter.phase("real_step"):
-                loss, grad_norm = policy_step(model, optimizer, batch, c, t.micro_batch_size, dist)
+                c = sample_weights(w_new, r_kept, m.lam, ok) if w_new is not None else masked_ones(ok)
+            if dist.mean(float(ok.any())) == 0:  # every response of the batch degenerate: no step at all
+                log.warning("iteration %d: every sampled response was empty or looping; no step taken", it + 1)
+                loss, grad_norm = 0.0, 0.0
+            else:
+                with meter.phase("real_step"):
+                    loss, grad_norm = policy_step(model, optimizer, batch, c, t.micro_batch_size, dist)
+                budget.steps += 1
             if not math.isfinite(loss):
                 raise FloatingPointError(f"iteration {it}: the training loss is {loss}; the last checkpoint "
                                          f"in {run_dir}/checkpoints is intact")
@@ -190,6 +194,9 @@ def train(cfg: Any) -> dict[str, Any]:
                                                  grad_norm, c))
             metrics.update(meter.pop())
             metrics["time/iteration"] = time.perf_counter() - tic
+            metrics["train/kept_valid"] = ok.float().mean().item()
+            metrics["train/degenerate"] = (~valid).float().mean().item()
+            budget.seconds += metrics["time/iteration"]
             metrics["train/processes"] = dist.world
             if dist.main:
                 ctx.record(logger, metrics, step, every=t.log_every)
@@ -203,7 +210,8 @@ def train(cfg: Any) -> dict[str, Any]:
                     save_checkpoint(run_dir, step, params, net, {
                         "optimizer": opt_state, "order": order.state,
                         "net_optimizer": net_opt.state_dict() if net_opt is not None else None,
-                        "numpy_draws": rng.bit_generator.state}, keep=t.keep_checkpoints, rng=rank_rng)
+                        "numpy_draws": rng.bit_generator.state, "budget": budget.as_dict()},
+                        keep=t.keep_checkpoints, rng=rank_rng)
                 dist.barrier()
             if t.eval_every and step % t.eval_every == 0 and step < t.iterations:
                 if dist.main:
@@ -223,8 +231,8 @@ def train(cfg: Any) -> dict[str, Any]:
             settings.sampler.close()  # the vLLM backend's adapter folder
 
 
-def meta_step(cfg, model, params, net, net_opt, emb, w_star, kept_src, r_kept, batch, ro, texts, condition,
-              device, meter, dist: Dist | None = None) -> dict[str, float]:
+def meta_step(cfg, model, params, net, net_opt, emb, w_star, kept_src, r_kept, ok, batch, ro, valid, texts,
+              condition, device, meter, dist: Dist | None = None) -> dict[str, float]:
     """Steps 6-9: virtual step on the inner half, meta loss on the meta half, Adam step of the net.
 
     The batch's prompts are split in two: the first half is the inner batch (its kept responses
@@ -238,24 +246,27 @@ def meta_step(cfg, model, params, net, net_opt, emb, w_star, kept_src, r_kept, b
     inner = batch.slice(inner_rows).to(device)
 
     def c_fn() -> torch.Tensor:  # c_i(phi) for the inner examples, graph to phi
-        return sample_weights(net(emb, w_star)[kept_src[inner_rows]], r_kept[inner_rows], m.lam).to(device)
+        return sample_weights(net(emb, w_star)[kept_src[inner_rows]], r_kept[inner_rows], m.lam,
+                              ok[inner_rows]).to(device)
 
     meta_idx = list(range(half, b))
     scores = scalarise(w_star[meta_idx], ro.rewards[meta_idx])  # (B_meta, N) under the target
-    if m.meta_objective == "best":
-        best = scores.argmax(1)
-        resp = [ro.texts[i][j] for i, j in zip(meta_idx, best.tolist())]
-        done = [ro.finished[i][j] for i, j in zip(meta_idx, best.tolist())]
-        prompts = condition([texts[i] for i in meta_idx], w_star[meta_idx])
-        weights = torch.full((len(meta_idx),), 1.0 / len(meta_idx))
+    if m.meta_objective == "best":  # the best valid response under the target (none: weight 0)
+        best, good = select_valid_best(scores, valid[meta_idx])
+        best, good = best[:, 0].tolist(), good[:, 0].float()
+        resp = [ro.texts[i][j] for i, j in zip(meta_idx, best)]
+        done = [ro.finished[i][j] for i, j in zip(meta_idx, best)]
+        prefs = w_star[meta_idx]
+        weights = good / good.sum().clamp_min(1.0)
     else:  # advantage: every sample, weighted by its group-normalised target score
         n = scores.shape[1]
         adv = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).nan_to_num(1.0).clamp_min(1e-6)
         resp = [ro.texts[i][j] for i in meta_idx for j in range(n)]
         done = [ro.finished[i][j] for i in meta_idx for j in range(n)]
-        prompts = condition([texts[i] for i in meta_idx for _ in range(n)], w_star[meta_idx].repeat_interleave(n, 0))
+        prefs = w_star[meta_idx].repeat_interleave(n, 0)
         weights = adv.reshape(-1) / adv.numel()
-    meta_batch = build_batch(condition.tokenizer, prompts, resp, done, t.max_prompt_tokens).to(device)
+    prompts = condition([texts[i] for i in meta_idx for _ in range(len(prefs) // len(meta_idx))], prefs)
+    meta_batch = build_batch(condition.tokenizer, prompts, resp, done, t.max_prompt_tokens, prefs=prefs).to(device)
     weights = weights.to(device)
 
     def meta_loss_fn(p) -> torch.Tensor:

@@ -53,7 +53,7 @@ class VLLMSampler:
         return LoRARequest(f"policy-v{self.version}", self.version, path)
 
     def __call__(self, model, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
-                 generator_seed: int | None = None) -> Generation:
+                 generator_seed: int | None = None, prefs=None) -> Generation:
         """Sample one response per prompt, as :func:`meal.sampling.generate` does.
 
         Prompts are tokenised here exactly as the Hugging Face path does (no added special tokens,
@@ -62,6 +62,11 @@ class VLLMSampler:
         i``: repeated prompts still get different samples, and the call is reproducible.
         """
         from vllm import SamplingParams
+
+        from meal.preference_lora import has_preference_lora
+
+        if has_preference_lora(model):
+            raise ValueError("generation.backend=vllm cannot sample from preference-aware LoRA layers")
 
         ids = tokenizer(list(prompts), truncation=True, max_length=settings.max_prompt_tokens,
                         add_special_tokens=False)["input_ids"]

@@ -84,7 +84,7 @@ register_configs()
 with initialize_config_dir(config_dir=ROOT + "/conf", version_base="1.3"):
     cfg = as_config(compose(config_name="config", overrides=["experiment=demo"]))
 torch.manual_seed(0)
-model, tok = load_policy(cfg.policy)
+model, tok = load_policy(cfg.policy, len(cfg.task.objectives))
 params = trainable_parameters(model)
 data = load_embedded("assistant")
 texts = [e.text for e in data.train[:8]]

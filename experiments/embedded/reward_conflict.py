@@ -42,7 +42,7 @@ def main() -> None:
     torch.manual_seed(0)
     policy_cfg = OmegaConf.merge(OmegaConf.structured(PolicyConfig), OmegaConf.load(
         os.path.join(ROOT, "conf", "policy", "smollm2_embedded.yaml")))
-    model, tok = load_policy(policy_cfg)
+    model, tok = load_policy(policy_cfg, 2)  # both embedded tasks are scored here under 2-objective prompts
     specs = OmegaConf.to_container(OmegaConf.load(os.path.join(ROOT, "conf", "rewards", "embedded.yaml")))
     results = {}
     for task in ("summary_embedded", "assistant_embedded"):

@@ -7,6 +7,7 @@ correlations measured on sampled responses.
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch
@@ -117,13 +118,46 @@ class SentenceEncoder:
         return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)
 
 
-class MiniLMRelevance:
-    """helpful: cosine similarity between the request and the response in MiniLM space, in [-1, 1]."""
+def _word_bigrams(text: str) -> list[tuple[str, str]]:
+    words = re.findall(r"[a-z0-9'-]+", text.lower())
+    return list(zip(words, words[1:]))
 
-    def __init__(self, model_name_or_path: str | None = None, device: str = "cpu"):
+
+def copied_share(request: str, response: str) -> float:
+    """Share of the response's word bigrams (lower-cased) that occur in the request.
+
+    >>> copied_share("How do I repot a houseplant?", "Repot a houseplant")
+    1.0
+    >>> copied_share("How do I repot a houseplant?", "Water it the day before, then lift it out.")
+    0.0
+    """
+    grams = _word_bigrams(response)
+    if not grams:
+        return 0.0
+    seen = set(_word_bigrams(request))
+    return sum(g in seen for g in grams) / len(grams)
+
+
+class MiniLMRelevance:
+    """helpful: cosine similarity between the request and the response in MiniLM space, in [-1, 1],
+    times ``1 - copied_share`` when ``copy_penalty`` is on.
+
+    Relevance alone is maximised by restating the request: 15 online iterations on the embedded
+    assistant task taught SmolLM2 to answer "How do I repot a houseplant that has outgrown its
+    container?" with "Repot a houseplant that has outgrown its container", which scored as both
+    the most relevant and among the most concise answers, and erased the trade-off. A restatement
+    is not an answer: the penalty removes the part of the relevance that copying the request's
+    wording buys.
+    """
+
+    def __init__(self, model_name_or_path: str | None = None, device: str = "cpu", copy_penalty: bool = False):
         self.encoder = SentenceEncoder(model_name_or_path, device)
+        self.copy_penalty = copy_penalty
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         emb = self.encoder.encode(list(prompts) + list(responses))
         b = len(prompts)
-        return (emb[:b] * emb[b:]).sum(-1)
+        rel = (emb[:b] * emb[b:]).sum(-1)
+        if self.copy_penalty:
+            rel = rel * torch.tensor([1.0 - copied_share(p, r) for p, r in zip(prompts, responses)])
+        return rel

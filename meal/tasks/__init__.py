@@ -32,12 +32,23 @@ class Example:
     text: str
 
 
+@dataclass(frozen=True)
+class Response:
+    """A response the data set itself holds for a training prompt (``group``: the prompt's id)."""
+
+    group: str
+    text: str
+    response: str
+
+
 @dataclass
 class TaskData:
-    """Train and test prompts of a task."""
+    """Train and test prompts of a task; ``responses``: the data set's own responses to training
+    prompts, where it has them (the conditioning stage's corpus), else None."""
 
     train: list[Example]
     test: list[Example]
+    responses: Optional[list[Response]] = None
 
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
@@ -110,57 +121,76 @@ def _load_hf(path: str, name: Optional[str], split: str, data_files: Optional[di
 
 def hh_prompt(dialogue: str) -> str:
     """The dialogue up to and including the last ``"\\n\\nAssistant:"`` (the response is cut off)."""
+    return hh_split(dialogue)[0]
+
+
+def hh_split(dialogue: str) -> tuple[str, str]:
+    """(prompt, final Assistant turn) of an hh-rlhf dialogue."""
     marker = "\n\nAssistant:"
     cut = dialogue.rfind(marker)
     if cut < 0:
         raise DataError(f"hh-rlhf row has no Assistant turn: {dialogue[:60]!r}")
-    return dialogue[:cut + len(marker)].strip()
+    return dialogue[:cut + len(marker)].strip(), dialogue[cut + len(marker):].strip()
 
 
 def load_hh_rlhf(path: str = "Anthropic/hh-rlhf", data_files: Optional[dict] = None,
                  max_train: Optional[int] = None, max_test: Optional[int] = None) -> TaskData:
     """Helpful Assistant prompts (method.md): train: the dialogue before every last Assistant turn,
-    from chosen and rejected (deduplicated); test: every 4th example of the test split."""
+    from chosen and rejected (deduplicated); test: every 4th example of the test split.
+    ``responses``: the final Assistant turn of chosen and of rejected, for every training prompt kept."""
 
-    def prompts(rows: Iterable[dict], where: str) -> list[str]:
+    def pairs(rows: Iterable[dict], where: str) -> list[tuple[str, str]]:
         out = []
         for n, row in enumerate(rows):
             for key in ("chosen", "rejected"):
                 if not isinstance(row.get(key), str):
                     raise DataError(f"{where} row {n}: field {key!r} missing or not a string")
-                out.append(hh_prompt(row[key]))
+                out.append(hh_split(row[key]))
         return out
 
-    train_rows = _load_hf(path, None, "train", data_files)
+    train_pairs = pairs(_load_hf(path, None, "train", data_files), f"{path}:train")
     test_rows = _load_hf(path, None, "test", data_files)
-    train = _dedupe(prompts(train_rows, f"{path}:train"), "hh-train")[:max_train]
+    train = _dedupe([p for p, _ in train_pairs], "hh-train")[:max_train]
+    ids = {e.text: e.id for e in train}
+    responses = [Response(ids[p], p, r) for p, r in train_pairs if p in ids and r]
     test_src = [row for i, row in enumerate(test_rows) if i % 4 == 0]
     test = _dedupe([hh_prompt(r["chosen"]) for r in test_src], "hh-test")[:max_test]
-    return TaskData(train, test)
+    return TaskData(train, test, responses)
 
 
 def load_summarize_from_feedback(path: str = "openai/summarize_from_feedback", name: str = "comparisons",
                                  data_files: Optional[dict] = None, min_chars: int = 100, max_chars: int = 1200,
                                  max_train: Optional[int] = None, max_test: int = 2000) -> TaskData:
     """Reddit Summary posts (method.md): posts of ``min_chars``-``max_chars`` characters,
-    deduplicated by post id; test: the validation split, deduplicated, the first ``max_test``."""
+    deduplicated by post id; test: the validation split, deduplicated, the first ``max_test``.
+    ``responses``: both summaries of every comparison of a kept training post (deduplicated)."""
 
-    def posts(rows: Iterable[dict], where: str) -> list[Example]:
-        out, seen = [], set()
+    def posts(rows: Iterable[dict], where: str, summaries: list | None = None) -> list[Example]:
+        out, seen, said = [], set(), set()
         for n, row in enumerate(rows):
             info = row.get("info")
             if not isinstance(info, dict) or not isinstance(info.get("post"), str) or "id" not in info:
                 raise DataError(f"{where} row {n}: expected info.id and info.post")
             post = info["post"].strip()
-            if info["id"] in seen or not min_chars <= len(post) <= max_chars:
+            if not min_chars <= len(post) <= max_chars:
+                continue
+            if summaries is not None:
+                for s in row.get("summaries") or []:
+                    text = s.get("text") if isinstance(s, dict) else None
+                    if isinstance(text, str) and text.strip() and (info["id"], text.strip()) not in said:
+                        said.add((info["id"], text.strip()))
+                        summaries.append(Response(str(info["id"]), post, text.strip()))
+            if info["id"] in seen:
                 continue
             seen.add(info["id"])
             out.append(Example(str(info["id"]), post))
         return out
 
-    train = posts(_load_hf(path, name, "train", data_files), f"{path}:train")[:max_train]
+    found: list[Response] = []
+    train = posts(_load_hf(path, name, "train", data_files), f"{path}:train", found)[:max_train]
+    kept = {e.id for e in train}
     test = posts(_load_hf(path, name, "validation", data_files), f"{path}:validation")[:max_test]
-    return TaskData(train, test)
+    return TaskData(train, test, [r for r in found if r.group in kept])
 
 
 def _dedupe(texts: list[str], prefix: str) -> list[Example]:

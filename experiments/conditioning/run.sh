@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# How should the conditioning stage label its rows, and where should the preference enter the policy?
+# On the embedded default (SmolLM2-135M, assistant task, helpful vs concise), one shared scored pool,
+# then the stage alone (no online iteration) for each labelling rule (region, rank, softmax) with the
+# preference in the weights (preference-aware LoRA) and, for each rule, in the prompt only (plain
+# LoRA r 16 on q,v, the project's earlier default); plus the base policy. Each front is the 11-point
+# grid on 24 test prompts. Writes docs/results/conditioning/{compare.json,compare.md,compare.png,README.md}.
+# Run from the repository root: `bash experiments/conditioning/run.sh` (about 45 min on 2 CPU cores).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${BIN:-.venv/bin}
+OUT=${OUT:-runs/conditioning}
+DOCS=docs/results/conditioning
+export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
+COMMON=(experiment=demo trainer.iterations=0 trainer.eval_every=0 logger=none)
+start=$(date +%s)
+runs=()
+for weights in true false; do
+  for label in region rank softmax; do
+    name="${label}-$([ $weights = true ] && echo weights || echo text)"
+    lora=()
+    [ $weights = false ] && lora=(policy.lora.r=16 policy.lora.alpha=32)
+    [ -f "$OUT/$name/front.json" ] || "$BIN/meal-train" "${COMMON[@]}" conditioning.label=$label \
+      policy.lora.preference_aware=$weights "${lora[@]}" "method.name=$name" "trainer.out_dir=$OUT/$name"
+    runs+=("$OUT/$name")
+  done
+done
+# the base policy, evaluated in the same units (the first run's normalisation)
+[ -f "$OUT/region-weights/eval-base/front.json" ] || \
+  "$BIN/meal-eval" "run_dir=$OUT/region-weights" untrained=true label=base
+wall=$(( $(date +%s) - start ))
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
+meta=$(printf '{"experiment": "conditioning", "date": "%s", "machine": "%s CPU cores (%s), no GPU", "wall_seconds": %d}' \
+  "$(date -u +%Y-%m-%d)" "$(nproc)" "$cpu" "$wall")
+mkdir -p "$DOCS"
+"$BIN/meal-compare" "$OUT/region-weights/eval-base" "${runs[@]}" --out "$DOCS" --reference base --meta "$meta" \
+  --title "Conditioning stage alone: labelling rule x where the preference enters (points labelled with w1)"
