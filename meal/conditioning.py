@@ -193,7 +193,8 @@ def _digest(key: Any) -> str:
 def corpus_key(cfg, source: str) -> dict:
     """What the scored corpus depends on: data, rewards, and for a pool the policy and how it was sampled."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    key = {"source": source, "data": c["task"]["data"], "rewards": {o: c["rewards"][o] for o in c["task"]["objectives"]},
+    key = {"source": source, "data": c["task"]["data"],
+           "rewards": {o: c["rewards"][o] for o in c["task"]["objectives"]},
            "max_rows": c["conditioning"]["max_rows"], "seed": c["conditioning"]["seed"]}
     if source == "pool":
         t = c["trainer"]
@@ -375,6 +376,7 @@ def _copy_into(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], 
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[n].to(p.dtype))
+            p.grad = None  # no gradient of the stage's last step reaches the online stage's first
 
 
 def _finish_stage(folder: str, params: dict[str, torch.Tensor], info: dict) -> None:

@@ -22,7 +22,9 @@ def tiny_overrides(model_dir, out_dir):
             "policy.lora.enabled=false", "task.max_new_tokens=6", "trainer.iterations=2", "trainer.batch_size=4",
             "trainer.n_samples=2", "trainer.micro_batch_size=4", "trainer.norm_prompts=4",
             "trainer.final_eval_prompts=2", f"trainer.out_dir={out_dir}", "logger=none",
-            "trainer.stats_cache=null"]
+            "trainer.stats_cache=null", "conditioning.steps=4", "conditioning.pool_prompts=4",
+            "conditioning.batch_size=4", "conditioning.micro_batch_size=2", "conditioning.save_every=2",
+            "conditioning.cache=null"]  # the stage (kept in the run folder, not the user's cache) and the online loop
 
 
 def test_meal_train_cli_runs_and_ends_with_a_front(tiny_llama, tmp_path):
@@ -73,7 +75,9 @@ def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_
     and gradient norms. With LoRA, whose random init draws from each rank's own seed, rank 0's start
     must reach every rank."""
     common = ["method=meal", "trainer.final_eval=false", "trainer.batch_size=8", "trainer.micro_batch_size=2"]
-    if lora:
+    if not lora:  # the online loop alone, from the base weights (where the meta-gradient is not ~1e-6)
+        common += ["conditioning.enabled=false"]
+    if lora:  # the stage too: it runs under both launches, and no gradient of it may leak into step 1
         common += ["policy.lora.enabled=true", "policy.lora.r=4", "policy.lora.target_modules=[q_proj,v_proj]",
                    "trainer.lr=1e-2"]
 
