@@ -7,9 +7,11 @@ Layout of ``<run_dir>/checkpoints/``::
     step_000010/state.pt             optimiser states, RNG states, step, data-order state
     latest                           name of the newest complete checkpoint
 
-A checkpoint folder is written under a temporary name and renamed when complete; ``latest`` is
-replaced atomically afterwards, so a crash mid-write never leaves a half checkpoint as latest and
-never removes the previous one.
+A checkpoint folder is written under a temporary name, its files and the folder flushed to disk
+(fsync), and renamed when complete; ``latest`` is replaced atomically afterwards (also flushed), so
+neither a crash nor a power loss mid-write leaves a half checkpoint as latest, and the previous one
+is never removed first. Temporary folders that a killed write left behind are removed by the next
+save.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def save_checkpoint(run_dir: str, step: int, policy_params: dict[str, torch.Tens
     """
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
+    for leftover in os.listdir(root):  # temporary folders of writes that were killed
+        if leftover.startswith(".step_"):
+            shutil.rmtree(os.path.join(root, leftover), ignore_errors=True)
     name = f"step_{step:06d}"
     tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
     try:
@@ -62,6 +67,9 @@ def save_checkpoint(run_dir: str, step: int, policy_params: dict[str, torch.Tens
             save_file({n: p.detach().contiguous().cpu() for n, p in net.state_dict().items()},
                       os.path.join(tmp, "net.safetensors"))
         torch.save({**state, "step": step, "rng": rng or [rng_state()]}, os.path.join(tmp, "state.pt"))
+        for f in os.listdir(tmp):
+            _fsync(os.path.join(tmp, f))
+        _fsync(tmp)
         final = os.path.join(root, name)
         if os.path.exists(final):
             shutil.rmtree(final)
@@ -72,11 +80,50 @@ def save_checkpoint(run_dir: str, step: int, policy_params: dict[str, torch.Tens
     latest_tmp = os.path.join(root, ".latest.tmp")
     with open(latest_tmp, "w") as f:
         f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(latest_tmp, os.path.join(root, "latest"))
+    _fsync(root)
     steps = sorted(d for d in os.listdir(root) if d.startswith("step_"))
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return final
+
+
+def _fsync(path: str) -> None:
+    """Flush a file or a folder (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_folders(run_dir: str) -> list[str]:
+    """The complete checkpoint folders of a run, oldest first (temporary ones excluded)."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return [os.path.join(root, d) for d in sorted(os.listdir(root)) if d.startswith("step_")]
+
+
+def read_checkpoint_state(folder: str) -> dict[str, Any]:
+    """Read a checkpoint's ``state.pt`` and check its weight files open; CheckpointError naming the file."""
+    from safetensors import safe_open
+
+    for name in ("policy.safetensors", "net.safetensors"):
+        path = os.path.join(folder, name)
+        if name == "net.safetensors" and not os.path.exists(path):
+            continue
+        try:
+            with safe_open(path, framework="pt") as f:
+                list(f.keys())
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
+            raise CheckpointError(f"checkpoint {folder} is corrupt or incomplete: {name}: {e}") from e
+    try:
+        return torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {folder} is corrupt or incomplete: state.pt: {e}") from e
 
 
 def latest_checkpoint(run_dir: str) -> str | None:

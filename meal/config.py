@@ -171,6 +171,8 @@ class TrainerConfig:
     final_eval: bool = _f(True, "Evaluate the full preference grid on the test prompts at the end.")
     final_eval_prompts: int = _f(0, "Test prompts of the final evaluation (0: all).")
     resume: bool = _f(False, "Continue from the latest checkpoint in out_dir.")
+    resume_from: Optional[str] = _f(None, "With resume: continue from this checkpoint (e.g. step_000010) instead "
+                                    "of the latest.")
     out_dir: str = _f("runs/default", "Run folder: config, metrics.jsonl, reward stats, checkpoints, front.")
 
 
@@ -306,9 +308,18 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
     _need(tr.meta_interval >= 1, "method.meta_interval", f"must be >= 1, got {tr.meta_interval}")
     _need(tr.weight_net.embedding in ("policy", "minilm"), "method.weight_net.embedding",
           f"policy | minilm, got {tr.weight_net.embedding!r}")
-    if tr.lam < 1:
-        _need(t.batch_size >= 2, "trainer.batch_size", "Meal (lam < 1) splits the batch into inner and meta halves: "
-              "needs >= 2")
+    if tr.meta_learner:
+        _need(tr.lam < 1, "method.lam", "with lambda = 1 the preference-weight-net never receives a gradient (every "
+              "sample weight is 1): that is the static method, method=static")
+        # the sample weights are normalised to mean 1 over the inner half of the batch: with one inner
+        # example they are constant in phi and the meta-gradient is exactly 0
+        inner = (t.batch_size // 2) * t.top_m
+        _need(inner >= 2, "trainer.batch_size", f"Meal splits each batch into an inner and a meta half; the inner "
+              f"half holds batch_size // 2 * top_m = {inner} kept response(s), and weights normalised over fewer "
+              f"than 2 give the net no gradient: needs batch_size >= 4 (or top_m >= 2)")
+    else:
+        _need(tr.lam == 1, "method.lam", f"lambda = {tr.lam} needs the preference-weight-net (method=meal); the static "
+              f"method is lambda = 1")
 
     c = cfg.conditioning
     _need(c.source in ("auto", "pool", "dataset"), "conditioning.source", f"auto | pool | dataset, got {c.source!r}")

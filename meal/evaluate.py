@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from meal.config import ConfigError, TrainConfig, register_configs, to_container
-from meal.train import CONF_DIR, print_front
+from meal.train import CONF_DIR, print_front, user_errors
 
 log = logging.getLogger("meal")
 
@@ -29,7 +28,8 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
     from meal.checkpoint import latest_checkpoint, load_policy_weights
     from meal.evaluation import evaluate_front, preference_grid
     from meal.policy import load_policy, trainable_parameters
-    from meal.rewards import RewardNormalizer, RewardSet
+    from meal.harness import build_rewards, load_task_data
+    from meal.rewards import RewardNormalizer
     from meal.rollout import Conditioner
     from meal.run import front_provenance, generation_settings, publish_front
 
@@ -51,8 +51,8 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
             folder = os.path.join(run_dir, "checkpoints", checkpoint)
         if folder is None or not os.path.isdir(folder):
             raise ConfigError(f"checkpoint: {run_dir} has no checkpoint {checkpoint!r}")
-    data = instantiate(cfg.task.data, _convert_="all")
-    reward_set = RewardSet.from_config(OmegaConf.to_container(cfg.rewards, resolve=True), objectives)
+    data = load_task_data(cfg)
+    reward_set = build_rewards(cfg)
     model, tok = load_policy(cfg.policy, len(objectives))
     if folder is not None:
         load_policy_weights(folder, trainable_parameters(model))
@@ -95,12 +95,9 @@ def run_budgets(run_dir: str, folder: str | None, untrained: bool, conditioned: 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def _main(cfg: DictConfig) -> None:
-    try:
+    with user_errors():
         out = evaluate_run(cfg.run_dir, cfg.checkpoint, cfg.untrained, cfg.prompts, cfg.seed, cfg.batch_size,
                            cfg.label, cfg.out_dir, cfg.logger)
-    except ConfigError as e:
-        log.error("%s", e)
-        sys.exit(2)
     print_front(out)
 
 

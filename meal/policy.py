@@ -113,15 +113,16 @@ def load_tokenizer(cfg: PolicyConfig, source: str | None = None):
     return tok
 
 
-def load_policy(cfg: PolicyConfig, num_objectives: int | None = None):
+def load_policy(cfg: PolicyConfig, num_objectives: int | None = None, device: str | None = None):
     """Return ``(model, tokenizer)``: the policy on its device with LoRA or all weights trainable.
 
     ``num_objectives`` (K) is needed by preference-aware LoRA (``cfg.lora.preference_aware``), which
-    adds one adapter per objective (meal/preference_lora.py).
+    adds one adapter per objective (meal/preference_lora.py). ``device`` overrides ``cfg.device`` (a
+    data-parallel process's own device).
     """
     from transformers import AutoModelForCausalLM
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(device or cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.attn_implementation == "flash_attention_2" and device.type != "cuda":
         raise ValueError("policy.attn_implementation: flash_attention_2 needs a CUDA device (use sdpa or eager)")

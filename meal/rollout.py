@@ -69,7 +69,8 @@ def rollout(model, condition: Conditioner, texts: Sequence[str], prefs: torch.Te
                      prefs=prefs.repeat_interleave(n, 0))  # (B*N)
     gen_seconds = time.perf_counter() - t0
     with meter.phase("score"):
-        raw = reward_set.score([t for t in (reward_texts or texts) for _ in range(n)], gen.texts).view(b, n, -1)  # (B, N, K)
+        scored_texts = [t for t in (reward_texts or texts) for _ in range(n)]
+        raw = reward_set.score(scored_texts, gen.texts).view(b, n, -1)  # (B, N, K)
     normed = normalizer(raw) if normalizer is not None else raw
     grid = [gen.texts[i * n:(i + 1) * n] for i in range(b)]
     done = [gen.finished[i * n:(i + 1) * n] for i in range(b)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -19,11 +20,8 @@ log = logging.getLogger("meal")
 def _main(cfg: DictConfig) -> float | None:
     from meal.trainer import train
 
-    try:
+    with user_errors():
         summary = train(cfg)
-    except ConfigError as e:
-        log.error("invalid configuration: %s", e)
-        sys.exit(2)
     if "front_png" in summary:
         print_front(summary)
     return summary.get("hypervolume")  # the sweep objective
@@ -40,6 +38,27 @@ def print_front(summary: dict) -> None:
         print(f"cost of the conditioning stage: {Budget.from_dict(summary['conditioning_budget']).summary()}")
     if summary.get("budget"):
         print(f"cost of the online stage: {Budget.from_dict(summary['budget']).summary()}")
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A mistake in the input (config, data, reward, checkpoint, policy path) ends the program with one
+    line that names it and exit code 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead."""
+    from meal.checkpoint import CheckpointError
+    from meal.rewards import RewardError
+    from meal.tasks import DataError
+
+    kinds = {ConfigError: "invalid configuration", DataError: "bad data", RewardError: "bad reward",
+             CheckpointError: "bad checkpoint"}
+    try:
+        yield
+    except tuple(kinds) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        kind = next(v for k, v in kinds.items() if isinstance(e, k))
+        log.error("%s: %s", kind, e)
+        print(f"meal: {kind}: {e}  (HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:

@@ -26,17 +26,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from meal.budget import Budget
-from meal.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from meal.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from meal.conditioning import condition_policy, conditioning_budget, read_conditioning, record_conditioning
 from meal.config import ConfigError, TrainConfig, validate
 from meal.distributed import Dist, deepspeed_config, make_policy_optimizer
+from meal.harness import build_rewards, check_policy_source, load_task_data, open_run, write_run_config
 from meal.embeddings import embed_prompts
 from meal.losses import build_batch, per_example_nll, policy_step
 from meal.meta import (PreferenceWeightNet, achieved_preference, dynamic_preference, label_preference,
                        masked_ones, meta_gradient, sample_weights)
 from meal.policy import load_policy, resolve_device, resolve_dtype, trainable_parameters
 from meal.profiling import PhaseMeter
-from meal.rewards import RewardNormalizer, RewardSet
+from meal.rewards import RewardNormalizer
 from meal.rollout import Conditioner, PromptOrder, draw_preferences, reward_statistics, rollout
 from meal.run import RunContext, generation_settings, open_logger, seed_everything, training_sampler
 from meal.sampling import degenerate_mask, scalarise, select_valid_best
@@ -63,30 +64,33 @@ def train(cfg: Any) -> dict[str, Any]:
         raise ConfigError(f"trainer.batch_size: {t.batch_size} does not split over {dist.world} processes "
                           f"(each needs an equal share, at least 2 for Meal)")
     run_dir = t.out_dir
-    if not t.resume and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"trainer.out_dir: {run_dir} already holds a run; set trainer.resume=true to continue "
-                          f"it or choose another out_dir (nothing was overwritten)")
-    if dist.main:
-        os.makedirs(run_dir, exist_ok=True)
-        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
-    dist.barrier()
-    if dist.device is not None and cfg.policy.device == "auto":
-        cfg.policy.device = str(dist.device)
-    ds_config = deepspeed_config(t, dist, resolve_dtype(cfg.policy.dtype, resolve_device(cfg.policy.device)))
+    start_point = open_run(cfg)  # a new run, or the checkpoint to resume (config compared field by field)
+    ckpt = start_point.checkpoint
+    check_policy_source(cfg.policy)
+    device_name = str(dist.device) if dist.device is not None and cfg.policy.device == "auto" else cfg.policy.device
+    ds_config = deepspeed_config(t, dist, resolve_dtype(cfg.policy.dtype, resolve_device(device_name)))
     seed_everything(t.seed + dist.rank)  # sampling differs per rank; prompt order and w* draws do not
-    from hydra.utils import instantiate
-
-    data = instantiate(task.data, _convert_="all")
+    data = load_task_data(cfg)
     objectives = list(task.objectives)
     k = len(objectives)
-    reward_set = RewardSet.from_config(OmegaConf.to_container(cfg.rewards, resolve=True), objectives)
-    model, tok = load_policy(cfg.policy, k)
+    reward_set = build_rewards(cfg)  # each reward tried on dummy responses before the policy loads
+    if dist.main and ckpt is None:
+        write_run_config(run_dir, cfg)
+    model, tok = load_policy(cfg.policy, k, device=device_name)
     params = trainable_parameters(model)
     dist.broadcast(params.values())  # one starting point: LoRA's random init drew from each rank's own seed
-    optimizer = make_policy_optimizer(model, params, t, dist, ds_config)
     condition = Conditioner(task.template, objectives, tok)
     settings = generation_settings(cfg)
     settings.sampler = training_sampler(cfg, dist.rank, dist.world)
+    conditioning = None
+    if ckpt is None and cfg.conditioning.enabled:
+        # 0. the conditioning stage (cached, shared by every run of the task): the policy learns to
+        #    follow its preference; the statistics of its scored corpus become the run's. It runs
+        #    before the optimiser is built, whose own copy of the weights (DeepSpeed's fp32 master)
+        #    must start from the conditioned ones
+        conditioning = condition_policy(cfg, data, model, params, condition, settings, reward_set, run_dir,
+                                        lambda folder: open_logger(cfg, folder, False, stage=True), dist)
+    optimizer = make_policy_optimizer(model, params, t, dist, ds_config)
     device = next(model.parameters()).device
     train_texts = [e.text for e in data.train]
 
@@ -107,10 +111,14 @@ def train(cfg: Any) -> dict[str, Any]:
     start = 0
     stats_path = os.path.join(run_dir, "reward_stats.json")
     budget = Budget()  # the online stage's cost (the conditioning stage's is reported apart)
-    conditioning = None
-    ckpt = latest_checkpoint(run_dir) if t.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, params, net, rank=dist.rank)
+        if dist.main:  # the launch is good: now the run's record may say so
+            write_run_config(run_dir, cfg)
+            dropped = ctx.jsonl.truncate_after(state["step"])
+            if dropped:
+                log.info("metrics.jsonl: dropped %d record(s) past the checkpoint's step %d (done again now)",
+                         dropped, state["step"])
         if len(state["rng"]) != dist.world:
             log.warning("the checkpoint was written by %d processes, this launch has %d: sampling does not "
                         "continue the saved random streams exactly", len(state["rng"]), dist.world)
@@ -124,11 +132,7 @@ def train(cfg: Any) -> dict[str, Any]:
         normalizer = RewardNormalizer.load(stats_path, objectives)
         conditioning = read_conditioning(run_dir)
         log.info("resumed %s at iteration %d", ckpt, start)
-    elif cfg.conditioning.enabled:
-        # 0. the conditioning stage (cached, shared by every run of the task): the policy learns to
-        #    follow its preference; the statistics of its scored corpus become the run's
-        conditioning = condition_policy(cfg, data, model, params, condition, settings, reward_set, run_dir,
-                                        lambda folder: open_logger(cfg, folder, False, stage=True), dist)
+    elif conditioning is not None:
         normalizer = conditioning.normalizer
         if dist.main:
             normalizer.save(stats_path, {"source": "conditioning corpus", "stage": conditioning.folder})

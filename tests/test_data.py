@@ -24,7 +24,7 @@ def test_user_jsonl_split_and_malformed_rows_report_their_line(tmp_path):
     assert len(data.train) == 8 and len(data.test) == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n\n{"text": "fine"}\n{"text": 3}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl, line 4: field 'text' must be a non-empty string"):
+    with pytest.raises(DataError, match=r"bad.jsonl: 1 faulty row\(s\): line 4: field 'text' must be a non-empty"):
         load_jsonl(str(bad))
     bad.write_text('{"text": "ok"}\n{oops\n')
     with pytest.raises(DataError, match=r"line 2: not valid JSON"):

@@ -30,7 +30,8 @@ Z2 = {"zero_optimization": {"stage": 2}}
     ({"train_batch_size": "auto"}, "stage=0: meal runs DeepSpeed for ZeRO stage 1 or 2 only"),
     ({**Z2, "optimizer": {"type": "AdamW"}}, "defines 'optimizer'"),
     ({**Z2, "scheduler": {"type": "WarmupLR"}}, "defines 'scheduler'"),
-    ({**Z2, "train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu=8, but meal's trainer settings give 2"),
+    ({**Z2, "train_micro_batch_size_per_gpu": 8},
+     "train_micro_batch_size_per_gpu=8, but meal's trainer settings give 2"),
     ({**Z2, "gradient_clipping": 0.5}, "gradient_clipping=0.5"),
 ])
 def test_what_the_trainer_cannot_honour_is_refused_by_name(raw, message):

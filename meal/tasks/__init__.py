@@ -54,9 +54,10 @@ class TaskData:
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 
 
-def read_jsonl(path: str, text_key: str = "text") -> list[Example]:
-    """Rows ``{"id": ..., "text": ...}`` (id optional: the line number). Bad rows raise DataError."""
-    rows, seen = [], set()
+def read_jsonl(path: str, text_key: str = "text", max_errors: int = 20) -> list[Example]:
+    """Rows ``{"id": ..., "text": ...}`` (id optional: the line number). Every faulty row (up to
+    ``max_errors``) is reported in one DataError, each with its line."""
+    rows, seen, errors = [], set(), []
     try:
         f = open(path, encoding="utf-8")
     except OSError as e:
@@ -68,17 +69,25 @@ def read_jsonl(path: str, text_key: str = "text") -> list[Example]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})") from e
+                errors.append(f"line {n}: not valid JSON ({e.msg})")
+                continue
             if not isinstance(row, dict):
-                raise DataError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+                errors.append(f"line {n}: expected a JSON object, got {type(row).__name__}")
+                continue
             text = row.get(text_key)
             if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{path}, line {n}: field {text_key!r} must be a non-empty string")
+                keys = f" (the row has {sorted(row)[:6]}; set task.data.text_key)" if text_key not in row else ""
+                errors.append(f"line {n}: field {text_key!r} must be a non-empty string{keys}")
+                continue
             ex_id = str(row.get("id", f"{os.path.basename(path)}:{n}"))
             if ex_id in seen:
-                raise DataError(f"{path}, line {n}: duplicate id {ex_id!r}")
+                errors.append(f"line {n}: duplicate id {ex_id!r}")
+                continue
             seen.add(ex_id)
             rows.append(Example(ex_id, text.strip()))
+    if errors:
+        more = f" (and {len(errors) - max_errors} more)" if len(errors) > max_errors else ""
+        raise DataError(f"{path}: {len(errors)} faulty row(s): " + "; ".join(errors[:max_errors]) + more)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
