@@ -53,7 +53,14 @@ def _tiny(model_dir, out_dir):
             "task.max_new_tokens=6", "trainer.iterations=2", "trainer.batch_size=4", "trainer.n_samples=2",
             "trainer.micro_batch_size=2", "trainer.gen_batch_size=8", "trainer.norm_prompts=4",
             "trainer.eval_every=0", "trainer.final_eval_prompts=2", "trainer.stats_cache=null",
-            "trainer.table_every=1", "logger=none", f"trainer.out_dir={out_dir}"]
+            "trainer.table_every=1", "logger=none", f"trainer.out_dir={out_dir}",
+            "conditioning.steps=4", "conditioning.batch_size=4", "conditioning.micro_batch_size=2",
+            "conditioning.save_every=2", f"conditioning.cache={out_dir}-cache"]
+
+
+def _stage(run_dir):
+    with open(run_dir / "conditioning" / "stage.json") as f:
+        return json.load(f)
 
 
 def _hh_rows(n, tag):
@@ -75,9 +82,12 @@ def test_helpful_assistant_pipeline(tiny_llama, classifiers, tmp_path, objective
         "rewards.helpful.device=cpu", "rewards.humor.device=cpu"])
     assert cfg.rewards.helpful._target_ == "meal.rewards.hf.TextPairReward"
     assert cfg.rewards.humor.logit_index == 1 and cfg.policy.lora.r == 4
+    assert cfg.conditioning.source == "dataset" and cfg.conditioning.lr == pytest.approx(1.414e-4)  # RiC's stage
     train(cfg)
     front = Front.load(str(tmp_path / "run" / "front.json"))
     assert len(front.points) == points and front.num_prompts == 2
+    stage = _stage(tmp_path / "run")  # step 0 on the data set's own final turns, chosen and rejected
+    assert stage["corpus"]["source"] == "dataset" and stage["corpus"]["rows"] == 12
 
 
 def test_reddit_summary_pipeline(tiny_llama, classifiers, tmp_path):
@@ -95,3 +105,5 @@ def test_reddit_summary_pipeline(tiny_llama, classifiers, tmp_path):
     train(cfg)
     front = Front.load(str(tmp_path / "run" / "front.json"))
     assert len(front.points) == 11
+    stage = _stage(tmp_path / "run")  # both summaries of each of the 8 comparisons
+    assert stage["corpus"]["source"] == "dataset" and stage["corpus"]["rows"] == 16
