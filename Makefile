@@ -8,7 +8,7 @@ STAMP := $(VENV)/.meal-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow bench reward-conflict embedded-experiment clean
+.PHONY: setup demo test test-slow bench reward-conflict conditioning-experiment embedded-experiment clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 setup: $(STAMP)
 
-demo: setup  ## train Meal on the embedded default, then evaluate the front (about 12 min on 2 CPU cores, set-up included)
+demo: setup  ## conditioning stage, then Meal on the embedded default, then the front (see README: Measured)
 	$(BIN)/meal-train experiment=demo
 
 test: setup  ## the default test suite (CPU, no network)
@@ -34,7 +34,10 @@ bench: setup  ## time and memory per phase, static vs Meal with each engine -> B
 reward-conflict: setup  ## correlations between the embedded objectives -> docs/reward_conflict.json
 	$(BIN)/python experiments/embedded/reward_conflict.py
 
-embedded-experiment: setup  ## static vs Meal, 3 seeds each, equal budget -> docs/results_embedded.md
+conditioning-experiment: setup  ## the conditioning stage alone: labelling rule x preference in weights or text -> docs/results/conditioning/
+	bash experiments/conditioning/run.sh
+
+embedded-experiment: setup  ## static vs Meal from one conditioned start, equal online budget -> docs/results/embedded_assistant/
 	bash experiments/embedded/run.sh
 
 clean:

@@ -4,8 +4,9 @@
 # then the stage alone (no online iteration) for each labelling rule (region, rank, softmax) with the
 # preference in the weights (preference-aware LoRA) and, for each rule, in the prompt only (plain
 # LoRA r 16 on q,v, the project's earlier default); plus the base policy. Each front is the 11-point
-# grid on 24 test prompts. Writes docs/results/conditioning/{compare.json,compare.md,compare.png,README.md}.
-# Run from the repository root: `bash experiments/conditioning/run.sh` (about 45 min on 2 CPU cores).
+# grid on 24 test prompts. Writes docs/results/conditioning/{compare.json,compare.md,compare.png}.
+# Run from the repository root: `bash experiments/conditioning/run.sh` (six stages of 150 SFT
+# steps and seven evaluations: about 2 hours on 2 CPU cores without bf16; finished runs are kept).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
