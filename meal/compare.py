@@ -1,6 +1,6 @@
 """``meal-compare``: overlay the fronts of several runs and tabulate hypervolume per method.
 
-    meal-compare runs/embedded/*/ --out docs/compare_embedded
+    meal-compare runs/embedded/*/ --out docs/results/embedded_assistant --reference static
 
 Each argument is a ``front.json`` or a run folder (its ``front.json``, else ``eval/front.json``).
 Fronts are grouped by their label (the method); the table gives, per method, the number of runs and

@@ -34,4 +34,4 @@ meta=$(printf '{"experiment": "embedded_assistant", "date": "%s", "machine": "%s
 mkdir -p "$DOCS"
 "$BIN/meal-compare" "$OUT"/static-s* "$OUT"/meal-s* "$first/eval-conditioned" "$first/eval-base" \
   --reference static --out "$DOCS" --meta "$meta" \
-  --title "Embedded assistant task: static vs Meal from one conditioned start (points labelled with w1)"
+  --title "Assistant task: static vs Meal from one conditioned start (labels: w1)"
