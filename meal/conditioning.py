@@ -217,12 +217,48 @@ def stage_key(cfg, corpus_digest: str) -> dict:
 
 
 @dataclass
+class ReplaySet:
+    """The stage's labelled rows (task text, response, label (E, K)): what the online stage mixes into its
+    SFT steps with ``trainer.replay``, as RiC's online stage adds original samples to its new ones."""
+
+    texts: list[str]
+    responses: list[str]
+    finished: list[bool]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+    @classmethod
+    def from_corpus(cls, corpus: ScoredCorpus, rows: np.ndarray, labels: torch.Tensor) -> "ReplaySet":
+        rows = rows.tolist()
+        return cls([corpus.texts[i] for i in rows], [corpus.responses[i] for i in rows],
+                   [corpus.finished[i] for i in rows], labels.float())
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for i in range(len(self)):
+                f.write(json.dumps({"text": self.texts[i], "response": self.responses[i],
+                                    "finished": self.finished[i], "label": self.labels[i].tolist()}) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "ReplaySet":
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        return cls([r["text"] for r in rows], [r["response"] for r in rows], [r["finished"] for r in rows],
+                   torch.tensor([r["label"] for r in rows], dtype=torch.float32))
+
+
+@dataclass
 class ConditionedStart:
-    """Where the conditioned policy lies, its reward statistics and what the stage cost."""
+    """Where the conditioned policy lies, its reward statistics, what the stage cost and its labelled rows."""
 
     folder: str
     normalizer: RewardNormalizer
     info: dict
+    replay: ReplaySet | None = None
 
     @property
     def weights(self) -> str:
@@ -284,9 +320,9 @@ def condition_policy(cfg, data: TaskData, model, params: dict[str, torch.Tensor]
         normalizer = RewardNormalizer.fit(corpus.raw, corpus.objectives)
         folder = os.path.join(root, f"stage-{_digest(stage_key(cfg, corpus_digest))}")
         done = os.path.join(folder, "stage.json")
+        rows, labels = achieved_labels(normalizer(corpus.raw), corpus.groups, c.label,
+                                       np.random.default_rng(c.seed), c.tau, c.labels_per_group)
         if not os.path.exists(done):
-            rows, labels = achieved_labels(normalizer(corpus.raw), corpus.groups, c.label,
-                                           np.random.default_rng(c.seed), c.tau, c.labels_per_group)
             budget = _sft(cfg, model, params, condition, corpus, rows, labels, folder, open_stage_logger, dist)
             info = {"corpus": {"source": corpus.source, "rows": len(corpus), "digest": corpus_digest,
                                "budget": corpus.budget.as_dict()},
@@ -301,7 +337,7 @@ def condition_policy(cfg, data: TaskData, model, params: dict[str, torch.Tensor]
         info = json.load(f)
     _copy_into(params, load_file(os.path.join(folder, "policy.safetensors")), folder)
     log.info("conditioned policy %s (%s)", folder, Budget.from_dict(info["budget"]).summary())
-    return ConditionedStart(folder, normalizer, info)
+    return ConditionedStart(folder, normalizer, info, ReplaySet.from_corpus(corpus, rows, labels))
 
 
 def _total(a: Budget, b: Budget) -> Budget:
@@ -390,12 +426,15 @@ def _finish_stage(folder: str, params: dict[str, torch.Tensor], info: dict) -> N
 
 
 def record_conditioning(run_dir: str, start: ConditionedStart) -> None:
-    """Copy the stage's record and weights into the run folder (``conditioning/``), so that the run is
-    self-contained and ``meal-eval checkpoint=conditioned`` can evaluate its starting point."""
+    """Copy the stage's record, weights and labelled rows into the run folder (``conditioning/``), so
+    that the run is self-contained (a resume replays the same rows) and ``meal-eval
+    checkpoint=conditioned`` can evaluate its starting point."""
     out = os.path.join(run_dir, "conditioning")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "stage.json"), "w") as f:
         json.dump({"folder": start.folder, **start.info}, f, indent=2, default=str)
+    if start.replay is not None:
+        start.replay.save(os.path.join(out, "replay.jsonl"))
     for name in ("policy.safetensors", "metrics.jsonl"):
         src, dst = os.path.join(start.folder, name), os.path.join(out, name)
         if os.path.exists(src) and not os.path.exists(dst):
@@ -412,7 +451,9 @@ def read_conditioning(run_dir: str) -> ConditionedStart | None:
         return None
     with open(path) as f:
         info = json.load(f)
-    return ConditionedStart(os.path.dirname(path), RewardNormalizer(**info["normalizer"]), info)
+    replay = os.path.join(os.path.dirname(path), "replay.jsonl")
+    return ConditionedStart(os.path.dirname(path), RewardNormalizer(**info["normalizer"]), info,
+                            ReplaySet.load(replay) if os.path.exists(replay) else None)
 
 
 def conditioning_budget(start: ConditionedStart | None) -> Budget | None:

@@ -149,6 +149,8 @@ class TrainerConfig:
     gen_batch_size: int = _f(32, "Sequences per generate call.")
     micro_batch_size: int = _f(8, "Examples per forward/backward (gradient accumulation); divides the kept batch.")
     lr: float = _f(2e-4, "AdamW learning rate of the policy (step 10).")
+    replay: int = _f(0, "Labelled rows of the conditioning stage added to each online SFT step, weight 1 each (RiC's "
+                     "online stage adds as many original samples as new ones); 0: none. Needs the stage.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     top_p: float = _f(0.9, "Nucleus sampling.")
@@ -293,6 +295,9 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
     if t.preference is not None:
         check_preference(list(t.preference), len(m.objectives), "trainer.preference")
     _need(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
+    _need(t.replay >= 0, "trainer.replay", f"must be >= 0, got {t.replay}")
+    _need(t.replay == 0 or cfg.conditioning.enabled, "trainer.replay",
+          "replays rows of the conditioning stage, which is disabled (conditioning.enabled=false)")
     _need(t.norm_prompts >= 1 and t.norm_samples >= 1, "trainer.norm_prompts",
           "the normalisation pass needs at least one prompt and one sample")
     _need(t.norm_prompts * t.norm_samples >= 2, "trainer.norm_samples", "need >= 2 scored responses for a std")

@@ -9,7 +9,8 @@ One iteration (numbers are the steps of ``method.md``)::
     5  w^lab = lam w~ + (1 - lam) softmax(R_i / tau)   training label            (B, K)
     6  L_in = mean_i c_i(phi) l_i(theta)               weighted SFT loss
     7-9    virtual step, meta loss on the meta half, Adam step of the net    (lam < 1)
-    10 AdamW step of the policy on L_in with the updated, detached c
+    10 AdamW step of the policy on L_in with the updated, detached c, plus ``trainer.replay`` labelled
+       rows of the conditioning stage at weight 1 (RiC's online stage mixes original samples in likewise)
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def train(cfg: Any) -> dict[str, Any]:
     if t.batch_size % dist.world or (m.lam < 1 and t.batch_size // dist.world < 2):
         raise ConfigError(f"trainer.batch_size: {t.batch_size} does not split over {dist.world} processes "
                           f"(each needs an equal share, at least 2 for Meal)")
+    if t.replay % dist.world:
+        raise ConfigError(f"trainer.replay: {t.replay} rows do not split over {dist.world} processes")
     run_dir = t.out_dir
     start_point = open_run(cfg)  # a new run, or the checkpoint to resume (config compared field by field)
     ckpt = start_point.checkpoint
@@ -143,6 +146,11 @@ def train(cfg: Any) -> dict[str, Any]:
             normalizer.save(stats_path, {"source": "normalisation pass", "prompts": t.norm_prompts,
                                          "samples_per_prompt": t.norm_samples, "seed": t.norm_seed})
     ctx.budgets = {"online": budget, "conditioning": conditioning_budget(conditioning)}
+    replay = conditioning.replay if conditioning is not None and t.replay else None
+    if t.replay and replay is None:
+        raise ConfigError(f"trainer.replay: {run_dir} holds no labelled rows of a conditioning stage to replay")
+    saved_order = state.get("replay_order") if ckpt is not None else None
+    replay_order = PromptOrder(len(replay) if replay is not None else 0, t.seed + 2, **(saved_order or {}))
 
     logger = open_logger(cfg, run_dir, resume=ckpt is not None) if dist.main else NullLogger()
     exit_code = 1
@@ -169,10 +177,11 @@ def train(cfg: Any) -> dict[str, Any]:
             ok = ok.reshape(-1)  # (B*m,) False: the prompt had no valid response left (weight 0)
             # 5. achieved preference and the label the policy is trained with
             w_lab = label_preference(w_tilde[kept_src], achieved_preference(r_kept, m.tau), m.lam)
-            batch = build_batch(tok, condition([texts[i] for i in kept_src], w_lab),
-                                [ro.texts[b][j] for b, j in zip(rows.reshape(-1), keep.reshape(-1))],
-                                [ro.finished[b][j] for b, j in zip(rows.reshape(-1), keep.reshape(-1))],
-                                t.max_prompt_tokens, prefs=w_lab)
+            pairs = list(zip(rows.reshape(-1).tolist(), keep.reshape(-1).tolist()))
+            batch_responses = [ro.texts[b][j] for b, j in pairs]
+            batch_finished = [ro.finished[b][j] for b, j in pairs]
+            prompts = condition([texts[i] for i in kept_src], w_lab)
+            batch = build_batch(tok, prompts, batch_responses, batch_finished, t.max_prompt_tokens, prefs=w_lab)
             metrics: dict[str, float] = {}
             # 6-9. the meta step on (inner half, meta half) of the batch
             if net is not None and m.lam < 1.0 and it % m.meta_interval == 0:
@@ -183,12 +192,22 @@ def train(cfg: Any) -> dict[str, Any]:
             with torch.no_grad():
                 w_new = net(emb[idx], w_star)[kept_src] if net is not None else None
                 c = sample_weights(w_new, r_kept, m.lam, ok) if w_new is not None else masked_ones(ok)
+            real, c_replay = batch, torch.zeros(0)
+            if replay is not None:  # rows of the conditioning stage join the step, with their labels, weight 1
+                pos = dist.shard(replay_order.next(t.replay))
+                w_rep = replay.labels[pos]
+                real = build_batch(tok, prompts + condition([replay.texts[i] for i in pos], w_rep),
+                                   batch_responses + [replay.responses[i] for i in pos],
+                                   batch_finished + [replay.finished[i] for i in pos],
+                                   t.max_prompt_tokens, prefs=torch.cat([w_lab, w_rep]))
+                c_replay = torch.ones(len(pos))
             if dist.mean(float(ok.any())) == 0:  # every response of the batch degenerate: no step at all
                 log.warning("iteration %d: every sampled response was empty or looping; no step taken", it + 1)
                 loss, grad_norm = 0.0, 0.0
             else:
                 with meter.phase("real_step"):
-                    loss, grad_norm = policy_step(model, optimizer, batch, c, t.micro_batch_size, dist)
+                    loss, grad_norm = policy_step(model, optimizer, real, torch.cat([c, c_replay]),
+                                                  t.micro_batch_size, dist)
                 budget.steps += 1
             if not math.isfinite(loss):
                 raise FloatingPointError(f"iteration {it}: the training loss is {loss}; the last checkpoint "
@@ -202,6 +221,7 @@ def train(cfg: Any) -> dict[str, Any]:
             metrics["train/degenerate"] = (~valid).float().mean().item()
             budget.seconds += metrics["time/iteration"]
             metrics["train/processes"] = dist.world
+            metrics["train/replay_rows"] = len(real) - len(batch)
             if dist.main:
                 ctx.record(logger, metrics, step, every=t.log_every)
                 if t.table_every and step % t.table_every == 0:
@@ -212,7 +232,7 @@ def train(cfg: Any) -> dict[str, Any]:
                 rank_rng = dist.gather(rng_state())  # each rank samples from its own stream
                 if dist.main:
                     save_checkpoint(run_dir, step, params, net, {
-                        "optimizer": opt_state, "order": order.state,
+                        "optimizer": opt_state, "order": order.state, "replay_order": replay_order.state,
                         "net_optimizer": net_opt.state_dict() if net_opt is not None else None,
                         "numpy_draws": rng.bit_generator.state, "budget": budget.as_dict()},
                         keep=t.keep_checkpoints, rng=rank_rng)

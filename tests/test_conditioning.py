@@ -190,3 +190,39 @@ def test_a_run_from_the_cached_stage_trains_like_the_run_that_built_it(tiny_llam
         rows.append([json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")])
     for a, b in zip(*rows, strict=True):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-6)
+
+
+def test_replay_mixes_the_stage_rows_into_each_step_and_resumes_exactly(tiny_llama, tmp_path):
+    """trainer.replay=2: every real step holds the kept responses plus 2 labelled stage rows, the rows
+    are written into the run folder, the step differs from a run without replay, and a resumed run
+    replays the same rows as an uninterrupted one (same weights)."""
+    from safetensors.torch import load_file
+
+    from meal.conditioning import ReplaySet
+
+    cache = str(tmp_path / "cache")
+    over = {"trainer.iterations": 3, "trainer.replay": 2, "method.name": "static", "method.meta_learner": False,
+            "method.lam": 1.0}
+    train(_stage_config(tiny_llama, str(tmp_path / "straight"), cache, **over))
+    rows = [json.loads(x) for x in open(tmp_path / "straight" / "metrics.jsonl")]
+    assert [r["train/replay_rows"] for r in rows] == [2, 2, 2]
+    replay = ReplaySet.load(str(tmp_path / "straight" / "conditioning" / "replay.jsonl"))
+    assert len(replay) > 0 and torch.allclose(replay.labels.sum(1), torch.ones(len(replay)))
+
+    train(_stage_config(tiny_llama, str(tmp_path / "plain"), cache, **{**over, "trainer.replay": 0}))
+    plain = [json.loads(x) for x in open(tmp_path / "plain" / "metrics.jsonl")]
+    assert plain[0]["train/replay_rows"] == 0 and plain[0]["train/loss"] != rows[0]["train/loss"]
+
+    train(_stage_config(tiny_llama, str(tmp_path / "halves"), cache, **{**over, "trainer.iterations": 1}))
+    train(_stage_config(tiny_llama, str(tmp_path / "halves"), cache, **{**over, "trainer.resume": True}))
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step_000003" / "policy.safetensors"))
+    b = load_file(str(tmp_path / "halves" / "checkpoints" / "step_000003" / "policy.safetensors"))
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
+
+
+def test_replay_without_the_stage_is_refused(tiny_llama, tmp_path):
+    from meal.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.replay"):
+        train(tiny_config(tiny_llama, str(tmp_path / "r"), **{"trainer.replay": 2}))
