@@ -43,7 +43,7 @@ from meal.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_
 from meal.distributed import AdamWStep, Dist
 from meal.losses import build_batch, policy_step
 from meal.rewards import RewardNormalizer, RewardSet
-from meal.rollout import Conditioner, PromptOrder, draw_preferences, rollout
+from meal.rollout import ConditionedPolicy, Conditioner, PromptOrder, draw_preferences, rollout
 from meal.sampling import GenerationSettings
 from meal.tasks import Response, TaskData
 from meal.tracking import JsonlWriter
@@ -114,8 +114,8 @@ def sample_pool(model, condition: Conditioner, texts: Sequence[str], instruction
             continue
         part = jobs[start:start + bs]
         prompt_texts = [texts[p] + (f"\n\n{ins}" if ins else "") for p, ins in part]
-        ro = rollout(model, condition, prompt_texts, prefs[start:start + bs], 1, settings, reward_set, None,
-                     seed=seed + c, reward_texts=[texts[p] for p, _ in part])
+        ro = rollout(ConditionedPolicy(model, condition), prompt_texts, prefs[start:start + bs], 1, settings,
+                     reward_set, None, seed=seed + c, reward_texts=[texts[p] for p, _ in part])
         mine.append((start, [t[0] for t in ro.texts], [f[0] for f in ro.finished], ro.raw[:, 0], ro.num_tokens))
     parts = sorted((x for rank_parts in dist.all_gather(mine) for x in rank_parts), key=lambda x: x[0])
     responses = [t for part in parts for t in part[1]]
@@ -158,12 +158,15 @@ def achieved_labels(rewards: torch.Tensor, groups: Sequence[int], rule: str, rng
     - ``rank``: every row; per objective, the row's rank within its group scaled to [0, 1] (ties
       averaged), the K ranks normalised to sum 1 (uniform where all are 0).
     - ``softmax``: every row; softmax(R / tau) (method.md step 5's achieved preference).
+    - ``scores``: every row; R itself (RiC's offline stage writes the normalised rewards into the prompt).
     """
     r = rewards.double().numpy()
     m, k = r.shape
     g = np.asarray(groups)
     if rule == "softmax":
         return np.arange(m), torch.softmax(rewards.float() / tau, dim=-1)
+    if rule == "scores":
+        return np.arange(m), rewards.float().clone()
     rows, labels = [], []
     for grp in np.unique(g):
         idx = np.nonzero(g == grp)[0]
@@ -182,7 +185,7 @@ def achieved_labels(rewards: torch.Tensor, groups: Sequence[int], rule: str, rng
             rows.extend(idx.tolist())
             labels.extend(lab.tolist())
         else:
-            raise ValueError(f"conditioning.label: unknown rule {rule!r} (region | rank | softmax)")
+            raise ValueError(f"conditioning.label: unknown rule {rule!r} (region | rank | softmax | scores)")
     return np.asarray(rows, dtype=int), torch.tensor(labels, dtype=torch.float32).reshape(-1, k)
 
 

@@ -96,8 +96,9 @@ class WeightNetConfig:
 
 @dataclass
 class MethodConfig:
-    """Meal and its static special case (lam = 1)."""
+    """Meal and its static special case (lam = 1): the recipe meal/methods/meal.py."""
 
+    recipe: str = _f("meal", "Which recipe of meal/methods trains the run (meal: Meal and static).")
     name: str = _f("meal", "Label of the method in run names and comparisons.")
     meta_learner: bool = _f(True, "Build the preference-weight-net (False: the static method, no net at all).")
     lam: float = _f(0.5, "lambda: mix of target and net preference (1 = static rejection sampling).")
@@ -114,6 +115,48 @@ class MethodConfig:
 
 
 @dataclass
+class RicConfig:
+    """Rewards-in-context (Yang et al. 2024; the recipe meal/methods/ric.py): the prompt holds desired
+    normalised scores instead of weights; online, samples that reach a quantile are relabelled with
+    the scores they obtained (MORS)."""
+
+    recipe: str = _f("ric", "The recipe meal/methods/ric.py.")
+    name: str = _f("ric", "Label of the method in run names and comparisons.")
+    quantile: float = _f(0.7, "Keep an online sample when any objective reaches this quantile of the iteration's "
+                         "samples (RiC: 0.7).")
+    replay_filtered: bool = _f(True, "Mix into each step as many rows of the conditioning corpus passing the same "
+                               "filter as samples were kept (RiC adds as many original samples).")
+    score_draws: int = _f(50000, "N(0, 1) draws whose min and max bound the desired scores (RiC: 50,000).")
+    decimals: int = _f(1, "Decimals of the scores written into the prompt (RiC: 0.1).")
+    sample_temperature: float = _f(0.7, "Temperature of the online samples (RiC: 0.7; evaluation keeps 1.0).")
+
+
+@dataclass
+class MorlhfConfig:
+    """MORLHF (the recipe meal/methods/morlhf.py): linear scalarisation w . R with TRL's GRPO trainer, one
+    policy per preference of a grid, each from the common start; ``trainer.iterations`` GRPO steps per
+    policy, each on ``trainer.batch_size`` prompts x ``trainer.n_samples`` completions."""
+
+    recipe: str = _f("morlhf", "The recipe meal/methods/morlhf.py.")
+    name: str = _f("morlhf", "Label of the method in run names and comparisons.")
+    grid_points: int = _f(3, "Preferences trained, one policy each (K = 2: evenly spaced in w1, 11 = the full "
+                          "evaluation grid; K = 3 always trains the 13-point grid).")
+    beta: float = _f(0.0, "KL coefficient of GRPO against the starting policy (TRL's default 0: no reference model).")
+
+
+@dataclass
+class SoupsConfig:
+    """Rewarded Soups (the recipe meal/methods/soups.py): one GRPO policy per objective from the common start,
+    interpolated over the grid; ``trainer.iterations`` GRPO steps per policy."""
+
+    recipe: str = _f("soups", "The recipe meal/methods/soups.py.")
+    name: str = _f("soups", "Label of the method in run names and comparisons.")
+    rule: str = _f("params", "params (every trainable tensor interpolated, LoRA A and B separately) | merged (each "
+                   "adapted layer's full weight update interpolated).")
+    beta: float = _f(0.0, "KL coefficient of GRPO against the starting policy (TRL's default 0).")
+
+
+@dataclass
 class ConditioningConfig:
     """Step 0 of method.md: teach the policy to follow the preference in its prompt before any online
     iteration (meal/conditioning.py). Its result is cached and shared by every run of a task."""
@@ -126,7 +169,8 @@ class ConditioningConfig:
     max_rows: int = _f(0, "Rows of a dataset's corpus kept (0: all), a seeded choice of prompt groups.")
     seed: int = _f(0, "Seed of the pool, the labels and the order of the SFT rows (shared by every run).")
     label: str = _f("region", "How a row gets the preference it achieves: region (the preferences under which it is "
-                    "its group's best, by w . R) | rank (its rank within the group) | softmax (softmax(R / tau)).")
+                    "its group's best, by w . R) | rank (its rank within the group) | softmax (softmax(R / tau)) | "
+                    "scores (its normalised rewards themselves: RiC's offline stage; method=ric).")
     tau: float = _f(1.0, "Temperature of label=softmax.")
     labels_per_group: int = _f(8, "Preferences drawn per prompt group by label=region.")
     steps: int = _f(150, "SFT steps.")
@@ -150,7 +194,8 @@ class TrainerConfig:
     micro_batch_size: int = _f(8, "Examples per forward/backward (gradient accumulation); divides the kept batch.")
     lr: float = _f(2e-4, "AdamW learning rate of the policy (step 10).")
     replay: int = _f(0, "Labelled rows of the conditioning stage added to each online SFT step, weight 1 each (RiC's "
-                     "online stage adds as many original samples as new ones); 0: none. Needs the stage.")
+                     "online stage adds as many original samples as new ones); 0: none. A run without the stage "
+                     "has nothing to replay (logged). method=meal and static set it to trainer.batch_size.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     top_p: float = _f(0.9, "Nucleus sampling.")
@@ -205,11 +250,30 @@ class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rewards: Dict[str, Any] = _f({}, "Reward name -> `_target_` spec, or a dotted path to a callable.")
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: Any = _f({"recipe": "meal"}, "The method: its `recipe` (a module of meal/methods) picks the schema the "
+                     "rest is checked against (meal: MethodConfig; ric: RicConfig).")
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def method_schemas() -> dict[str, type]:
+    """recipe -> the dataclass its ``method`` config follows."""
+    return {"meal": MethodConfig, "ric": RicConfig, "morlhf": MorlhfConfig, "soups": SoupsConfig}
+
+
+def typed_method(method: Any) -> DictConfig:
+    """The ``method`` node merged onto its recipe's schema; ConfigError naming an unknown recipe or key."""
+    node = OmegaConf.create(method if method is not None else {})
+    recipe = node.get("recipe", "meal")
+    schemas = method_schemas()
+    _need(recipe in schemas, "method.recipe", f"unknown recipe {recipe!r}; known: {sorted(schemas)}")
+    check_known_keys(node, schemas[recipe], "method.")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schemas[recipe]), node)
+    except Exception as e:  # noqa: BLE001 - a value of the wrong type: name the field
+        raise ConfigError(f"method: {e}") from e
 
 
 def register_configs() -> None:
@@ -266,10 +330,12 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
     """Check values a type cannot express; raises ConfigError naming the field. Loads no model."""
     from meal.rewards import reward_names_known
 
-    if isinstance(cfg, DictConfig):
-        check_known_keys(cfg)
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg)
+    check_known_keys(cfg)
+    cfg.method = typed_method(cfg.method)  # the recipe's schema: unknown keys and wrong types fail here
 
-    t, tr, m = cfg.trainer, cfg.method, cfg.task
+    t, m = cfg.trainer, cfg.task
     _need(len(m.objectives) >= 2, "task.objectives", f"needs at least 2 objectives, got {list(m.objectives)}")
     _need(len(set(m.objectives)) == len(m.objectives), "task.objectives", "objectives must be distinct")
     known = reward_names_known(cfg.rewards)
@@ -296,40 +362,20 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
         check_preference(list(t.preference), len(m.objectives), "trainer.preference")
     _need(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
     _need(t.replay >= 0, "trainer.replay", f"must be >= 0, got {t.replay}")
-    _need(t.replay == 0 or cfg.conditioning.enabled, "trainer.replay",
-          "replays rows of the conditioning stage, which is disabled (conditioning.enabled=false)")
     _need(t.norm_prompts >= 1 and t.norm_samples >= 1, "trainer.norm_prompts",
           "the normalisation pass needs at least one prompt and one sample")
     _need(t.norm_prompts * t.norm_samples >= 2, "trainer.norm_samples", "need >= 2 scored responses for a std")
 
-    _need(0.0 <= tr.lam <= 1.0, "method.lam", f"lambda must be in [0, 1], got {tr.lam}")
-    _need(tr.tau > 0, "method.tau", f"must be > 0, got {tr.tau}")
-    _need(tr.alpha_in > 0, "method.alpha_in", f"must be > 0, got {tr.alpha_in}")
-    _need(tr.engine in ("directional", "autograd"), "method.engine", f"directional | autograd, got {tr.engine!r}")
-    _need(tr.directional_mode in ("fd", "jvp", "per_example"), "method.directional_mode",
-          f"fd | jvp | per_example, got {tr.directional_mode!r}")
-    _need(tr.meta_objective in ("best", "advantage"), "method.meta_objective",
-          f"best | advantage, got {tr.meta_objective!r}")
-    _need(tr.meta_interval >= 1, "method.meta_interval", f"must be >= 1, got {tr.meta_interval}")
-    _need(tr.weight_net.embedding in ("policy", "minilm"), "method.weight_net.embedding",
-          f"policy | minilm, got {tr.weight_net.embedding!r}")
-    if tr.meta_learner:
-        _need(tr.lam < 1, "method.lam", "with lambda = 1 the preference-weight-net never receives a gradient (every "
-              "sample weight is 1): that is the static method, method=static")
-        # the sample weights are normalised to mean 1 over the inner half of the batch: with one inner
-        # example they are constant in phi and the meta-gradient is exactly 0
-        inner = (t.batch_size // 2) * t.top_m
-        _need(inner >= 2, "trainer.batch_size", f"Meal splits each batch into an inner and a meta half; the inner "
-              f"half holds batch_size // 2 * top_m = {inner} kept response(s), and weights normalised over fewer "
-              f"than 2 give the net no gradient: needs batch_size >= 4 (or top_m >= 2)")
-    else:
-        _need(tr.lam == 1, "method.lam", f"lambda = {tr.lam} needs the preference-weight-net (method=meal); the static "
-              f"method is lambda = 1")
+    tr = cfg.method
+    {"meal": _validate_meal, "ric": _validate_ric, "morlhf": _validate_morlhf,
+     "soups": _validate_soups}[tr.recipe](tr, cfg)
 
     c = cfg.conditioning
     _need(c.source in ("auto", "pool", "dataset"), "conditioning.source", f"auto | pool | dataset, got {c.source!r}")
-    _need(c.label in ("region", "rank", "softmax"), "conditioning.label",
-          f"region | rank | softmax, got {c.label!r}")
+    _need(c.label in ("region", "rank", "softmax", "scores"), "conditioning.label",
+          f"region | rank | softmax | scores, got {c.label!r}")
+    _need((c.label == "scores") == (tr.recipe == "ric") or not c.enabled, "conditioning.label",
+          "scores (desired rewards in the prompt) is RiC's label and RiC needs it: method=ric sets both")
     _need(c.pool_prompts >= 0 and c.pool_samples >= 1, "conditioning.pool_samples",
           "pool_prompts must be >= 0 and pool_samples >= 1")
     _need(c.tau > 0, "conditioning.tau", f"must be > 0, got {c.tau}")
@@ -358,3 +404,61 @@ def to_container(cfg: DictConfig | TrainConfig) -> dict:
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.structured(cfg)
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _validate_meal(tr, cfg) -> None:
+    t = cfg.trainer
+    _need(0.0 <= tr.lam <= 1.0, "method.lam", f"lambda must be in [0, 1], got {tr.lam}")
+    _need(tr.tau > 0, "method.tau", f"must be > 0, got {tr.tau}")
+    _need(tr.alpha_in > 0, "method.alpha_in", f"must be > 0, got {tr.alpha_in}")
+    _need(tr.engine in ("directional", "autograd"), "method.engine", f"directional | autograd, got {tr.engine!r}")
+    _need(tr.directional_mode in ("fd", "jvp", "per_example"), "method.directional_mode",
+          f"fd | jvp | per_example, got {tr.directional_mode!r}")
+    _need(tr.meta_objective in ("best", "advantage"), "method.meta_objective",
+          f"best | advantage, got {tr.meta_objective!r}")
+    _need(tr.meta_interval >= 1, "method.meta_interval", f"must be >= 1, got {tr.meta_interval}")
+    _need(tr.weight_net.embedding in ("policy", "minilm"), "method.weight_net.embedding",
+          f"policy | minilm, got {tr.weight_net.embedding!r}")
+    if tr.meta_learner:
+        _need(tr.lam < 1, "method.lam", "with lambda = 1 the preference-weight-net never receives a gradient (every "
+              "sample weight is 1): that is the static method, method=static")
+        # the sample weights are normalised to mean 1 over the inner half of the batch: with one inner
+        # example they are constant in phi and the meta-gradient is exactly 0
+        inner = (t.batch_size // 2) * t.top_m
+        _need(inner >= 2, "trainer.batch_size", f"Meal splits each batch into an inner and a meta half; the inner "
+              f"half holds batch_size // 2 * top_m = {inner} kept response(s), and weights normalised over fewer "
+              f"than 2 give the net no gradient: needs batch_size >= 4 (or top_m >= 2)")
+    else:
+        _need(tr.lam == 1, "method.lam", f"lambda = {tr.lam} needs the preference-weight-net (method=meal); the static "
+              f"method is lambda = 1")
+
+
+def _validate_ric(r, cfg) -> None:
+    _need(0.0 < r.quantile < 1.0, "method.quantile", f"must be in (0, 1), got {r.quantile}")
+    _need(r.score_draws >= 2, "method.score_draws", f"must be >= 2, got {r.score_draws}")
+    _need(0 <= r.decimals <= 3, "method.decimals", f"must be in 0..3, got {r.decimals}")
+    _need(r.sample_temperature > 0, "method.sample_temperature", f"must be > 0, got {r.sample_temperature}")
+    _need(not cfg.policy.lora.preference_aware, "policy.lora.preference_aware",
+          "RiC writes desired scores, not a preference on the simplex, into the prompt: its adapters cannot mix by "
+          "preference (policy.lora.preference_aware=false)")
+    _need(cfg.conditioning.enabled, "conditioning.enabled", "RiC starts from its offline stage (the conditioning "
+          "stage with conditioning.label=scores)")
+    _need(cfg.trainer.replay == 0, "trainer.replay", "RiC replays filtered corpus rows itself (method.replay_filtered)")
+
+
+def _validate_morlhf(r, cfg) -> None:
+    k = len(cfg.task.objectives)
+    _need(r.grid_points >= 2, "method.grid_points", f"needs at least the two extremes, got {r.grid_points}")
+    _need(k in (2, 3), "task.objectives", f"MORLHF trains one policy per grid preference, defined for K = 2 or 3, "
+          f"got {k}")
+    _need(r.beta >= 0, "method.beta", f"must be >= 0, got {r.beta}")
+    _need(cfg.trainer.replay == 0, "trainer.replay", "MORLHF trains with GRPO on its own samples only")
+    _need(cfg.trainer.n_samples >= 2, "trainer.n_samples", "GRPO compares the completions of a prompt: needs >= 2")
+
+
+def _validate_soups(r, cfg) -> None:
+    _need(r.rule in ("params", "merged"), "method.rule", f"params | merged, got {r.rule!r}")
+    _need(cfg.policy.lora.enabled, "policy.lora.enabled", "a soup interpolates adapters: needs LoRA")
+    _need(r.beta >= 0, "method.beta", f"must be >= 0, got {r.beta}")
+    _need(cfg.trainer.replay == 0, "trainer.replay", "Rewarded Soups trains with GRPO on its own samples only")
+    _need(cfg.trainer.n_samples >= 2, "trainer.n_samples", "GRPO compares the completions of a prompt: needs >= 2")

@@ -13,7 +13,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from meal.config import ConfigError, TrainConfig, register_configs, to_container
+from meal.config import ConfigError, TrainConfig, register_configs, to_container, typed_method
 from meal.train import CONF_DIR, print_front, user_errors
 
 log = logging.getLogger("meal")
@@ -30,13 +30,14 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
     from meal.policy import load_policy, trainable_parameters
     from meal.harness import build_rewards, load_task_data
     from meal.rewards import RewardNormalizer
-    from meal.rollout import Conditioner
+    from meal.methods import recipe
     from meal.run import front_provenance, generation_settings, publish_front
 
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(cfg_path):
         raise ConfigError(f"run_dir: {run_dir} has no config.yaml (not a folder written by meal-train)")
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(cfg_path))
+    cfg.method = typed_method(cfg.method)
     objectives = list(cfg.task.objectives)
     normalizer = RewardNormalizer.load(os.path.join(run_dir, "reward_stats.json"), objectives)
     folder = None
@@ -60,9 +61,15 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
     texts = [e.text for e in data.test[:prompts or len(data.test)]]
     name = label or (f"{cfg.method.name} (base)" if untrained else "conditioned" if checkpoint == "conditioned"
                      else cfg.method.name)
-    front = evaluate_front(model, Conditioner(cfg.task.template, objectives, tok), texts, reward_set, normalizer,
-                           preference_grid(len(objectives)), generation_settings(cfg, eval_protocol=True),
-                           list(cfg.task.hv_ref), seed=seed, label=name)
+    responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)  # how the method answers under w
+    grid = preference_grid(len(objectives))
+    if cfg.method.recipe == "morlhf":  # one policy per trained preference; its start is one policy
+        if untrained or checkpoint == "conditioned":
+            responder = responder.policy
+        else:
+            grid = responder.grid
+    front = evaluate_front(responder, texts, reward_set, normalizer, grid,
+                           generation_settings(cfg, eval_protocol=True), list(cfg.task.hv_ref), seed=seed, label=name)
     budgets = run_budgets(run_dir, folder, untrained, checkpoint == "conditioned")
     front.extra = front_provenance(cfg, run_dir, normalizer, budgets, checkpoint=folder)
     out_dir = out_dir or os.path.join(run_dir, "eval-base" if untrained else "eval-conditioned"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from meal.rewards import RewardNormalizer, RewardSet
-from meal.rollout import Conditioner, rollout
+from meal.rollout import rollout
 from meal.sampling import GenerationSettings, degenerate_mask
 
 log = logging.getLogger(__name__)
@@ -125,14 +125,15 @@ class Front:
             raise ValueError(f"{path} is not a front written by meal-eval: {e}") from e
 
 
-def evaluate_front(model, condition: Conditioner, texts: Sequence[str], reward_set: RewardSet,
-                   normalizer: RewardNormalizer, grid: Sequence[Sequence[float]], settings: GenerationSettings,
-                   hv_ref: Sequence[float], seed: int = 0, label: str = "") -> Front:
-    """Condition on every grid preference, generate for every text, score, average: the front."""
+def evaluate_front(responder, texts: Sequence[str], reward_set: RewardSet, normalizer: RewardNormalizer,
+                   grid: Sequence[Sequence[float]], settings: GenerationSettings, hv_ref: Sequence[float],
+                   seed: int = 0, label: str = "") -> Front:
+    """Ask ``responder`` (:class:`~meal.rollout.ConditionedPolicy` or a method's own) for a response to
+    every text under every grid preference, score, average: the front."""
     points, raw_points, alignment, degenerate = [], [], [], []
     for w in grid:
         prefs = torch.tensor([list(w)] * len(texts), dtype=torch.float32)
-        ro = rollout(model, condition, texts, prefs, 1, settings, reward_set, normalizer, seed=seed)
+        ro = rollout(responder, texts, prefs, 1, settings, reward_set, normalizer, seed=seed)
         r = ro.rewards[:, 0]  # (P, K) normalised
         points.append(r.mean(0).tolist())
         raw_points.append(ro.raw[:, 0].mean(0).tolist())
@@ -141,7 +142,7 @@ def evaluate_front(model, condition: Conditioner, texts: Sequence[str], reward_s
     pts = np.array(points)
     hv = hypervolume(pts, hv_ref)
     grid = [list(map(float, w)) for w in grid]
-    front = Front(list(condition.objectives), grid, points, raw_points, pareto_mask(pts).tolist(), hv,
+    front = Front(list(responder.objectives), grid, points, raw_points, pareto_mask(pts).tolist(), hv,
                   list(map(float, hv_ref)), float(np.mean(alignment)), len(texts), seed, label,
                   degenerate=float(np.mean(degenerate)), **preference_following(grid, points))
     log.info("front %s: hypervolume %.4f (reference point %s), alignment %.4f; %s", label, hv, list(hv_ref),

@@ -13,6 +13,12 @@ A run's files are its record, so nothing here writes one before the launch is kn
   mistakes (a malformed data row, a reward that returns NaN or the wrong number of scores, a
   policy folder that does not exist) into one line naming the field or the file, in seconds: each
   reward is tried on two dummy responses before the policy loads.
+
+:func:`start_run` does all of that for every method's recipe and hands it a :class:`Run`: data,
+rewards, the policy (conditioned by step 0, or restored from the checkpoint), the reward
+normalisation, the logger, the prompt order and draws, the online budget; :meth:`Run.save` writes a
+checkpoint (a collective under data parallelism) and :meth:`Run.evaluate` the front of any
+responder.
 """
 
 from __future__ import annotations
@@ -21,13 +27,17 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from meal.checkpoint import CheckpointError, checkpoint_folders, latest_checkpoint, read_checkpoint_state
+from meal.budget import Budget
+from meal.checkpoint import (CheckpointError, checkpoint_folders, latest_checkpoint, load_checkpoint,
+                             read_checkpoint_state, rng_state, save_checkpoint, set_rng_state)
 from meal.config import ConfigError
-from meal.rewards import RewardError, RewardSet
+from meal.rewards import RewardError, RewardNormalizer, RewardSet
 from meal.tasks import DataError, TaskData
 
 log = logging.getLogger(__name__)
@@ -192,3 +202,174 @@ def check_policy_source(policy: DictConfig) -> None:
     if not policy.gguf_file and not os.path.exists(os.path.join(folder, "config.json")):
         raise ConfigError(f"policy.name_or_path: {folder} has no config.json (not a Hugging Face checkpoint; a GGUF "
                           f"file needs policy.gguf_file)")
+
+
+@dataclass
+class Run:
+    """An opened run, as every method's recipe starts it (:func:`start_run`).
+
+    ``state`` is the checkpoint's saved state when the run resumes (the policy's weights are already
+    restored, the random streams continue when :meth:`iterations` starts; the recipe restores what it
+    owns, e.g. its optimiser), else None. ``order`` and ``draws`` are the prompt order and the numpy
+    draws (preferences), ``budget`` the online stage's cost so far, ``start`` the iteration to start at.
+    """
+
+    cfg: DictConfig
+    dist: Any
+    run_dir: str
+    data: TaskData
+    objectives: list[str]
+    reward_set: RewardSet
+    model: Any
+    tokenizer: Any
+    params: dict[str, torch.Tensor]
+    condition: Any
+    settings: Any
+    ds_config: dict | None
+    conditioning: Any
+    normalizer: RewardNormalizer
+    ctx: Any
+    logger: Any
+    order: Any
+    draws: np.random.Generator
+    budget: Budget
+    checkpoint: str | None = None
+    state: dict | None = None
+    start: int = 0
+    embeddings: torch.Tensor | None = None
+
+    @property
+    def train_texts(self) -> list[str]:
+        return [e.text for e in self.data.train]
+
+    def iterations(self):
+        """The iterations left, under a progress bar. A resumed run's random streams continue from the
+        checkpoint here, after the recipe's own set-up (which may draw from them)."""
+        if self.state is not None:
+            saved = self.state["rng"]
+            set_rng_state(saved[self.dist.rank if self.dist.rank < len(saved) else 0])
+        return self.ctx.progress(self.start, self.cfg.trainer.iterations, show=self.dist.main)
+
+    def save(self, step: int, optimizer, net: torch.nn.Module | None = None, **state: Any) -> None:
+        """Checkpoint ``step``: the policy's trainable weights (and ``net``), the optimiser, prompt order,
+        draws, budget, every rank's random state and the recipe's own ``state``. A collective."""
+        t, dist = self.cfg.trainer, self.dist
+        dist.check_same(list(self.params.values()) + (list(net.parameters()) if net is not None else []))
+        opt_state = optimizer.state_dict()  # a collective under DeepSpeed (shards gathered on rank 0)
+        rank_rng = dist.gather(rng_state())  # each rank samples from its own stream
+        if dist.main:
+            save_checkpoint(self.run_dir, step, self.params, net, {
+                "optimizer": opt_state, "order": self.order.state, "numpy_draws": self.draws.bit_generator.state,
+                "budget": self.budget.as_dict(), **state}, keep=t.keep_checkpoints, rng=rank_rng)
+        dist.barrier()
+
+    def load_net(self, net: torch.nn.Module) -> None:
+        """The recipe's net from the checkpoint the run resumes from (no-op for a new run)."""
+        if self.checkpoint is not None:
+            from safetensors.torch import load_file
+
+            net.load_state_dict(load_file(os.path.join(self.checkpoint, "net.safetensors")))
+
+    def periodic_eval(self, responder, step: int) -> None:
+        if self.dist.main:
+            self.ctx.periodic_eval(self.logger, responder, self.data.test, self.reward_set, self.normalizer, step)
+        self.dist.barrier()
+
+    def evaluate(self, responder, grid=None) -> dict[str, Any]:
+        """The final evaluation (main process): the full grid (or ``grid``), front.json and front.png; the
+        summary."""
+        out: dict[str, Any] = {}
+        if self.dist.main:
+            out = self.ctx.final_eval(self.logger, responder, self.data.test, self.reward_set, self.normalizer,
+                                      self.cfg.trainer.iterations, grid)
+        self.dist.barrier()
+        return out
+
+
+def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed: str | None = None) -> Run:
+    """Open a run for a recipe: checks, data, rewards, policy, step 0 (or the checkpoint), normalisation,
+    logger. ``condition_factory(template, objectives, tokenizer)`` builds how preferences are written
+    into prompts (default: :class:`~meal.rollout.Conditioner`, the step-4 template). ``embed``
+    (policy | minilm): also the frozen embeddings of the training prompts (``run.embeddings``, (M, D)),
+    taken from the policy as loaded, before step 0 or a checkpoint changes its weights."""
+    from meal.conditioning import condition_policy, conditioning_budget, read_conditioning, record_conditioning
+    from meal.distributed import Dist, deepspeed_config
+    from meal.policy import load_policy, resolve_device, resolve_dtype, trainable_parameters
+    from meal.rollout import Conditioner, PromptOrder, reward_statistics
+    from meal.run import RunContext, generation_settings, open_logger, seed_everything, training_sampler
+    from meal.tracking import NullLogger
+
+    t, task = cfg.trainer, cfg.task
+    dist = Dist()
+    if t.batch_size % dist.world:
+        raise ConfigError(f"trainer.batch_size: {t.batch_size} does not split over {dist.world} processes")
+    if t.replay % dist.world:
+        raise ConfigError(f"trainer.replay: {t.replay} rows do not split over {dist.world} processes")
+    run_dir = t.out_dir
+    ckpt = open_run(cfg).checkpoint  # a new run, or the checkpoint to resume (config compared field by field)
+    check_policy_source(cfg.policy)
+    device_name = str(dist.device) if dist.device is not None and cfg.policy.device == "auto" else cfg.policy.device
+    ds_config = deepspeed_config(t, dist, resolve_dtype(cfg.policy.dtype, resolve_device(device_name)))
+    seed_everything(t.seed + dist.rank)  # sampling differs per rank; prompt order and w* draws do not
+    data = load_task_data(cfg)
+    objectives = list(task.objectives)
+    reward_set = build_rewards(cfg)  # each reward tried on dummy responses before the policy loads
+    if dist.main and ckpt is None:
+        write_run_config(run_dir, cfg)
+    model, tok = load_policy(cfg.policy, len(objectives), device=device_name)
+    params = trainable_parameters(model)
+    dist.broadcast(params.values())  # one starting point: LoRA's random init drew from each rank's own seed
+    condition = (condition_factory or Conditioner)(task.template, objectives, tok)
+    settings = generation_settings(cfg)
+    settings.sampler = training_sampler(cfg, dist.rank, dist.world)
+    train_texts = [e.text for e in data.train]
+    embeddings = None
+    if embed is not None:
+        from meal.embeddings import embed_prompts
+
+        embeddings = embed_prompts(embed, model, tok, train_texts)
+    conditioning = None
+    if ckpt is None and cfg.conditioning.enabled:
+        # 0. the conditioning stage (cached, shared by every run of the task): the policy learns to
+        #    follow its preference; the statistics of its scored corpus become the run's. It runs
+        #    before any optimiser is built, whose own copy of the weights (DeepSpeed's fp32 master)
+        #    must start from the conditioned ones
+        conditioning = condition_policy(cfg, data, model, params, condition, settings, reward_set, run_dir,
+                                        lambda folder: open_logger(cfg, folder, False, stage=True), dist)
+    ctx = RunContext(run_dir, cfg, objectives)
+    order = PromptOrder(len(train_texts), t.seed)
+    draws = np.random.default_rng(t.seed)
+    stats_path = os.path.join(run_dir, "reward_stats.json")
+    state, start, budget = None, 0, Budget()  # the online stage's cost (the conditioning stage's is apart)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, params, None, rank=dist.rank)
+        if dist.main:  # the launch is good: now the run's record may say so
+            write_run_config(run_dir, cfg)
+            dropped = ctx.jsonl.truncate_after(state["step"])
+            if dropped:
+                log.info("metrics.jsonl: dropped %d record(s) past the checkpoint's step %d (done again now)",
+                         dropped, state["step"])
+        if len(state["rng"]) != dist.world:
+            log.warning("the checkpoint was written by %d processes, this launch has %d: sampling does not "
+                        "continue the saved random streams exactly", len(state["rng"]), dist.world)
+        order = PromptOrder(len(train_texts), t.seed, **state["order"])
+        draws.bit_generator.state = state["numpy_draws"]
+        start = state["step"]
+        budget = Budget.from_dict(state.get("budget"))
+        normalizer = RewardNormalizer.load(stats_path, objectives)
+        conditioning = read_conditioning(run_dir)
+        log.info("resumed %s at iteration %d", ckpt, start)
+    elif conditioning is not None:
+        normalizer = conditioning.normalizer
+        if dist.main:
+            normalizer.save(stats_path, {"source": "conditioning corpus", "stage": conditioning.folder})
+            record_conditioning(run_dir, conditioning)
+    else:
+        normalizer = reward_statistics(cfg, model, condition, train_texts, settings, reward_set)
+        if dist.main:
+            normalizer.save(stats_path, {"source": "normalisation pass", "prompts": t.norm_prompts,
+                                         "samples_per_prompt": t.norm_samples, "seed": t.norm_seed})
+    ctx.budgets = {"online": budget, "conditioning": conditioning_budget(conditioning)}
+    logger = open_logger(cfg, run_dir, resume=ckpt is not None) if dist.main else NullLogger()
+    return Run(cfg, dist, run_dir, data, objectives, reward_set, model, tok, params, condition, settings, ds_config,
+               conditioning, normalizer, ctx, logger, order, draws, budget, ckpt, state, start, embeddings)

@@ -81,7 +81,7 @@ class PreferenceLoRALinear(nn.Module):
         if w is None:
             raise RuntimeError("a preference-aware LoRA layer ran without a preference: wrap the call in "
                                "meal.preference_lora.preference_weights(model, prefs)")
-        if w.shape[0] != x.shape[0]:
+        if w.shape[0] not in (1, x.shape[0]):  # one row: the same preference for every row of the batch
             raise RuntimeError(f"preferences for {w.shape[0]} rows, but the batch has {x.shape[0]}")
         a, b = self.pref_lora_A, self.pref_lora_B  # (K+1, r, in), (K+1, out, r)
         k1, r = a.shape[0], a.shape[1]
@@ -133,7 +133,8 @@ def has_preference_lora(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def preference_weights(model: nn.Module, prefs: torch.Tensor | None) -> Iterator[None]:
     """Within the block, the model's preference-aware layers use ``prefs`` (B, K), one row per
-    batch row. A no-op for a model without such layers (the preference is then in the text only)."""
+    batch row, or (1, K) for every row. A no-op for a model without such layers (the preference is
+    then in the text only)."""
     state = getattr(model, "meal_preference", None)
     if state is None:
         yield

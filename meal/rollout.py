@@ -20,8 +20,8 @@ import torch
 from meal.config import TemplateConfig
 from meal.profiling import NoMeter
 from meal.rewards import RewardNormalizer, RewardSet
-from meal.sampling import GenerationSettings, generate
-from meal.templates import build_prompt
+from meal.sampling import GenerationSettings, Generation, generate
+from meal.templates import build_prompt, format_scores, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,41 @@ class Conditioner:
 
 
 @dataclass
+class ScoreConditioner(Conditioner):
+    """Writes desired normalised scores (B, K) into prompts instead of weights: RiC's rewards in context,
+    in the task's template at ``{preference}``."""
+
+    decimals: int = 1
+
+    def __call__(self, texts: Sequence[str], scores: torch.Tensor) -> list[str]:
+        return [render_prompt(self.template, t, format_scores(s.tolist(), self.objectives, self.decimals),
+                              self.tokenizer) for t, s in zip(texts, scores)]
+
+
+@dataclass
+class ConditionedPolicy:
+    """The default responder: a policy that reads its preference from its prompt (and, with
+    preference-aware LoRA, from its weights). A responder is what training rollouts and evaluation ask
+    for responses: ``respond(texts, prefs, settings, seed, n) -> Generation``. Other methods bring
+    their own (RiC writes desired scores, a soup interpolates weights per preference)."""
+
+    model: object
+    condition: Conditioner
+
+    @property
+    def objectives(self) -> list[str]:
+        return list(self.condition.objectives)
+
+    def respond(self, texts: Sequence[str], prefs: torch.Tensor, settings: GenerationSettings,
+                seed: int | None = None, n: int = 1) -> Generation:
+        """``n`` responses per text (B*N, text-major) under its preference (B, K)."""
+        prompts = self.condition(texts, prefs)
+        sample = settings.sampler or generate  # the Hugging Face path unless a backend was configured
+        return sample(self.model, self.condition.tokenizer, [p for p in prompts for _ in range(n)], settings, seed,
+                      prefs=prefs.repeat_interleave(n, 0))
+
+
+@dataclass
 class Rollout:
     """N responses per prompt and their rewards: texts[b][n]; raw and normalised rewards (B, N, K)."""
 
@@ -52,21 +87,19 @@ class Rollout:
     gen_seconds: float
 
 
-def rollout(model, condition: Conditioner, texts: Sequence[str], prefs: torch.Tensor, n: int,
-            settings: GenerationSettings, reward_set: RewardSet, normalizer: RewardNormalizer | None,
-            seed: int | None = None, meter=NoMeter(), reward_texts: Sequence[str] | None = None) -> Rollout:
-    """Sample ``n`` responses for each text under its preference (B, K) and score them.
+def rollout(responder, texts: Sequence[str], prefs: torch.Tensor, n: int, settings: GenerationSettings,
+            reward_set: RewardSet, normalizer: RewardNormalizer | None, seed: int | None = None, meter=NoMeter(),
+            reward_texts: Sequence[str] | None = None) -> Rollout:
+    """Ask ``responder`` (e.g. a :class:`ConditionedPolicy`) for ``n`` responses to each text under its
+    preference (B, K), and score them.
 
     ``reward_texts``: what the rewards see as each prompt, when it differs from the text the policy
     is conditioned on (the conditioning stage's pool appends an instruction to the latter).
     """
     b = len(texts)
-    prompts = condition(texts, prefs)
     t0 = time.perf_counter()
     with meter.phase("generate"):
-        sample = settings.sampler or generate  # the Hugging Face path unless a backend was configured
-        gen = sample(model, condition.tokenizer, [p for p in prompts for _ in range(n)], settings, seed,
-                     prefs=prefs.repeat_interleave(n, 0))  # (B*N)
+        gen = responder.respond(texts, prefs, settings, seed, n)  # (B*N)
     gen_seconds = time.perf_counter() - t0
     with meter.phase("score"):
         scored_texts = [t for t in (reward_texts or texts) for _ in range(n)]
@@ -94,7 +127,7 @@ def fit_normalizer(model, condition: Conditioner, texts: Sequence[str], n: int, 
     """
     with torch.random.fork_rng(devices=[]):
         prefs = draw_preferences(len(texts), len(condition.objectives), alpha, np.random.default_rng(seed))
-        ro = rollout(model, condition, texts, prefs, n, settings, reward_set, None, seed=seed)
+        ro = rollout(ConditionedPolicy(model, condition), texts, prefs, n, settings, reward_set, None, seed=seed)
     norm = RewardNormalizer.fit(ro.raw.reshape(-1, ro.raw.shape[-1]), condition.objectives)
     log.info("reward statistics from %d responses: mean %s std %s", ro.raw.shape[0] * ro.raw.shape[1],
              [round(m, 4) for m in norm.mean], [round(s, 4) for s in norm.std])

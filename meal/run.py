@@ -139,30 +139,30 @@ class RunContext:
                 + [round(v, 4) for v in ro.raw[i, 0].tolist()] for i in range(min(rows, len(texts)))]
         logger.log_table("samples", columns, data, step)
 
-    def _evaluate(self, model, condition, texts, reward_set, normalizer, grid) -> Front:
-        front = evaluate_front(model, condition, texts, reward_set, normalizer, grid,
+    def _evaluate(self, responder, texts, reward_set, normalizer, grid) -> Front:
+        front = evaluate_front(responder, texts, reward_set, normalizer, grid,
                                generation_settings(self.cfg, eval_protocol=True), list(self.cfg.task.hv_ref),
                                seed=0, label=self.cfg.method.name)
         front.extra = front_provenance(self.cfg, self.run_dir, normalizer, self.budgets)
         return front
 
-    def periodic_eval(self, logger, model, condition, test, reward_set, normalizer, step: int) -> None:
+    def periodic_eval(self, logger, responder, test, reward_set, normalizer, step: int) -> None:
         """A small grid (3 points for K = 2) on a few test prompts: ``eval/hypervolume``."""
         k = len(self.objectives)
         grid = preference_grid(2, points=3) if k == 2 else preference_grid(k)
         texts = [e.text for e in test[:self.cfg.trainer.eval_prompts]]
-        front = self._evaluate(model, condition, texts, reward_set, normalizer, grid)
+        front = self._evaluate(responder, texts, reward_set, normalizer, grid)
         metrics = {"eval/hypervolume": front.hypervolume, "eval/alignment": front.alignment,
                    **following_metrics(front)}
         self.jsonl.write({"step": step, **metrics})
         logger.log(metrics, step)
 
-    def final_eval(self, logger, model, condition, test, reward_set, normalizer, step: int) -> dict[str, Any]:
-        """The full grid on the test prompts; writes front.json and front.png into the run folder."""
+    def final_eval(self, logger, responder, test, reward_set, normalizer, step: int, grid=None) -> dict[str, Any]:
+        """The full grid (or ``grid``) on the test prompts; writes front.json and front.png into the run folder."""
         n = self.cfg.trainer.final_eval_prompts or len(test)
         texts = [e.text for e in test[:n]]
-        front = self._evaluate(model, condition, texts, reward_set, normalizer,
-                               preference_grid(len(self.objectives)))
+        front = self._evaluate(responder, texts, reward_set, normalizer,
+                               grid if grid is not None else preference_grid(len(self.objectives)))
         return publish_front(front, self.run_dir, logger, step, self.jsonl)
 
 

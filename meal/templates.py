@@ -37,10 +37,26 @@ def parse_preference(prompt: str, objectives: Sequence[str]) -> list[float]:
     return [float(g) for g in match.groups()]
 
 
+def format_scores(scores: Sequence[float], objectives: Sequence[str], decimals: int = 1) -> str:
+    """Render desired normalised scores (RiC's rewards in context), e.g.
+
+    >>> format_scores([1.26, -0.4], ["helpful", "concise"])
+    'helpful 1.3, concise -0.4'
+    """
+    if len(scores) != len(objectives):
+        raise ValueError(f"{len(scores)} scores for {len(objectives)} objectives")
+    return ", ".join(f"{name} {float(s):.{decimals}f}" for name, s in zip(objectives, scores))
+
+
 def build_prompt(template: TemplateConfig, text: str, pref: Sequence[float], objectives: Sequence[str],
                  tokenizer) -> str:
     """The full prompt string the policy sees for task ``text`` under preference ``pref``."""
-    user = template.user.format(preference=format_preference(pref, objectives), text=text)
+    return render_prompt(template, text, format_preference(pref, objectives), tokenizer)
+
+
+def render_prompt(template: TemplateConfig, text: str, preference_text: str, tokenizer) -> str:
+    """The task's template around ``text`` with ``preference_text`` at ``{preference}``."""
+    user = template.user.format(preference=preference_text, text=text)
     if not template.chat:
         return user + template.suffix
     messages = [{"role": "user", "content": user}]

@@ -100,12 +100,12 @@ def short_reward(prompts, responses):
 
 
 def test_a_broken_reward_fails_before_the_policy_loads(tiny_llama, tmp_path, monkeypatch):
-    import meal.trainer
+    import meal.policy
 
     def no_policy(*a, **k):
         raise AssertionError("the policy was loaded")
 
-    monkeypatch.setattr(meal.trainer, "load_policy", no_policy)
+    monkeypatch.setattr(meal.policy, "load_policy", no_policy)
     for fn, msg in [("nan_reward", "reward 'broken' returned nan"), ("short_reward", "returned 1 values for 2")]:
         cfg = tiny_config(tiny_llama, str(tmp_path / fn), **{"task.objectives": ["coverage", "broken"]})
         cfg["rewards"]["broken"] = f"tests.test_reliability.{fn}"

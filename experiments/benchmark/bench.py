@@ -76,7 +76,7 @@ from meal.policy import load_policy, trainable_parameters
 from meal.losses import build_batch, per_example_nll
 from meal.meta import PreferenceWeightNet, sample_weights, meta_gradient
 from meal.tasks import load_embedded
-from meal.rollout import Conditioner, rollout
+from meal.rollout import ConditionedPolicy, Conditioner, rollout
 from meal.rewards import RewardSet
 from meal.run import generation_settings
 from meal.embeddings import policy_embeddings
@@ -91,7 +91,7 @@ texts = [e.text for e in data.train[:8]]
 cond = Conditioner(cfg.task.template, list(cfg.task.objectives), tok)
 rs = RewardSet.from_config(dict(cfg.rewards), list(cfg.task.objectives))
 w = torch.full((8, 2), 0.5)
-ro = rollout(model, cond, texts, w, 1, generation_settings(cfg), rs, None, seed=0)
+ro = rollout(ConditionedPolicy(model, cond), texts, w, 1, generation_settings(cfg), rs, None, seed=0)
 resp = [r[0] for r in ro.texts]
 inner = build_batch(tok, cond(texts[:4], w[:4]), resp[:4])
 meta = build_batch(tok, cond(texts[4:], w[4:]), resp[4:])

@@ -22,7 +22,7 @@ from meal.config import PolicyConfig, TemplateConfig
 from meal.evaluation import pareto_mask
 from meal.policy import load_policy
 from meal.rewards import RewardSet
-from meal.rollout import Conditioner, draw_preferences, rollout
+from meal.rollout import ConditionedPolicy, Conditioner, draw_preferences, rollout
 from meal.sampling import GenerationSettings
 from meal.tasks import load_embedded
 
@@ -54,8 +54,8 @@ def main() -> None:
         texts = [e.text for e in load_embedded(tcfg.data.name).train[:args.prompts]]
         prefs = draw_preferences(len(texts), len(tcfg.objectives), 1.0, np.random.default_rng(0))
         t0 = time.time()
-        ro = rollout(model, cond, texts, prefs, args.samples, GenerationSettings(tcfg.max_new_tokens),
-                     RewardSet.from_config(specs, objectives), None)
+        ro = rollout(ConditionedPolicy(model, cond), texts, prefs, args.samples,
+                     GenerationSettings(tcfg.max_new_tokens), RewardSet.from_config(specs, objectives), None)
         raw = ro.raw.reshape(-1, len(objectives)).numpy()  # (M, K)
         pairs = {}
         for a, b in itertools.combinations(range(len(objectives)), 2):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Static rejection sampling vs Meal on the embedded assistant task (helpful vs concise), from one shared
-# conditioning stage (the demo's, cached), at an equal online budget (ITERATIONS x 8 prompts x 4 samples
+# conditioning stage (the demo's, cached; every online step replays 8 of its labelled rows, as the demo),
+# at an equal online budget (ITERATIONS x 8 prompts x 4 samples
 # per run; default 20 iterations = 640 sampled responses), SEEDS each (default 0,1,2,3,4), each run followed
 # by the full 11-point evaluation on 24 test prompts; the conditioned start and the base policy are
 # evaluated the same way. Then meal-compare: hypervolume, MIP, preference-following and cost per method,
@@ -8,7 +9,7 @@
 # docs/results/embedded_assistant/{compare.json, compare.md, compare.png}. Runs go one after the other;
 # a run whose front.json exists is kept, so the script can be stopped and started again. Run from the
 # repository root: `bash experiments/embedded/run.sh` (or `make embedded-experiment`), e.g.
-# `SEEDS=0,1,2 ITERATIONS=12 bash experiments/embedded/run.sh`. About 10 min per run on 2 CPU cores without bf16.
+# `SEEDS=0,1,2 ITERATIONS=12 bash experiments/embedded/run.sh`. About 15 min per run on 2 CPU cores without bf16 (12 iterations).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}

@@ -1,0 +1,178 @@
+"""RiC, rewards in context (Yang et al. 2024), over the shared harness, read top to bottom.
+
+The prompt holds desired normalised scores ("helpful 1.3, concise -0.4") instead of weights::
+
+    0  offline stage: every corpus row written with the normalised rewards it obtained
+       (the conditioning stage with ``conditioning.label=scores``), SFT                 (start_run)
+    online (MORS), per iteration:
+    1  desired scores for B prompts: one objective at a random value in [lo, hi], the others at hi,
+       [lo, hi] the min and max of ``method.score_draws`` N(0, 1) draws
+    2  N samples each (temperature ``method.sample_temperature``), scored and normalised   (B, N, K)
+    3  keep a sample when any objective reaches its ``method.quantile`` over the iteration's samples
+    4  relabel the kept samples with the scores they obtained
+    5  add as many rows of the offline corpus that pass the same filter (``method.replay_filtered``)
+    6  one SFT step (AdamW, ``trainer.lr``) on kept + replayed rows
+    inference: a preference w maps to desired scores w / ||w||_2 * (hi - lo) + lo            (RicPolicy)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from meal.distributed import make_policy_optimizer
+from meal.harness import start_run
+from meal.losses import build_batch, policy_step
+from meal.rollout import ConditionedPolicy, ScoreConditioner, rollout
+from meal.sampling import Generation, GenerationSettings, degenerate_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreRange:
+    """[lo, hi] of desired scores: the min and max of ``draws`` N(0, 1) draws (RiC's map)."""
+
+    lo: float
+    hi: float
+
+    @classmethod
+    def from_draws(cls, draws: int, seed: int = 0) -> "ScoreRange":
+        x = np.random.default_rng(seed).standard_normal(draws)
+        return cls(float(x.min()), float(x.max()))
+
+    def from_preference(self, w: torch.Tensor) -> torch.Tensor:
+        """RiC's inference map (B, K) -> (B, K): w / ||w||_2 * (hi - lo) + lo."""
+        return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12) * (self.hi - self.lo) + self.lo
+
+    def online_targets(self, b: int, k: int, rng: np.random.Generator) -> torch.Tensor:
+        """Step 1: per row one objective at a uniform value in [lo, hi], the others at hi (B, K)."""
+        out = torch.full((b, k), self.hi)
+        which = rng.integers(0, k, size=b)
+        out[torch.arange(b), torch.as_tensor(which)] = torch.as_tensor(rng.uniform(self.lo, self.hi, size=b),
+                                                                       dtype=torch.float32)
+        return out
+
+
+@dataclass
+class RicPolicy:
+    """RiC's responder: a preference becomes desired scores, which the policy reads from its prompt."""
+
+    policy: ConditionedPolicy
+    scores: ScoreRange
+
+    @property
+    def objectives(self) -> list[str]:
+        return self.policy.objectives
+
+    def respond(self, texts, prefs: torch.Tensor, settings: GenerationSettings, seed: int | None = None,
+                n: int = 1) -> Generation:
+        return self.policy.respond(texts, self.scores.from_preference(prefs), settings, seed, n)
+
+
+def responder(cfg, model, tokenizer, run_dir: str | None = None) -> RicPolicy:
+    """What evaluates a RiC policy: w mapped to desired scores, written into the prompt."""
+    m = cfg.method
+    condition = ScoreConditioner(cfg.task.template, list(cfg.task.objectives), tokenizer, m.decimals)
+    return RicPolicy(ConditionedPolicy(model, condition), ScoreRange.from_draws(m.score_draws))
+
+
+def quantile_filter(rewards: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Step 3: True where any objective reaches its threshold. rewards (..., K), thresholds (K,)."""
+    return (rewards >= thresholds).any(-1)
+
+
+def train(cfg) -> dict[str, Any]:
+    """Train a rewards-in-context policy: the offline stage (in start_run), then MORS iterations."""
+    t, m = cfg.trainer, cfg.method
+    run = start_run(cfg, functools.partial(ScoreConditioner, decimals=m.decimals))
+    dist, k = run.dist, len(run.objectives)
+    evaluated = responder(cfg, run.model, run.tokenizer)  # w -> desired scores; what meal-eval rebuilds
+    policy, scores = evaluated.policy, evaluated.scores  # the policy writes the scores it is given
+    optimizer = make_policy_optimizer(run.model, run.params, t, dist, run.ds_config)
+    if run.state is not None:
+        optimizer.load_state_dict(run.state["optimizer"])
+    corpus = run.conditioning.replay  # the offline rows, labelled with their own normalised rewards
+    sampling = dataclasses.replace(run.settings, temperature=m.sample_temperature)
+    texts_all = run.train_texts
+    exit_code = 1
+    try:
+        for it in run.iterations():
+            tic = time.perf_counter()
+            # 1. desired scores for this rank's share of the batch
+            idx = run.order.next(t.batch_size)
+            desired = scores.online_targets(len(idx), k, run.draws)
+            idx, desired = dist.shard(idx), torch.cat(dist.shard(list(desired.split(1))))
+            texts = [texts_all[i] for i in idx]
+            # 2. N samples each, scored
+            ro = rollout(policy, texts, desired, t.n_samples, sampling, run.reward_set, run.normalizer)
+            run.budget.add_sampling(t.batch_size * t.n_samples, round(dist.mean(ro.num_tokens) * dist.world), k)
+            # 3. the quantile filter over the iteration's samples (valid ones only)
+            valid = ~degenerate_mask(ro.texts, ro.finished)  # (B, N)
+            flat = ro.rewards.reshape(-1, k)
+            pool = flat[valid.reshape(-1)] if valid.any() else flat
+            thresholds = torch.quantile(pool, m.quantile, dim=0)  # (K,)
+            keep = quantile_filter(ro.rewards, thresholds) & valid  # (B, N)
+            rows, cols = keep.nonzero(as_tuple=True)
+            # 4. relabel with the obtained scores
+            labels = ro.rewards[rows, cols]  # (n_kept, K)
+            prompts = [texts[i] for i in rows.tolist()]
+            responses = [ro.texts[i][j] for i, j in zip(rows.tolist(), cols.tolist())]
+            finished = [ro.finished[i][j] for i, j in zip(rows.tolist(), cols.tolist())]
+            # 5. as many offline rows passing the same filter
+            n_replay = 0
+            if m.replay_filtered and len(rows):
+                passing = quantile_filter(corpus.labels, thresholds).nonzero().flatten().numpy()
+                if len(passing):
+                    pick = run.draws.choice(passing, size=len(rows), replace=len(passing) < len(rows))
+                    prompts += [corpus.texts[i] for i in pick]
+                    responses += [corpus.responses[i] for i in pick]
+                    finished += [corpus.finished[i] for i in pick]
+                    labels = torch.cat([labels, corpus.labels[torch.as_tensor(pick)]])
+                    n_replay = len(pick)
+            # 6. one SFT step on them
+            loss, grad_norm = 0.0, 0.0
+            if dist.mean(float(len(responses) > 0)) == 0:
+                log.warning("iteration %d: no sample passed the filter; no step taken", it + 1)
+            elif len(responses):
+                batch = build_batch(run.tokenizer, run.condition(prompts, labels), responses, finished,
+                                    t.max_prompt_tokens, prefs=labels)
+                loss, grad_norm = policy_step(run.model, optimizer, batch, torch.ones(len(batch)),
+                                              t.micro_batch_size, dist)
+                run.budget.steps += 1
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"iteration {it}: the training loss is {loss}; the last checkpoint "
+                                         f"in {run.run_dir}/checkpoints is intact")
+            step = it + 1
+            metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/kept": float(len(rows)),
+                       "train/replay_rows": float(n_replay), "train/degenerate": (~valid).float().mean().item(),
+                       "train/response_tokens": ro.num_tokens / max(1, keep.numel()),
+                       "time/iteration": time.perf_counter() - tic}
+            for j, name in enumerate(run.objectives):
+                metrics[f"reward/{name}"] = ro.raw[..., j].mean().item()
+                metrics[f"reward_norm/{name}"] = ro.rewards[..., j].mean().item()
+                metrics[f"ric/threshold/{name}"] = thresholds[j].item()
+            run.budget.seconds += metrics["time/iteration"]
+            if dist.main:
+                run.ctx.record(run.logger, metrics, step, every=t.log_every)
+                if t.table_every and step % t.table_every == 0:
+                    run.ctx.sample_table(run.logger, step, texts, desired, ro)
+            if (t.save_every and step % t.save_every == 0) or step == t.iterations:
+                run.save(step, optimizer)
+            if t.eval_every and step % t.eval_every == 0 and step < t.iterations:
+                run.periodic_eval(evaluated, step)
+        summary = {"run_dir": run.run_dir, "iterations": t.iterations, **run.ctx.last}
+        if t.final_eval:
+            summary.update(run.evaluate(evaluated))
+        exit_code = 0
+        return summary
+    finally:
+        run.logger.finish(exit_code)

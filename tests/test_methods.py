@@ -1,0 +1,210 @@
+"""The method recipes over the shared harness: RiC's pieces on hand-made numbers, RiC end to end on the
+tiny model, and method configs that contradict themselves."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from meal.config import ConfigError
+from meal.methods.ric import ScoreRange, quantile_filter
+from meal.templates import format_scores
+from meal.trainer import train
+from tests.conftest import tiny_config
+
+
+def test_ric_quantile_filter_keeps_a_sample_when_any_objective_reaches_its_threshold():
+    rewards = torch.tensor([[[1.0, -1.0], [-1.0, 2.0]], [[0.0, 0.0], [0.5, 0.9]]])  # (B=2, N=2, K=2)
+    keep = quantile_filter(rewards, torch.tensor([0.5, 1.0]))
+    assert keep.tolist() == [[True, True], [False, True]]
+    # the 0.7 quantile of four values 0, 1, 2, 3 per objective is 2.1: only the 3 passes
+    x = torch.tensor([[0.0, 3.0], [1.0, 2.0], [2.0, 1.0], [3.0, 0.0]])
+    assert torch.allclose(torch.quantile(x, 0.7, dim=0), torch.tensor([2.1, 2.1]))
+    assert quantile_filter(x, torch.quantile(x, 0.7, dim=0)).tolist() == [True, False, False, True]
+
+
+def test_ric_maps_a_preference_to_desired_scores_as_its_reference_code():
+    rng = ScoreRange(-4.0, 4.0)
+    out = rng.from_preference(torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]))
+    half = float(0.5 / np.sqrt(0.5) * 8 - 4)  # w / ||w||_2 * (hi - lo) + lo
+    assert torch.allclose(out, torch.tensor([[4.0, -4.0], [half, half], [-4.0, 4.0]]))
+    drawn = ScoreRange.from_draws(50000)
+    assert -5 < drawn.lo < -3.5 and 3.5 < drawn.hi < 5  # the extremes of 50,000 N(0, 1) draws
+    targets = rng.online_targets(200, 3, np.random.default_rng(0))
+    assert ((targets == 4.0).sum(1) >= 2).all()  # one objective drawn, the others at the maximum
+    assert ((targets >= -4.0) & (targets <= 4.0)).all()
+
+
+def test_scores_are_written_with_one_decimal():
+    assert format_scores([1.26, -0.44], ["helpful", "concise"]) == "helpful 1.3, concise -0.4"
+
+
+def _ric_config(tiny_llama, out, cache, **over):
+    base = {"method": {"recipe": "ric", "name": "ric"}, "conditioning.enabled": True, "conditioning.label": "scores",
+            "conditioning.steps": 3, "conditioning.batch_size": 4, "conditioning.micro_batch_size": 2,
+            "conditioning.pool_prompts": 4, "conditioning.cache": cache, "task.pool_instructions": ["", "Be brief."],
+            "policy.lora": {"enabled": True, "r": 2, "alpha": 4}, "trainer.iterations": 2,
+            "trainer.n_samples": 4, "trainer.final_eval": True, "trainer.final_eval_prompts": 2}
+    base.update(over)
+    cfg = tiny_config(tiny_llama, out, **{k: v for k, v in base.items() if k != "method"})
+    cfg["method"] = base["method"]
+    return cfg
+
+
+def test_ric_trains_two_steps_and_writes_its_front(tiny_llama, tmp_path):
+    """The offline stage labels every corpus row with its own scores; two MORS iterations keep the samples
+    past the 0.7 quantile (plus as many filtered corpus rows), step, and the front is evaluated through
+    RiC's map from preferences to desired scores."""
+    from meal.conditioning import ReplaySet
+
+    out = tmp_path / "ric"
+    summary = train(_ric_config(tiny_llama, str(out), str(tmp_path / "cache")))
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl") if "train/loss" in x]
+    assert len(rows) == 2
+    for r in rows:
+        assert 1 <= r["train/kept"] <= 16  # 4 prompts x 4 samples, any objective past its 0.7 quantile
+        assert r["train/replay_rows"] in (0.0, r["train/kept"])
+    corpus = ReplaySet.load(str(out / "conditioning" / "replay.jsonl"))
+    assert len(corpus) == 8  # every pool row, labelled with its own normalised rewards
+    front = json.load(open(out / "front.json"))
+    assert len(front["points"]) == 11 and front["label"] == "ric"
+    assert summary["budget"]["steps"] == sum(r["train/loss"] > 0 for r in rows)
+    assert os.path.exists(out / "checkpoints" / "step_000002" / "state.pt")
+
+
+@pytest.mark.parametrize("over, msg", [
+    ({"policy.lora": {"enabled": True, "preference_aware": True}}, "policy.lora.preference_aware"),
+    ({"conditioning.label": "region"}, "conditioning.label"),
+    ({"method": {"recipe": "ric", "quantile": 1.5}}, "method.quantile"),
+    ({"method": {"recipe": "ric", "quantil": 0.5}}, "did you mean method.quantile"),
+    ({"method": {"recipe": "rice"}}, "method.recipe: unknown recipe 'rice'"),
+    ({"method": {"recipe": "ric", "lam": 0.5}}, "method.lam: unknown setting"),
+])
+def test_a_method_config_that_contradicts_itself_names_the_field(tiny_llama, tmp_path, over, msg):
+    with pytest.raises(ConfigError, match=msg):
+        train(_ric_config(tiny_llama, str(tmp_path / "r"), str(tmp_path / "c"), **over))
+
+
+def test_morlhf_reward_functions_give_w_dot_r_on_hand_made_scores():
+    """TRL sums reward_weights[k] * reward_k: with MORLHF's reward functions that is w . R of the normalised
+    rewards, and the reward set is scored once for all K functions."""
+    from meal.methods.morlhf import ScoreCache
+    from meal.rewards import RewardNormalizer
+
+    calls = []
+
+    class Fixed:
+        objectives = ["a", "b"]
+
+        def score(self, prompts, responses):
+            calls.append(len(responses))
+            return torch.tensor([[1.0, 4.0], [3.0, 0.0]])
+
+    class FakeRun:
+        budget = __import__("meal.budget", fromlist=["Budget"]).Budget()
+
+        @staticmethod
+        def tokenizer(text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+    cache = ScoreCache(Fixed(), RewardNormalizer(mean=[1.0, 2.0], std=[2.0, 2.0], objectives=["a", "b"]), FakeRun())
+    fa, fb = cache.reward_function(0, "a"), cache.reward_function(1, "b")
+    w = [0.25, 0.75]
+    ra = fa(prompts=["p", "q"], completions=["x y", "z"], text=["t", "u"])
+    rb = fb(prompts=["p", "q"], completions=["x y", "z"], text=["t", "u"])
+    assert ra == [0.0, 1.0] and rb == [1.0, -1.0]  # (raw - mean) / std
+    assert [w[0] * x + w[1] * y for x, y in zip(ra, rb)] == [0.75, -0.5]
+    assert calls == [2]  # one scoring pass for both reward functions
+    assert FakeRun.budget.responses == 2 and FakeRun.budget.tokens == 3 and FakeRun.budget.reward_calls == 4
+
+
+def test_morlhf_trains_one_grpo_policy_per_preference_and_evaluates_each_at_its_own(tiny_llama, tmp_path):
+    out = tmp_path / "morlhf"
+    cfg = tiny_config(tiny_llama, str(out), **{
+        "conditioning.enabled": True, "conditioning.steps": 2, "conditioning.batch_size": 4,
+        "conditioning.micro_batch_size": 2, "conditioning.pool_prompts": 4, "conditioning.cache": str(tmp_path / "c"),
+        "task.pool_instructions": ["", "Be brief."],
+        "policy.lora": {"enabled": True, "preference_aware": True, "r": 2, "alpha": 4},
+        "trainer.iterations": 2, "trainer.batch_size": 2, "trainer.n_samples": 2, "trainer.final_eval": True,
+        "trainer.final_eval_prompts": 2})
+    cfg["method"] = {"recipe": "morlhf", "name": "morlhf", "grid_points": 2}
+    summary = train(cfg)
+    from safetensors.torch import load_file
+
+    start = load_file(str(out / "policies" / "start.safetensors"))
+    p0, p1 = (load_file(str(out / "policies" / f"{i:02d}.safetensors")) for i in (0, 1))
+    assert any(not torch.equal(p0[n], start[n]) for n in start)  # GRPO moved each policy ...
+    assert any(not torch.equal(p0[n], p1[n]) for n in start)  # ... differently for each preference
+    front = json.load(open(out / "front.json"))
+    assert front["preferences"] == [[0.0, 1.0], [1.0, 0.0]] and front["label"] == "morlhf"
+    assert summary["budget"]["responses"] == 2 * 2 * 2 * 2  # 2 policies x 2 steps x 2 prompts x 2 completions
+    assert summary["budget"]["steps"] == 4
+
+
+def test_soup_of_two_adapters_is_the_first_at_one_zero_and_their_average_at_one_half():
+    from meal.methods.soups import interpolate
+
+    a = {"x.lora_A": torch.tensor([[1.0, 2.0]]), "x.lora_B": torch.tensor([[4.0]])}
+    b = {"x.lora_A": torch.tensor([[3.0, -2.0]]), "x.lora_B": torch.tensor([[0.0]])}
+    first = interpolate([a, b], [1.0, 0.0])
+    assert all(torch.equal(first[n], a[n]) for n in a)
+    half = interpolate([a, b], [0.5, 0.5])
+    assert torch.equal(half["x.lora_A"], torch.tensor([[2.0, 0.0]])) and torch.equal(half["x.lora_B"],
+                                                                                      torch.tensor([[2.0]]))
+
+
+def test_merged_soup_interpolates_full_weight_updates_and_restores_the_base(tiny_llama):
+    """The merged rule: at (1, 0) each adapted layer carries expert 1's full update, at (0.5, 0.5) the mean
+    of both (not the update of the mean adapters); the base weights come back bit for bit."""
+    from omegaconf import OmegaConf
+
+    from meal.config import PolicyConfig
+    from meal.methods.soups import Soup, layer_deltas
+    from meal.policy import load_policy, trainable_parameters
+    from meal.rollout import ConditionedPolicy
+
+    cfg = OmegaConf.merge(OmegaConf.structured(PolicyConfig), {"name_or_path": tiny_llama, "dtype": "float32",
+                          "lora": {"enabled": True, "preference_aware": True, "r": 2, "alpha": 4}})
+    model, tok = load_policy(cfg, 2, device="cpu")
+    params = trainable_parameters(model)
+    g = torch.Generator().manual_seed(0)
+    experts = [{n: torch.randn(p.shape, generator=g) * 0.1 for n, p in params.items()} for _ in range(2)]
+    w = torch.tensor([0.3, 0.7])
+    deltas = []
+    for e in experts:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(e[n])
+        deltas.append(layer_deltas(model, w))
+    soup = Soup(ConditionedPolicy(model, None), params, experts, "merged")
+    name = next(iter(deltas[0]))
+    base = model.get_submodule(name).base
+    before = base.weight.detach().clone()
+    with soup.merged(w):
+        torch.testing.assert_close(base.weight - before, 0.3 * deltas[0][name] + 0.7 * deltas[1][name])
+    assert torch.equal(base.weight, before)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(experts[0][n])
+    first = layer_deltas(model, torch.tensor([1.0, 0.0]))[name]  # expert 1's update at its own preference
+    with soup.merged(torch.tensor([1.0, 0.0])):
+        torch.testing.assert_close(base.weight - before, first)
+
+
+def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_llama, tmp_path):
+    out = tmp_path / "soups"
+    cfg = tiny_config(tiny_llama, str(out), **{
+        "conditioning.enabled": True, "conditioning.steps": 2, "conditioning.batch_size": 4,
+        "conditioning.micro_batch_size": 2, "conditioning.pool_prompts": 4, "conditioning.cache": str(tmp_path / "c"),
+        "task.pool_instructions": ["", "Be brief."],
+        "policy.lora": {"enabled": True, "preference_aware": True, "r": 2, "alpha": 4},
+        "trainer.iterations": 1, "trainer.batch_size": 2, "trainer.n_samples": 2, "trainer.final_eval": True,
+        "trainer.final_eval_prompts": 2})
+    cfg["method"] = {"recipe": "soups", "name": "soups"}
+    summary = train(cfg)
+    assert sorted(os.listdir(out / "policies")) == ["00.safetensors", "01.safetensors", "start.safetensors"]
+    front = json.load(open(out / "front.json"))
+    assert len(front["points"]) == 11 and front["label"] == "soups"
+    assert summary["budget"]["responses"] == 2 * 1 * 2 * 2
