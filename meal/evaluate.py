@@ -69,11 +69,11 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
         else:
             grid = responder.grid
     front = evaluate_front(responder, texts, reward_set, normalizer, grid,
-                           generation_settings(cfg, eval_protocol=True), list(cfg.task.hv_ref), seed=seed, label=name)
+                           generation_settings(cfg, eval_protocol=True), list(cfg.task.hv_ref), seed=seed, label=name,
+                           csv_dir=os.path.join(out_dir_for(run_dir, out_dir, untrained, checkpoint), "responses"))
     budgets = run_budgets(run_dir, folder, untrained, checkpoint == "conditioned")
     front.extra = front_provenance(cfg, run_dir, normalizer, budgets, checkpoint=folder)
-    out_dir = out_dir or os.path.join(run_dir, "eval-base" if untrained else "eval-conditioned"
-                                      if checkpoint == "conditioned" else "eval")
+    out_dir = out_dir_for(run_dir, out_dir, untrained, checkpoint)
     os.makedirs(out_dir, exist_ok=True)
     logger = instantiate(logger_cfg if logger_cfg is not None else {"_target_": "meal.tracking.NullLogger"})
     logger.start(out_dir, {"run_dir": run_dir, "train_config": to_container(cfg)}, f"eval-{name}", False)
@@ -81,6 +81,12 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
         return publish_front(front, out_dir, logger, step=0)
     finally:
         logger.finish()
+
+
+def out_dir_for(run_dir: str, out_dir: str | None, untrained: bool, checkpoint: str) -> str:
+    """Where meal-eval writes: ``out_dir``, else eval-base / eval-conditioned / eval inside the run."""
+    return out_dir or os.path.join(run_dir, "eval-base" if untrained else "eval-conditioned"
+                                   if checkpoint == "conditioned" else "eval")
 
 
 def run_budgets(run_dir: str, folder: str | None, untrained: bool, conditioned: bool) -> dict:

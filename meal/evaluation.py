@@ -127,13 +127,17 @@ class Front:
 
 def evaluate_front(responder, texts: Sequence[str], reward_set: RewardSet, normalizer: RewardNormalizer,
                    grid: Sequence[Sequence[float]], settings: GenerationSettings, hv_ref: Sequence[float],
-                   seed: int = 0, label: str = "") -> Front:
+                   seed: int = 0, label: str = "", csv_dir: str | None = None) -> Front:
     """Ask ``responder`` (:class:`~meal.rollout.ConditionedPolicy` or a method's own) for a response to
-    every text under every grid preference, score, average: the front."""
+    every text under every grid preference, score, average: the front. ``csv_dir``: also write each
+    preference's responses and scores there (:func:`write_ric_csv`)."""
     points, raw_points, alignment, degenerate = [], [], [], []
     for w in grid:
         prefs = torch.tensor([list(w)] * len(texts), dtype=torch.float32)
         ro = rollout(responder, texts, prefs, 1, settings, reward_set, normalizer, seed=seed)
+        if csv_dir is not None:
+            desired = responder.scores.from_preference(prefs[:1])[0] if hasattr(responder, "scores") else None
+            write_ric_csv(csv_dir, list(w), texts, [t[0] for t in ro.texts], ro.raw[:, 0], desired)
         r = ro.rewards[:, 0]  # (P, K) normalised
         points.append(r.mean(0).tolist())
         raw_points.append(ro.raw[:, 0].mean(0).tolist())
@@ -148,3 +152,28 @@ def evaluate_front(responder, texts: Sequence[str], reward_set: RewardSet, norma
     log.info("front %s: hypervolume %.4f (reference point %s), alignment %.4f; %s", label, hv, list(hv_ref),
              front.alignment, front.following_summary())
     return front
+
+
+def write_ric_csv(folder: str, w: Sequence[float], texts: Sequence[str], responses: Sequence[str], raw: torch.Tensor,
+                  desired: torch.Tensor | None = None) -> str:
+    """One preference's responses in RiC's evaluation layout (its ``ric/evaluation.py``):
+    ``eval_data_pref<w1>_<w2>[_<w3>].csv`` with an index column, ``prompt``, ``response`` and per
+    objective i ``obtained_score<i>`` (raw, not normalised, as RiC's) and ``desired_score<i>`` (the
+    desired scores of a rewards-in-context method; empty for the others), so RiC's plotting scripts
+    read meal's fronts."""
+    import csv
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "eval_data_pref" + "_".join(str(round(float(x), 2)) for x in w) + ".csv")
+    k = raw.shape[1]
+    header = ["", "prompt", "response"] + [c for i in range(k) for c in (f"obtained_score{i + 1}",
+                                                                            f"desired_score{i + 1}")]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(header)
+        for j, (text, resp) in enumerate(zip(texts, responses)):
+            row = [j, text, resp]
+            for i in range(k):
+                row += [float(raw[j, i]), "" if desired is None else round(float(desired[i]), 4)]
+            out.writerow(row)
+    return path

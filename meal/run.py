@@ -139,10 +139,10 @@ class RunContext:
                 + [round(v, 4) for v in ro.raw[i, 0].tolist()] for i in range(min(rows, len(texts)))]
         logger.log_table("samples", columns, data, step)
 
-    def _evaluate(self, responder, texts, reward_set, normalizer, grid) -> Front:
+    def _evaluate(self, responder, texts, reward_set, normalizer, grid, csv_dir: str | None = None) -> Front:
         front = evaluate_front(responder, texts, reward_set, normalizer, grid,
                                generation_settings(self.cfg, eval_protocol=True), list(self.cfg.task.hv_ref),
-                               seed=0, label=self.cfg.method.name)
+                               seed=0, label=self.cfg.method.name, csv_dir=csv_dir)
         front.extra = front_provenance(self.cfg, self.run_dir, normalizer, self.budgets)
         return front
 
@@ -158,11 +158,13 @@ class RunContext:
         logger.log(metrics, step)
 
     def final_eval(self, logger, responder, test, reward_set, normalizer, step: int, grid=None) -> dict[str, Any]:
-        """The full grid (or ``grid``) on the test prompts; writes front.json and front.png into the run folder."""
+        """The full grid (or ``grid``) on the test prompts; writes front.json, front.png and each preference's
+        responses and scores (``responses/``, RiC's CSV layout) into the run folder."""
         n = self.cfg.trainer.final_eval_prompts or len(test)
         texts = [e.text for e in test[:n]]
         front = self._evaluate(responder, texts, reward_set, normalizer,
-                               grid if grid is not None else preference_grid(len(self.objectives)))
+                               grid if grid is not None else preference_grid(len(self.objectives)),
+                               csv_dir=os.path.join(self.run_dir, "responses"))
         return publish_front(front, self.run_dir, logger, step, self.jsonl)
 
 

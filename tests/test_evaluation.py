@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import torch
 import pytest
 
 from meal.compare import CompareError, compare
@@ -98,3 +99,19 @@ def test_compare_refuses_fronts_in_different_units(tmp_path):
         compare([str(tmp_path / "a.json"), str(tmp_path / "b.json")], str(tmp_path / "out"))
     with pytest.raises(CompareError, match="no front.json"):
         compare([str(tmp_path)], str(tmp_path / "out"))
+
+
+def test_responses_are_written_in_rics_csv_layout(tmp_path):
+    import csv
+
+    from meal.evaluation import write_ric_csv
+
+    path = write_ric_csv(str(tmp_path), [0.3, 0.7], ["q1", "q2"], ["a1", "a2"], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert os.path.basename(path) == "eval_data_pref0.3_0.7.csv"
+    rows = list(csv.reader(open(path)))
+    assert rows[0] == ["", "prompt", "response", "obtained_score1", "desired_score1", "obtained_score2",
+                       "desired_score2"]
+    assert rows[2] == ["1", "q2", "a2", "3.0", "", "4.0", ""]
+    with_desired = write_ric_csv(str(tmp_path / "ric"), [1.0, 0.0], ["q"], ["a"], torch.tensor([[0.5, 0.5]]),
+                                 torch.tensor([4.2, -4.2]))
+    assert list(csv.reader(open(with_desired)))[1] == ["0", "q", "a", "0.5", "4.2", "0.5", "-4.2"]
