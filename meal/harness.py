@@ -206,7 +206,8 @@ def check_policy_source(policy: DictConfig) -> None:
 
 @dataclass
 class Run:
-    """An opened run, as every method's recipe starts it (:func:`start_run`).
+    """An opened run, as every method's recipe starts it (:func:`start_run`). ``optimizer`` is the
+    policy's step-10 engine (AdamW, or DeepSpeed ZeRO under a DeepSpeed launch).
 
     ``state`` is the checkpoint's saved state when the run resumes (the policy's weights are already
     restored, the random streams continue when :meth:`iterations` starts; the recipe restores what it
@@ -225,7 +226,7 @@ class Run:
     params: dict[str, torch.Tensor]
     condition: Any
     settings: Any
-    ds_config: dict | None
+    optimizer: Any
     conditioning: Any
     normalizer: RewardNormalizer
     ctx: Any
@@ -293,7 +294,7 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
     (policy | minilm): also the frozen embeddings of the training prompts (``run.embeddings``, (M, D)),
     taken from the policy as loaded, before step 0 or a checkpoint changes its weights."""
     from meal.conditioning import condition_policy, conditioning_budget, read_conditioning, record_conditioning
-    from meal.distributed import Dist, deepspeed_config
+    from meal.distributed import Dist, deepspeed_config, make_policy_optimizer
     from meal.policy import load_policy, resolve_device, resolve_dtype, trainable_parameters
     from meal.rollout import Conditioner, PromptOrder, reward_statistics
     from meal.run import RunContext, generation_settings, open_logger, seed_everything, training_sampler
@@ -336,6 +337,9 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
         #    must start from the conditioned ones
         conditioning = condition_policy(cfg, data, model, params, condition, settings, reward_set, run_dir,
                                         lambda folder: open_logger(cfg, folder, False, stage=True), dist)
+    # the policy's optimiser (step 10's engine; a collective under DeepSpeed), built before any sampling
+    # as a DeepSpeed launch needs it; recipes that train with another trainer (TRL's) leave it unused
+    optimizer = make_policy_optimizer(model, params, t, dist, ds_config)
     ctx = RunContext(run_dir, cfg, objectives)
     order = PromptOrder(len(train_texts), t.seed)
     draws = np.random.default_rng(t.seed)
@@ -371,5 +375,5 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
                                          "samples_per_prompt": t.norm_samples, "seed": t.norm_seed})
     ctx.budgets = {"online": budget, "conditioning": conditioning_budget(conditioning)}
     logger = open_logger(cfg, run_dir, resume=ckpt is not None) if dist.main else NullLogger()
-    return Run(cfg, dist, run_dir, data, objectives, reward_set, model, tok, params, condition, settings, ds_config,
+    return Run(cfg, dist, run_dir, data, objectives, reward_set, model, tok, params, condition, settings, optimizer,
                conditioning, normalizer, ctx, logger, order, draws, budget, ckpt, state, start, embeddings)

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from meal.config import ConfigError
-from meal.distributed import make_policy_optimizer
 from meal.harness import Run, start_run
 from meal.losses import SFTBatch, build_batch, per_example_nll, policy_step
 from meal.meta import (PreferenceWeightNet, achieved_preference, dynamic_preference, label_preference,
@@ -73,7 +72,7 @@ def train(cfg) -> dict[str, Any]:
         raise ConfigError(f"trainer.batch_size: Meal needs at least 2 prompts per process, got {t.batch_size} over "
                           f"{dist.world}")
     policy = responder(cfg, run.model, run.tokenizer)
-    optimizer = make_policy_optimizer(run.model, run.params, t, dist, run.ds_config)
+    optimizer = run.optimizer
     meta = build_meta_learner(cfg, run) if m.meta_learner else None
     replay = run.conditioning.replay if run.conditioning is not None and t.replay else None
     if t.replay and replay is None:

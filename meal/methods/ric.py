@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from meal.distributed import make_policy_optimizer
 from meal.harness import start_run
 from meal.losses import build_batch, policy_step
 from meal.rollout import ConditionedPolicy, ScoreConditioner, rollout
@@ -97,7 +96,7 @@ def train(cfg) -> dict[str, Any]:
     dist, k = run.dist, len(run.objectives)
     evaluated = responder(cfg, run.model, run.tokenizer)  # w -> desired scores; what meal-eval rebuilds
     policy, scores = evaluated.policy, evaluated.scores  # the policy writes the scores it is given
-    optimizer = make_policy_optimizer(run.model, run.params, t, dist, run.ds_config)
+    optimizer = run.optimizer
     if run.state is not None:
         optimizer.load_state_dict(run.state["optimizer"])
     corpus = run.conditioning.replay  # the offline rows, labelled with their own normalised rewards
