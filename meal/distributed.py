@@ -263,18 +263,19 @@ class DeepSpeedStep:
         self.optimizer.load_state_dict(shards, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
-def deepspeed_config(trainer_cfg, dist: Dist, dtype: torch.dtype) -> dict[str, Any] | None:
+def deepspeed_config(trainer_cfg, dist: Dist, dtype: torch.dtype, extra_rows: int = 0) -> dict[str, Any] | None:
     """The resolved DeepSpeed config when ``accelerate launch`` asks for DeepSpeed, else None.
 
     Called before the policy is loaded, so that a config meal cannot honour fails in seconds.
-    ``dtype`` is the policy's compute dtype (it switches DeepSpeed's bf16/fp16 mode).
+    ``dtype`` is the policy's compute dtype (it switches DeepSpeed's bf16/fp16 mode). ``extra_rows``:
+    rows every real step trains on besides the kept responses (the replayed stage rows), global.
     """
     if not deepspeed_requested():
         return None
     from accelerate.utils import DeepSpeedPlugin
 
     t = trainer_cfg
-    per_rank = t.batch_size // dist.world * t.top_m
+    per_rank = t.batch_size // dist.world * t.top_m + extra_rows // dist.world
     return resolve_deepspeed_config(DeepSpeedPlugin().deepspeed_config, micro_batch_size=t.micro_batch_size,
                                     accumulation=math.ceil(per_rank / t.micro_batch_size), world=dist.world,
                                     max_grad_norm=t.max_grad_norm, dtype=dtype)

@@ -310,7 +310,8 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
     ckpt = open_run(cfg).checkpoint  # a new run, or the checkpoint to resume (config compared field by field)
     check_policy_source(cfg.policy)
     device_name = str(dist.device) if dist.device is not None and cfg.policy.device == "auto" else cfg.policy.device
-    ds_config = deepspeed_config(t, dist, resolve_dtype(cfg.policy.dtype, resolve_device(device_name)))
+    replayed = t.replay if cfg.conditioning.enabled else 0  # rows the real step adds (a run without the stage has none)
+    ds_config = deepspeed_config(t, dist, resolve_dtype(cfg.policy.dtype, resolve_device(device_name)), replayed)
     seed_everything(t.seed + dist.rank)  # sampling differs per rank; prompt order and w* draws do not
     data = load_task_data(cfg)
     objectives = list(task.objectives)

@@ -97,6 +97,9 @@ def train(cfg) -> dict[str, Any]:
     evaluated = responder(cfg, run.model, run.tokenizer)  # w -> desired scores; what meal-eval rebuilds
     policy, scores = evaluated.policy, evaluated.scores  # the policy writes the scores it is given
     optimizer = run.optimizer
+    if getattr(optimizer, "engine", None) is not None:
+        raise NotImplementedError("method=ric under DeepSpeed: the number of kept samples varies per iteration, "
+                                  "DeepSpeed fixes the micro-batches per step (use plain data parallelism)")
     if run.state is not None:
         optimizer.load_state_dict(run.state["optimizer"])
     corpus = run.conditioning.replay  # the offline rows, labelled with their own normalised rewards
