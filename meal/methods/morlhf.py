@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from meal.config import ConfigError
 from meal.evaluation import preference_grid
 from meal.harness import Run, start_run
 from meal.preference_lora import preference_weights
@@ -133,8 +134,8 @@ def train_policies(run: Run, prefs: list[list[float]]) -> None:
     cfg = run.cfg
     t, m = cfg.trainer, cfg.method
     if run.dist.world > 1:
-        raise NotImplementedError(f"method={m.recipe} runs in one process here (TRL's trainer launches its own "
-                                  f"data parallelism; not wired in yet)")
+        raise ConfigError(f"method={m.recipe}: one process only (launch without accelerate's data parallelism); "
+                          f"TRL's trainer would bring its own, which meal does not wire in")
     start_file = os.path.join(run.run_dir, "policies", "start.safetensors")
     if not os.path.exists(start_file):  # 0. the common start, kept for every policy (and a resume)
         os.makedirs(os.path.dirname(start_file), exist_ok=True)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from meal.config import ConfigError
 from meal.harness import start_run
 from meal.losses import build_batch, policy_step
 from meal.rollout import ConditionedPolicy, ScoreConditioner, rollout
@@ -98,8 +99,8 @@ def train(cfg) -> dict[str, Any]:
     policy, scores = evaluated.policy, evaluated.scores  # the policy writes the scores it is given
     optimizer = run.optimizer
     if getattr(optimizer, "engine", None) is not None:
-        raise NotImplementedError("method=ric under DeepSpeed: the number of kept samples varies per iteration, "
-                                  "DeepSpeed fixes the micro-batches per step (use plain data parallelism)")
+        raise ConfigError("method=ric under DeepSpeed: the number of kept samples varies per iteration while "
+                          "DeepSpeed fixes the micro-batches of a step; launch with plain data parallelism")
     if run.state is not None:
         optimizer.load_state_dict(run.state["optimizer"])
     corpus = run.conditioning.replay  # the offline rows, labelled with their own normalised rewards
