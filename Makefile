@@ -8,7 +8,7 @@ STAMP := $(VENV)/.meal-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow bench reward-conflict conditioning-experiment embedded-experiment clean
+.PHONY: setup demo test test-slow bench reward-conflict conditioning-experiment embedded-experiment methods-experiment clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,9 @@ conditioning-experiment: setup  ## the conditioning stage alone: labelling rule 
 
 embedded-experiment: setup  ## static vs Meal from one conditioned start, equal online budget -> docs/results/embedded_assistant/
 	bash experiments/embedded/run.sh
+
+methods-experiment: setup  ## static, Meal, RiC, MORLHF, Rewarded Soups from one conditioned start, 384 sampled responses each -> docs/results/embedded_methods/
+	bash experiments/embedded/methods.sh
 
 clean:
 	rm -rf runs multirun outputs bench_out

@@ -48,7 +48,7 @@ def run_row(path: str, front: Front) -> dict:
             "hypervolume": front.hypervolume, "mip": front.alignment, "spearman": front.spearman,
             "ranges": front.ranges, "nondominated": front.nondominated, "points": len(front.points),
             "degenerate": front.degenerate, "budget": front.extra.get("budget"),
-            "conditioning_budget": front.extra.get("conditioning_budget")}
+            "conditioning_budget": front.extra.get("conditioning_budget"), "inference": front.extra.get("inference")}
 
 
 def _mean_std(values) -> tuple[float | None, float | None]:
@@ -123,6 +123,9 @@ def compare(paths: Sequence[str], out_dir: str, title: str | None = None, refere
         for key in ("responses", "tokens", "reward_calls", "steps", "seconds"):
             row[f"{key}_mean"], _ = _mean_std((m["budget"] or {}).get(key) for m in members)
             row[f"conditioning_{key}"], _ = _mean_std((m["conditioning_budget"] or {}).get(key) for m in members)
+        for key in ("upstream_seconds_per_response", "corrector_seconds_per_response",
+                    "corrector_tokens_per_response"):  # a corrector's per-response cost (MetaAligner)
+            row[f"inference_{key}"], _ = _mean_std((m["inference"] or {}).get(key) for m in members)
         if label != reference:
             row[f"vs_{reference}"] = hypervolume_difference(row["hypervolumes"], groups[reference] and
                                                             [m["hypervolume"] for m in groups[reference]])
@@ -154,6 +157,12 @@ def compare(paths: Sequence[str], out_dir: str, title: str | None = None, refere
             p = "n/a" if d["welch_p"] is None else f"{d['welch_p']:.3f}"
             md.append(f"{r['method']} - {reference}: hypervolume difference {d['difference']:+.2f}, Welch's test "
                       f"p = {p}, bootstrap 95% interval [{d['bootstrap_95'][0]:+.2f}, {d['bootstrap_95'][1]:+.2f}].")
+    for r in rows:
+        if r["inference_corrector_seconds_per_response"] is not None:
+            md.append(f"{r['method']}: inference per response {r['inference_upstream_seconds_per_response']:.2f} s "
+                      f"for the policy + {r['inference_corrector_seconds_per_response']:.2f} s for the corrector "
+                      f"({r['inference_corrector_tokens_per_response']:.1f} corrector tokens); its online cost "
+                      f"above is the corrector's training, whatever policy it is stacked on.")
     cond = [r for r in rows if r["conditioning_steps"]]
     if cond:
         c = cond[0]

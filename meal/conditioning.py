@@ -256,12 +256,14 @@ class ReplaySet:
 
 @dataclass
 class ConditionedStart:
-    """Where the conditioned policy lies, its reward statistics, what the stage cost and its labelled rows."""
+    """Where the conditioned policy lies, its reward statistics, what the stage cost, its labelled rows and
+    (for the run that built or reused it, not after a resume) the scored corpus."""
 
     folder: str
     normalizer: RewardNormalizer
     info: dict
     replay: ReplaySet | None = None
+    corpus: ScoredCorpus | None = None
 
     @property
     def weights(self) -> str:
@@ -340,7 +342,7 @@ def condition_policy(cfg, data: TaskData, model, params: dict[str, torch.Tensor]
         info = json.load(f)
     _copy_into(params, load_file(os.path.join(folder, "policy.safetensors")), folder)
     log.info("conditioned policy %s (%s)", folder, Budget.from_dict(info["budget"]).summary())
-    return ConditionedStart(folder, normalizer, info, ReplaySet.from_corpus(corpus, rows, labels))
+    return ConditionedStart(folder, normalizer, info, ReplaySet.from_corpus(corpus, rows, labels), corpus)
 
 
 def _total(a: Budget, b: Budget) -> Budget:

@@ -10,6 +10,7 @@ express (N >= 1, batch sizes that divide, a preference on the simplex, known rew
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -50,6 +51,9 @@ class TaskConfig:
     pool_instructions: List[str] = _f([""], "Instructions appended to the task text when the conditioning stage "
                                       "samples its pool (a task with prompts only), so that the pool spans the "
                                       "trade-off; '' samples the plain prompt. Never part of a training prompt.")
+    descriptions: Dict[str, str] = _f({}, "Natural-language description of each objective, by reward name "
+                                      "(MetaAligner's text markers, method=metaaligner); may describe rewards "
+                                      "beyond `objectives`, which the corrector can then be asked for zero-shot.")
 
 
 @dataclass
@@ -157,6 +161,32 @@ class SoupsConfig:
 
 
 @dataclass
+class MetaAlignerConfig:
+    """MetaAligner (Yang et al. 2024; the recipe meal/methods/metaaligner.py): a corrector LM trained on pairs
+    of the conditioning corpus (Algorithm 1) in three SFT stages, stacked on any policy at inference."""
+
+    recipe: str = _f("metaaligner", "The recipe meal/methods/metaaligner.py.")
+    name: str = _f("metaaligner", "Label of the method in run names and comparisons.")
+    corrector: PolicyConfig = field(default_factory=PolicyConfig, metadata={
+        "help": "The corrector model (conf/method/metaaligner.yaml: the policy's base model, plain LoRA)."})
+    tolerance: float = _f(0.25, "Two responses are equal on an objective when their normalised rewards differ by "
+                          "at most this (Algorithm 1's '=').")
+    warmup_steps: int = _f(10, "Stage 1: steps on equal-subset rows with the target set to the input (identity).")
+    equal_steps: int = _f(20, "Stage 2: steps on the equal-preference subset.")
+    preference_steps: int = _f(60, "Stage 3: steps on the preference subset (weak-to-strong correction).")
+    batch_size: int = _f(8, "Rows per corrector step.")
+    micro_batch_size: int = _f(8, "Rows per forward/backward; divides batch_size.")
+    lr: float = _f(5e-4, "AdamW learning rate of the corrector (constant).")
+    weights_in_markers: bool = _f(True, "Write each objective's weight into its marker ('helpful (weight 0.70): "
+                                  "...'); False: the paper's template, and the grid's front is the objective "
+                                  "subsets {k: w_k > 0}.")
+    stack_on: str = _f("conditioned", "What the run's own evaluation rewrites: base (the policy without preference, "
+                       "adapters off) | conditioned (the conditioned policy at w) | a run folder (its responder).")
+    zero_shot: List[str] = _f([], "Rewards never trained, asked for by their description after training "
+                              "(zero_shot/zero_shot.md); each must be a key of `rewards` with a task description.")
+
+
+@dataclass
 class ConditioningConfig:
     """Step 0 of method.md: teach the policy to follow the preference in its prompt before any online
     iteration (meal/conditioning.py). Its result is cached and shared by every run of a task."""
@@ -260,7 +290,8 @@ class TrainConfig:
 
 def method_schemas() -> dict[str, type]:
     """recipe -> the dataclass its ``method`` config follows."""
-    return {"meal": MethodConfig, "ric": RicConfig, "morlhf": MorlhfConfig, "soups": SoupsConfig}
+    return {"meal": MethodConfig, "ric": RicConfig, "morlhf": MorlhfConfig, "soups": SoupsConfig,
+            "metaaligner": MetaAlignerConfig}
 
 
 def typed_method(method: Any) -> DictConfig:
@@ -368,7 +399,7 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
 
     tr = cfg.method
     {"meal": _validate_meal, "ric": _validate_ric, "morlhf": _validate_morlhf,
-     "soups": _validate_soups}[tr.recipe](tr, cfg)
+     "soups": _validate_soups, "metaaligner": _validate_metaaligner}[tr.recipe](tr, cfg)
 
     c = cfg.conditioning
     _need(c.source in ("auto", "pool", "dataset"), "conditioning.source", f"auto | pool | dataset, got {c.source!r}")
@@ -462,3 +493,29 @@ def _validate_soups(r, cfg) -> None:
     _need(r.beta >= 0, "method.beta", f"must be >= 0, got {r.beta}")
     _need(cfg.trainer.replay == 0, "trainer.replay", "Rewarded Soups trains with GRPO on its own samples only")
     _need(cfg.trainer.n_samples >= 2, "trainer.n_samples", "GRPO compares the completions of a prompt: needs >= 2")
+
+
+def _validate_metaaligner(r, cfg) -> None:
+    from meal.rewards import reward_names_known
+
+    known = reward_names_known(cfg.rewards)
+    for name in r.zero_shot:
+        _need(name in known, "method.zero_shot", f"unknown reward {name!r}; defined rewards: {sorted(known)}")
+    descriptions = cfg.task.descriptions
+    for name in list(cfg.task.objectives) + list(r.zero_shot):
+        _need(name in descriptions, "task.descriptions", f"objective {name!r} has no description (MetaAligner asks "
+              f"for objectives in text; add task.descriptions.{name})")
+    _need(r.tolerance >= 0, "method.tolerance", f"must be >= 0, got {r.tolerance}")
+    for f in ("warmup_steps", "equal_steps", "preference_steps"):
+        _need(getattr(r, f) >= 0, f"method.{f}", f"must be >= 0, got {getattr(r, f)}")
+    _need(r.warmup_steps + r.equal_steps + r.preference_steps > 0, "method.preference_steps",
+          "the three stages have no step at all")
+    _need(r.batch_size >= 1 and r.batch_size % r.micro_batch_size == 0, "method.micro_batch_size",
+          f"must divide method.batch_size ({r.batch_size}), got {r.micro_batch_size}")
+    _need(r.lr > 0, "method.lr", f"must be > 0, got {r.lr}")
+    _need(not r.corrector.lora.preference_aware, "method.corrector.lora.preference_aware",
+          "the corrector reads its objectives as text: plain LoRA (false)")
+    _need(cfg.conditioning.enabled, "conditioning.enabled", "MetaAligner builds its pairs from the conditioning "
+          "stage's scored corpus")
+    _need(r.stack_on in ("base", "conditioned") or os.path.isdir(r.stack_on), "method.stack_on",
+          f"base | conditioned | a run folder, got {r.stack_on!r}")

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from meal.preference_lora import adapters_disabled
+from meal.preference_lora import base_only
 
 
 @torch.no_grad()
@@ -22,11 +22,10 @@ def policy_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 
                       max_tokens: int = 512) -> torch.Tensor:
     """(M, H) mean-pooled last hidden states of the base policy, L2-normalised, float32 on CPU."""
     device = next(model.parameters()).device
-    base_only = model.disable_adapter() if hasattr(model, "disable_adapter") else adapters_disabled(model)
     was_training = model.training
     model.eval()
     out = []
-    with base_only:
+    with base_only(model):
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True, truncation=True,
                             max_length=max_tokens).to(device)

@@ -19,27 +19,18 @@ from meal.train import CONF_DIR, print_front, user_errors
 log = logging.getLogger("meal")
 
 
-def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, prompts: int = 0,
-                 seed: int = 0, batch_size: int = 32, label: str | None = None, out_dir: str | None = None,
-                 logger_cfg: Any = None) -> dict[str, Any]:
-    """Evaluate ``run_dir`` (its config.yaml, reward_stats.json and a checkpoint); write the front."""
-    from hydra.utils import instantiate
-
+def load_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False):
+    """(cfg, model, tokenizer, weights folder) of a run written by meal-train: its config.yaml with the
+    method typed, the policy with the weights of ``checkpoint`` (latest | conditioned | a checkpoint
+    name) loaded, or none (``untrained``)."""
     from meal.checkpoint import latest_checkpoint, load_policy_weights
-    from meal.evaluation import evaluate_front, preference_grid
     from meal.policy import load_policy, trainable_parameters
-    from meal.harness import build_rewards, load_task_data
-    from meal.rewards import RewardNormalizer
-    from meal.methods import recipe
-    from meal.run import front_provenance, generation_settings, publish_front
 
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(cfg_path):
         raise ConfigError(f"run_dir: {run_dir} has no config.yaml (not a folder written by meal-train)")
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(cfg_path))
     cfg.method = typed_method(cfg.method)
-    objectives = list(cfg.task.objectives)
-    normalizer = RewardNormalizer.load(os.path.join(run_dir, "reward_stats.json"), objectives)
     folder = None
     if not untrained:
         if checkpoint == "conditioned":  # the run's starting point: the conditioning stage's policy
@@ -52,17 +43,64 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
             folder = os.path.join(run_dir, "checkpoints", checkpoint)
         if folder is None or not os.path.isdir(folder):
             raise ConfigError(f"checkpoint: {run_dir} has no checkpoint {checkpoint!r}")
-    data = load_task_data(cfg)
-    reward_set = build_rewards(cfg)
-    model, tok = load_policy(cfg.policy, len(objectives))
+    model, tok = load_policy(cfg.policy, len(cfg.task.objectives))
     if folder is not None:
         load_policy_weights(folder, trainable_parameters(model))
+    return cfg, model, tok, folder
+
+
+def load_run_responder(run_dir: str, checkpoint: str = "latest"):
+    """How a trained run answers under a preference (its method's responder, its latest weights): what
+    another method (MetaAligner's corrector) can be stacked on."""
+    from meal.methods import recipe
+
+    cfg, model, tok, _ = load_run(run_dir, checkpoint)
+    if cfg.method.recipe == "morlhf":
+        raise ConfigError(f"stack_on: {run_dir} is a MORLHF run, whose policies answer only their own grid "
+                          f"preferences; stack on a run that answers any preference")
+    return recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)
+
+
+def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, prompts: int = 0,
+                 seed: int = 0, batch_size: int = 32, label: str | None = None, out_dir: str | None = None,
+                 logger_cfg: Any = None, stack_on: str | None = None) -> dict[str, Any]:
+    """Evaluate ``run_dir`` (its config.yaml, reward_stats.json and a checkpoint); write the front.
+    ``stack_on`` (a MetaAligner run only): what its corrector rewrites, base | conditioned | a run folder."""
+    from hydra.utils import instantiate
+
+    from meal.evaluation import evaluate_front, preference_grid
+    from meal.harness import build_rewards, load_task_data
+    from meal.rewards import RewardNormalizer
+    from meal.methods import recipe
+    from meal.run import front_provenance, generation_settings, publish_front
+
+    cfg, model, tok, folder = load_run(run_dir, checkpoint, untrained)
+    objectives = list(cfg.task.objectives)
+    normalizer = RewardNormalizer.load(os.path.join(run_dir, "reward_stats.json"), objectives)
+    data = load_task_data(cfg)
+    reward_set = build_rewards(cfg)
     cfg.trainer.gen_batch_size = batch_size
     texts = [e.text for e in data.test[:prompts or len(data.test)]]
+    if stack_on is not None:
+        if cfg.method.recipe != "metaaligner":
+            raise ConfigError(f"stack_on: {run_dir} is a {cfg.method.recipe} run; only a MetaAligner run's corrector "
+                              f"is stacked on another policy")
+        if untrained or checkpoint == "conditioned":
+            raise ConfigError("stack_on: evaluates the trained corrector (leave checkpoint and untrained alone)")
+        out_dir = out_dir or os.path.join(run_dir, f"eval-on-{os.path.basename(os.path.normpath(stack_on))}")
     name = label or (f"{cfg.method.name} (base)" if untrained else "conditioned" if checkpoint == "conditioned"
-                     else cfg.method.name)
-    responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)  # how the method answers under w
+                     else cfg.method.name if stack_on is None
+                     else f"{cfg.method.name} on {os.path.basename(os.path.normpath(stack_on))}")
+    out_dir = out_dir_for(run_dir, out_dir, untrained, checkpoint)
     grid = preference_grid(len(objectives))
+    if cfg.method.recipe == "metaaligner" and (untrained or checkpoint == "conditioned"):
+        from meal.rollout import ConditionedPolicy, Conditioner  # the policy the corrector starts from, alone
+
+        responder = ConditionedPolicy(model, Conditioner(cfg.task.template, objectives, tok))
+    elif cfg.method.recipe == "metaaligner":
+        responder = recipe("metaaligner").responder(cfg, model, tok, run_dir, stack_on=stack_on)
+    else:
+        responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)  # how the method answers under w
     if cfg.method.recipe == "morlhf":  # one policy per trained preference; its start is one policy
         if untrained or checkpoint == "conditioned":
             responder = responder.policy
@@ -70,10 +108,13 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
             grid = responder.grid
     front = evaluate_front(responder, texts, reward_set, normalizer, grid,
                            generation_settings(cfg, eval_protocol=True), list(cfg.task.hv_ref), seed=seed, label=name,
-                           csv_dir=os.path.join(out_dir_for(run_dir, out_dir, untrained, checkpoint), "responses"))
+                           csv_dir=os.path.join(out_dir, "responses"))
     budgets = run_budgets(run_dir, folder, untrained, checkpoint == "conditioned")
     front.extra = front_provenance(cfg, run_dir, normalizer, budgets, checkpoint=folder)
-    out_dir = out_dir_for(run_dir, out_dir, untrained, checkpoint)
+    if hasattr(responder, "cost"):  # what answering cost per response (MetaAligner: policy + corrector)
+        front.extra["inference"] = responder.cost()
+    if stack_on is not None:
+        front.extra["stacked_on"] = stack_on
     os.makedirs(out_dir, exist_ok=True)
     logger = instantiate(logger_cfg if logger_cfg is not None else {"_target_": "meal.tracking.NullLogger"})
     logger.start(out_dir, {"run_dir": run_dir, "train_config": to_container(cfg)}, f"eval-{name}", False)
@@ -110,7 +151,7 @@ def run_budgets(run_dir: str, folder: str | None, untrained: bool, conditioned: 
 def _main(cfg: DictConfig) -> None:
     with user_errors():
         out = evaluate_run(cfg.run_dir, cfg.checkpoint, cfg.untrained, cfg.prompts, cfg.seed, cfg.batch_size,
-                           cfg.label, cfg.out_dir, cfg.logger)
+                           cfg.label, cfg.out_dir, cfg.logger, cfg.stack_on)
     print_front(out)
 
 

@@ -243,13 +243,14 @@ class Run:
     def train_texts(self) -> list[str]:
         return [e.text for e in self.data.train]
 
-    def iterations(self):
-        """The iterations left, under a progress bar. A resumed run's random streams continue from the
-        checkpoint here, after the recipe's own set-up (which may draw from them)."""
+    def iterations(self, total: int | None = None):
+        """The iterations left of ``total`` (default ``trainer.iterations``), under a progress bar. A resumed
+        run's random streams continue from the checkpoint here, after the recipe's own set-up (which may
+        draw from them)."""
         if self.state is not None:
             saved = self.state["rng"]
             set_rng_state(saved[self.dist.rank if self.dist.rank < len(saved) else 0])
-        return self.ctx.progress(self.start, self.cfg.trainer.iterations, show=self.dist.main)
+        return self.ctx.progress(self.start, total or self.cfg.trainer.iterations, show=self.dist.main)
 
     def save(self, step: int, optimizer, net: torch.nn.Module | None = None, **state: Any) -> None:
         """Checkpoint ``step``: the policy's trainable weights (and ``net``), the optimiser, prompt order,

@@ -149,6 +149,12 @@ def preference_weights(model: nn.Module, prefs: torch.Tensor | None) -> Iterator
         state.weights = prev
 
 
+def base_only(model: nn.Module):
+    """A context in which ``model`` runs as its frozen base: peft's adapters or the preference-aware
+    layers off (a plain model: nothing to turn off)."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else adapters_disabled(model)
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """The frozen base model: preference-aware layers off (for the net's prompt embeddings)."""

@@ -10,6 +10,7 @@ import importlib
 from types import ModuleType
 
 RECIPES = {"meal": "meal.methods.meal", "ric": "meal.methods.ric", "morlhf": "meal.methods.morlhf",
+           "metaaligner": "meal.methods.metaaligner",
            "soups": "meal.methods.soups"}
 
 

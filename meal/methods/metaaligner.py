@@ -1,0 +1,488 @@
+"""MetaAligner (Yang et al. 2024): a policy-agnostic corrector, over the shared harness, read top to bottom.
+
+The policy is never touched: a second causal LM (the corrector, LoRA) learns to rewrite a response so
+that it is better on the objectives named in its prompt, each objective given as text (the paper's
+text markers: ``task.descriptions``), so objectives never seen in training can be asked for::
+
+    0  the scored corpus of the conditioning stage (start_run): responses in prompt groups with their
+       normalised rewards (the conditioned policy is one of the policies the corrector can be stacked on)
+    1  Algorithm 1, on every pair of responses to one prompt, objective by objective: better / worse /
+       equal within ``method.tolerance`` normalised units (:func:`build_dataset`)
+         preference subset D_p  T(q, weak, O_win, better) -> strong   (one row per direction that wins)
+         equal subset      D_e  T(q, y2, O_eq, equal) -> y1
+    2  the corrector: ``method.corrector`` (default the policy's base model), plain LoRA
+    3  three SFT stages on T(q, y0, O, t) -> y, loss on y only (AdamW, ``method.lr``):
+         3a warm-up      ``method.warmup_steps`` on rows of D_e with the target set to the input (identity)
+         3b equal        ``method.equal_steps`` on D_e
+         3c preference   ``method.preference_steps`` on D_p
+    inference: any responder's response y0 is rewritten for the objectives O(w) (:class:`Corrected`)
+
+Beyond the paper, a preference w is written into the objective descriptions: the objectives with
+w_k > 0, each marker prefixed by its weight ("helpful (weight 0.70): ..."). Training rows carry the
+same: a preference row weighs its winning objectives by how much the strong response wins on each
+(the reward gaps, normalised to sum 1), an equal row weighs its objectives equally. With
+``method.weights_in_markers=false`` the prompt is the paper's exactly and the grid's front is the
+objective subsets {k: w_k > 0}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from meal.config import ConfigError
+from meal.harness import start_run
+from meal.losses import build_batch, policy_step
+from meal.preference_lora import base_only
+from meal.rollout import ConditionedPolicy, Conditioner
+from meal.sampling import Generation, GenerationSettings, generate
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = ("Edit the following Question-Answer pair to make it {target} considering the following objectives: "
+            "{objectives} | Question: {question} | Answer: {answer} | Edit:")
+STAGES = ("warmup", "equal", "preference")
+
+
+# --------------------------------------------------------------------------------------------- prompts
+def format_markers(names: Sequence[str], descriptions: dict[str, str], weights: Sequence[float] | None = None
+                   ) -> str:
+    """The objectives' text markers, "name: description; name: description" (the paper's O), each name
+    followed by its weight with two decimals when ``weights`` is given."""
+    parts = []
+    for i, name in enumerate(names):
+        if name not in descriptions:
+            raise ConfigError(f"task.descriptions: no description of objective {name!r} (MetaAligner writes each "
+                              f"objective as text; known: {sorted(descriptions)})")
+        head = name if weights is None else f"{name} (weight {float(weights[i]):.2f})"
+        parts.append(f"{head}: {descriptions[name]}")
+    return "; ".join(parts)
+
+
+def corrector_text(question: str, answer: str, markers: str, target: str = "better") -> str:
+    """The paper's template T(q, y, O, t), t in {better, equal}."""
+    return TEMPLATE.format(target=target, objectives=markers, question=question, answer=answer)
+
+
+def parse_corrector_text(text: str, known: Sequence[str]) -> tuple[str, list[str], list[float] | None]:
+    """(target, objective names, weights or None) read back from a :func:`corrector_text` string."""
+    m = re.search(r"to make it (\w+) considering the following objectives: (.*?) \| Question: ", text, re.S)
+    if m is None:
+        raise ValueError("not a corrector prompt")
+    names, weights = [], []
+    for part in m.group(2).split("; "):
+        head = part.split(":", 1)[0]
+        w = re.fullmatch(r"(.+) \(weight (\d+\.\d\d)\)", head)
+        name = w.group(1) if w else head
+        if name not in known:
+            raise ValueError(f"unknown objective {name!r} in a corrector prompt")
+        names.append(name)
+        if w:
+            weights.append(float(w.group(2)))
+    return m.group(1), names, (weights if weights else None)
+
+
+def wrap(text: str, tokenizer, chat: bool, suffix: str = "") -> str:
+    """A user turn in the model's chat template (generation prompt added), or plain text + ``suffix``."""
+    if not chat:
+        return text + suffix
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+# ------------------------------------------------------------------------------------------ Algorithm 1
+@dataclass
+class CorrectionRow:
+    """One training example: rewrite ``source`` into ``target`` for ``objectives`` (indices, in prompt order),
+    weighted by ``weights`` (sum 1); ``kind`` better | equal."""
+
+    question: str
+    source: str
+    target: str
+    objectives: list[int]
+    weights: list[float]
+    kind: str
+    finished: bool = True
+
+
+def compare_pair(r1: Sequence[float], r2: Sequence[float], tolerance: float) -> list[str]:
+    """Per objective: '>' (y1 better by more than ``tolerance``), '<' (y2 better), '=' (within it)."""
+    return [">" if a - b > tolerance else "<" if b - a > tolerance else "=" for a, b in zip(r1, r2)]
+
+
+def build_dataset(texts: Sequence[str], responses: Sequence[str], rewards: torch.Tensor, groups: Sequence[int],
+                  tolerance: float, rng: random.Random, finished: Sequence[bool] | None = None
+                  ) -> tuple[list[CorrectionRow], list[CorrectionRow]]:
+    """Algorithm 1 over every pair (i < j) of responses in one prompt group: (D_p, D_e).
+
+    ``rewards`` (M, K) normalised. For the pair (y1, y2) = (i, j): the objectives where y1 wins give the
+    row T(q, y2, O_win, better) -> y1, those where y2 wins T(q, y1, O_win, better) -> y2, the equal ones
+    T(q, y2, O_eq, equal) -> y1; each objective list shuffled (``rng``). A preference row's weights are
+    its reward gaps on O_win normalised to sum 1; an equal row's are uniform.
+    """
+    finished = list(finished) if finished is not None else [True] * len(responses)
+    by_group: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    pref, equal = [], []
+    r = rewards.tolist()
+    for g in sorted(by_group):
+        members = by_group[g]
+        for a in range(len(members)):
+            for b in range(a + 1, len(members)):
+                i, j = members[a], members[b]
+                if responses[i] == responses[j]:
+                    continue  # a pair of identical responses says nothing about any objective
+                rel = compare_pair(r[i], r[j], tolerance)
+                for sym, strong, weak in ((">", i, j), ("<", j, i)):
+                    objs = [k for k, s in enumerate(rel) if s == sym]
+                    if objs:
+                        rng.shuffle(objs)
+                        gaps = [abs(r[i][k] - r[j][k]) for k in objs]
+                        pref.append(CorrectionRow(texts[i], responses[weak], responses[strong], objs,
+                                                  [x / sum(gaps) for x in gaps], "better", finished[strong]))
+                objs = [k for k, s in enumerate(rel) if s == "="]
+                if objs:
+                    rng.shuffle(objs)
+                    equal.append(CorrectionRow(texts[i], responses[j], responses[i], objs,
+                                               [1.0 / len(objs)] * len(objs), "equal", finished[i]))
+    return pref, equal
+
+
+def warmup_rows(equal: Sequence[CorrectionRow], n: int, rng: random.Random) -> list[CorrectionRow]:
+    """3a: ``n`` rows of D_e (a seeded sample, with repeats only when D_e is smaller) whose target is the
+    response it is given: the identity map."""
+    if not equal:
+        return []
+    pick = rng.sample(range(len(equal)), n) if n <= len(equal) else [rng.randrange(len(equal)) for _ in range(n)]
+    return [CorrectionRow(equal[i].question, equal[i].source, equal[i].source, equal[i].objectives,
+                          equal[i].weights, "equal", True) for i in pick]
+
+
+def save_rows(path: str, rows: dict[str, list[CorrectionRow]]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for stage, items in rows.items():
+            for row in items:
+                f.write(json.dumps({"stage": stage, **asdict(row)}) + "\n")
+    os.replace(tmp, path)
+
+
+def load_rows(path: str) -> dict[str, list[CorrectionRow]]:
+    out: dict[str, list[CorrectionRow]] = {s: [] for s in STAGES}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            out[d.pop("stage")].append(CorrectionRow(**d))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- the corrector
+class AdapterBag(torch.nn.Module):
+    """The corrector's trainable tensors as one module (shared, not copied), so that a checkpoint saves
+    and restores them beside the policy's."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]):
+        super().__init__()
+        self.names = list(params)
+        self.tensors = torch.nn.ParameterList(params.values())
+
+
+def corrector_config(cfg):
+    """The corrector's model config: ``method.corrector``."""
+    return cfg.method.corrector
+
+
+def load_corrector(cfg, device: str | None = None):
+    """(model, tokenizer, trainable params) of the corrector (plain LoRA or full fine-tuning)."""
+    from meal.policy import load_policy, trainable_parameters
+
+    c = corrector_config(cfg)
+    model, tok = load_policy(c, None, device=device)
+    return model, tok, trainable_parameters(model)
+
+
+@dataclass
+class CorrectorSettings:
+    """How the corrector writes: the descriptions of the objectives, which to ask for, the chat wrapping."""
+
+    descriptions: dict[str, str]
+    objectives: list[str]
+    weights_in_markers: bool = True
+    chat: bool = True
+    suffix: str = ""
+    min_weight: float = 0.005
+
+    def markers(self, w: Sequence[float]) -> str:
+        """O(w): the objectives with w_k > 0 in task order, with their weights when ``weights_in_markers``."""
+        keep = [k for k, x in enumerate(w) if x >= self.min_weight]
+        weights = [w[k] / sum(w[k] for k in keep) for k in keep] if self.weights_in_markers else None
+        return format_markers([self.objectives[k] for k in keep], self.descriptions, weights)
+
+    def row_markers(self, row: CorrectionRow) -> str:
+        return format_markers([self.objectives[k] for k in row.objectives], self.descriptions,
+                              row.weights if self.weights_in_markers else None)
+
+
+class PlainPolicy:
+    """A policy asked without any preference (the task text alone in the chat template); ``base``: with
+    its adapters off. What the corrector is stacked on as "the base policy"."""
+
+    def __init__(self, model, tokenizer, objectives: Sequence[str], chat: bool = True, suffix: str = "",
+                 base: bool = False):
+        self.model, self.tokenizer, self._objectives = model, tokenizer, list(objectives)
+        self.chat, self.suffix, self.base = chat, suffix, base
+
+    @property
+    def objectives(self) -> list[str]:
+        return self._objectives
+
+    def respond(self, texts, prefs: torch.Tensor, settings: GenerationSettings, seed: int | None = None,
+                n: int = 1) -> Generation:
+        prompts = [wrap(t, self.tokenizer, self.chat, self.suffix) for t in texts for _ in range(n)]
+        with base_only(self.model) if self.base else contextlib.nullcontext():  # base: the adapters off
+            # a preference-aware policy's layers take the preference even while they are off
+            return (settings.sampler or generate)(self.model, self.tokenizer, prompts, settings, seed,
+                                                  prefs=prefs.repeat_interleave(n, 0))
+
+
+class Corrected:
+    """MetaAligner's responder (the paper's Eqn. 4): ``upstream`` answers (any responder: the base policy,
+    a conditioned policy, a Meal run), the corrector rewrites each answer for O(w). Keeps what the
+    rewriting cost (:meth:`cost`)."""
+
+    def __init__(self, upstream, corrector, tokenizer, settings: CorrectorSettings):
+        self.upstream, self.corrector, self.tokenizer, self.settings = upstream, corrector, tokenizer, settings
+        self.counts = {"responses": 0, "upstream_tokens": 0, "corrector_tokens": 0, "upstream_seconds": 0.0,
+                       "corrector_seconds": 0.0}
+
+    @property
+    def objectives(self) -> list[str]:
+        return self.settings.objectives
+
+    def rewrite(self, texts: Sequence[str], answers: Sequence[str], markers: Sequence[str],
+                settings: GenerationSettings, seed: int | None = None) -> Generation:
+        """The corrector's edit of each (question, answer) for the objectives written in ``markers``."""
+        s = self.settings
+        prompts = [wrap(corrector_text(q, a, m), self.tokenizer, s.chat, s.suffix)
+                   for q, a, m in zip(texts, answers, markers)]
+        return generate(self.corrector, self.tokenizer, prompts, settings, None if seed is None else seed + 1)
+
+    def respond(self, texts, prefs: torch.Tensor, settings: GenerationSettings, seed: int | None = None,
+                n: int = 1) -> Generation:
+        t0 = time.perf_counter()
+        first = self.upstream.respond(texts, prefs, settings, seed, n)  # (B*N)
+        t1 = time.perf_counter()
+        rep = prefs.repeat_interleave(n, 0)
+        out = self.rewrite([t for t in texts for _ in range(n)], first.texts,
+                           [self.settings.markers(w.tolist()) for w in rep], settings, seed)
+        c = self.counts
+        c["responses"] += len(out.texts)
+        c["upstream_tokens"] += first.num_tokens
+        c["corrector_tokens"] += out.num_tokens
+        c["upstream_seconds"] += t1 - t0
+        c["corrector_seconds"] += time.perf_counter() - t1
+        return out
+
+    def cost(self) -> dict[str, float]:
+        """Per response: tokens and seconds of the upstream policy and of the corrector."""
+        c, n = self.counts, max(1, self.counts["responses"])
+        return {"responses": c["responses"], "upstream_tokens_per_response": c["upstream_tokens"] / n,
+                "corrector_tokens_per_response": c["corrector_tokens"] / n,
+                "upstream_seconds_per_response": c["upstream_seconds"] / n,
+                "corrector_seconds_per_response": c["corrector_seconds"] / n}
+
+
+def corrector_settings(cfg, objectives: Sequence[str] | None = None) -> CorrectorSettings:
+    task = cfg.task
+    return CorrectorSettings(dict(task.descriptions), list(objectives or task.objectives),
+                             cfg.method.weights_in_markers, task.template.chat, task.template.suffix)
+
+
+def upstream_responder(cfg, model, tokenizer, stack_on: str):
+    """What the corrector rewrites: ``base`` (the policy without preference, base weights), ``conditioned``
+    (the policy as loaded, reading w from its prompt) or a run folder (that run's own responder, from
+    its latest checkpoint)."""
+    if stack_on == "base":
+        return PlainPolicy(model, tokenizer, cfg.task.objectives, cfg.task.template.chat, cfg.task.template.suffix,
+                           base=True)
+    if stack_on == "conditioned":
+        return ConditionedPolicy(model, Conditioner(cfg.task.template, list(cfg.task.objectives), tokenizer))
+    from meal.evaluate import load_run_responder
+
+    return load_run_responder(stack_on)
+
+
+def load_corrector_weights(run_dir: str, params: dict[str, torch.Tensor]) -> None:
+    """The corrector's trained tensors from the run's latest checkpoint."""
+    from safetensors.torch import load_file
+
+    from meal.checkpoint import latest_checkpoint
+
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        raise ConfigError(f"run_dir: {run_dir} has no checkpoint holding a trained corrector")
+    AdapterBag(params).load_state_dict(load_file(os.path.join(folder, "net.safetensors")))
+
+
+def responder(cfg, model, tokenizer, run_dir: str | None = None, stack_on: str | None = None) -> Corrected:
+    """What evaluates a MetaAligner run: the corrector (trained weights from ``run_dir``) stacked on
+    ``stack_on`` (default ``method.stack_on``)."""
+    corrector, ctok, cparams = load_corrector(cfg)
+    if run_dir is not None:
+        load_corrector_weights(run_dir, cparams)
+    corrector.eval()
+    return Corrected(upstream_responder(cfg, model, tokenizer, stack_on or cfg.method.stack_on), corrector, ctok,
+                     corrector_settings(cfg))
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train(cfg) -> dict[str, Any]:
+    """Train the corrector: Algorithm 1 on the conditioning corpus, then the three SFT stages."""
+    t, m = cfg.trainer, cfg.method
+    run = start_run(cfg)  # 0. the corpus, its normalisation and the conditioned policy (cached)
+    dist, objectives = run.dist, run.objectives
+    if dist.world > 1:
+        raise ConfigError("method=metaaligner trains its corrector in one process; launch without torchrun")
+    settings = corrector_settings(cfg)
+    format_markers(objectives, settings.descriptions)  # every trained objective has its text
+    data_path = os.path.join(run.run_dir, "metaaligner_data.jsonl")
+    if run.state is None:
+        # 1. Algorithm 1 on the scored corpus (pairs within each prompt group)
+        corpus = run.conditioning.corpus
+        rng = random.Random(t.seed)
+        rewards = run.normalizer(corpus.raw)
+        pref, equal = build_dataset(corpus.texts, corpus.responses, rewards, corpus.groups, m.tolerance, rng,
+                                    corpus.finished)
+        rows = {"warmup": warmup_rows(equal, m.warmup_steps * m.batch_size, rng), "equal": equal,
+                "preference": pref}
+        save_rows(data_path, rows)
+    rows = load_rows(data_path)
+    log.info("MetaAligner data (tolerance %.2f): %d preference rows, %d equal rows, %d warm-up rows", m.tolerance,
+             len(rows["preference"]), len(rows["equal"]), len(rows["warmup"]))
+    for stage, steps in zip(STAGES, (m.warmup_steps, m.equal_steps, m.preference_steps)):
+        if steps and not rows[stage]:
+            raise ConfigError(f"method.{stage}_steps: {steps} steps on an empty {stage} subset (the corpus gives no "
+                              f"such pairs at method.tolerance={m.tolerance}); set it to 0 or change the tolerance")
+    # 2. the corrector
+    corrector, ctok, cparams = load_corrector(cfg, str(next(run.model.parameters()).device))
+    bag = AdapterBag(cparams)
+    from meal.distributed import AdamWStep
+
+    optimizer = AdamWStep(cparams, m.lr, t.weight_decay, t.max_grad_norm, dist)
+    if run.state is not None:
+        run.load_net(bag)
+        optimizer.load_state_dict(run.state["optimizer"])
+    schedule = [s for s, n in zip(STAGES, (m.warmup_steps, m.equal_steps, m.preference_steps)) for _ in range(n)]
+    order = {s: np.random.default_rng([t.seed, i]).permutation(len(rows[s])) for i, s in enumerate(STAGES)}
+    seen = {s: schedule[:run.start].count(s) for s in STAGES}  # rows used so far by each stage
+    exit_code = 1
+    try:
+        corrector.train()
+        # 3. three SFT stages: 3a warm-up (identity), 3b equal preference, 3c weak-to-strong correction
+        for it in run.iterations(len(schedule)):
+            tic = time.perf_counter()
+            stage = schedule[it]
+            perm, pos = order[stage], seen[stage] * m.batch_size
+            batch_rows = [rows[stage][perm[(pos + i) % len(perm)]] for i in range(m.batch_size)]
+            seen[stage] += 1
+            prompts = [wrap(corrector_text(r.question, r.source, settings.row_markers(r), r.kind), ctok,
+                            settings.chat, settings.suffix) for r in batch_rows]
+            batch = build_batch(ctok, prompts, [r.target for r in batch_rows], [r.finished for r in batch_rows],
+                                t.max_prompt_tokens)
+            loss, grad_norm = policy_step(corrector, optimizer, batch, torch.ones(len(batch)), m.micro_batch_size,
+                                          dist)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"corrector step {it}: the loss is {loss}; the last checkpoint in "
+                                         f"{run.run_dir}/checkpoints is intact")
+            run.budget.steps += 1
+            step = it + 1
+            metrics = {"train/loss": loss, f"metaaligner/loss_{stage}": loss, "train/grad_norm": grad_norm,
+                       "metaaligner/stage": float(STAGES.index(stage)), "time/iteration": time.perf_counter() - tic}
+            run.budget.seconds += metrics["time/iteration"]
+            run.ctx.record(run.logger, metrics, step, every=t.log_every)
+            if (t.save_every and step % t.save_every == 0) or step == len(schedule):
+                run.save(step, optimizer, bag)
+        corrector.eval()
+        summary = {"run_dir": run.run_dir, "steps": len(schedule), **run.ctx.last}
+        if t.final_eval:
+            evaluated = Corrected(upstream_responder(cfg, run.model, run.tokenizer, m.stack_on), corrector, ctok,
+                                  settings)
+            summary.update(run.evaluate(evaluated))
+            if m.zero_shot:
+                summary["zero_shot"] = zero_shot_table(cfg, evaluated, run.data.test, run.normalizer,
+                                                       os.path.join(run.run_dir, "zero_shot"))
+        exit_code = 0
+        return summary
+    finally:
+        run.logger.finish(exit_code)
+
+
+# --------------------------------------------------------------------------------------------- zero-shot
+def zero_shot_table(cfg, corrected: Corrected, test, normalizer, out_dir: str, prompts: int | None = None,
+                    seed: int = 0) -> dict[str, Any]:
+    """Objectives never trained, asked for in text: the mean raw reward of every trained and zero-shot
+    objective for the upstream's answers and for the corrector asked for (a) the trained objectives,
+    (b) each zero-shot objective alone, (c) all of them. Writes zero_shot.json and zero_shot.md."""
+    from meal.harness import build_rewards
+    from meal.rewards import RewardSet
+    from meal.run import generation_settings
+
+    from omegaconf import OmegaConf
+
+    trained = list(cfg.task.objectives)
+    unseen = [x for x in cfg.method.zero_shot if x not in trained]
+    names = trained + unseen
+    build_rewards(cfg)
+    rewards = RewardSet.from_config(OmegaConf.to_container(cfg.rewards, resolve=True), names)
+    n = prompts or cfg.trainer.final_eval_prompts or len(test)
+    texts = [e.text for e in test[:n]]
+    gen = generation_settings(cfg, eval_protocol=True)
+    uniform = torch.full((len(texts), len(trained)), 1.0 / len(trained))
+    first = corrected.upstream.respond(texts, uniform, gen, seed)
+    all_settings = CorrectorSettings(corrected.settings.descriptions, names, corrected.settings.weights_in_markers,
+                                     corrected.settings.chat, corrected.settings.suffix)
+    asks = {"uncorrected": None, "trained objectives": trained, **{f"{u} only": [u] for u in unseen},
+            "trained + " + " + ".join(unseen): names}
+    rows = {}
+    for label, ask in asks.items():
+        if ask is None:
+            out = first.texts
+        else:
+            w = [1.0 / len(ask) if x in ask else 0.0 for x in names]
+            out = corrected.rewrite(texts, first.texts, [all_settings.markers(w)] * len(texts), gen, seed).texts
+        raw = rewards.score(texts, out)  # (B, K')
+        rows[label] = {"asked": ask, "mean_raw": {x: float(raw[:, j].mean()) for j, x in enumerate(names)},
+                       "mean_normalised": {x: float(v) for x, v in zip(trained, normalizer(raw[:, :len(trained)])
+                                                                       .mean(0).tolist())}}
+    result = {"trained": trained, "zero_shot": unseen, "prompts": len(texts), "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "zero_shot.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out_dir, "zero_shot.md"), "w") as f:
+        f.write(zero_shot_markdown(result))
+    return result
+
+
+def zero_shot_markdown(result: dict[str, Any]) -> str:
+    names = result["trained"] + result["zero_shot"]
+    lines = [f"Mean raw reward on {result['prompts']} test prompts (zero-shot objectives: "
+             f"{', '.join(result['zero_shot']) or 'none'}); the corrector rewrites the same upstream answers.", "",
+             "| responses | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    base = result["rows"]["uncorrected"]["mean_raw"]
+    for label, row in result["rows"].items():
+        cells = [f"{row['mean_raw'][x]:.3f}" + ("" if label == "uncorrected" else
+                                                  f" ({row['mean_raw'][x] - base[x]:+.3f})") for x in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
