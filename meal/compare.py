@@ -60,7 +60,7 @@ def _mean_std(values) -> tuple[float | None, float | None]:
 
 def hypervolume_difference(a: Sequence[float], b: Sequence[float], seed: int = 0, draws: int = 10000) -> dict:
     """Mean hypervolume of ``a`` minus that of ``b``: Welch's t-test (two-sided) and a bootstrap 95%
-    interval of the difference (runs resampled within each method)."""
+    interval of the difference (runs resampled within each method); neither when a side has one run."""
     from scipy.stats import ttest_ind
 
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -68,9 +68,11 @@ def hypervolume_difference(a: Sequence[float], b: Sequence[float], seed: int = 0
     if len(a) > 1 and len(b) > 1 and (a.std() > 0 or b.std() > 0):
         t = ttest_ind(a, b, equal_var=False)
         out.update(welch_t=float(t.statistic), welch_p=float(t.pvalue))
-    rng = np.random.default_rng(seed)
-    boot = rng.choice(a, (draws, len(a))).mean(1) - rng.choice(b, (draws, len(b))).mean(1)
-    out["bootstrap_95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    out["bootstrap_95"] = None  # with one run on a side its spread is unknown: no interval, no test
+    if len(a) > 1 and len(b) > 1:
+        rng = np.random.default_rng(seed)
+        boot = rng.choice(a, (draws, len(a))).mean(1) - rng.choice(b, (draws, len(b))).mean(1)
+        out["bootstrap_95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
     return out
 
 
@@ -154,6 +156,10 @@ def compare(paths: Sequence[str], out_dir: str, title: str | None = None, refere
     for r in rows:
         d = r.get(f"vs_{reference}")
         if d:
+            if d["bootstrap_95"] is None:
+                md.append(f"{r['method']} - {reference}: hypervolume difference {d['difference']:+.2f} (one run on "
+                          f"a side: no test, no interval).")
+                continue
             p = "n/a" if d["welch_p"] is None else f"{d['welch_p']:.3f}"
             md.append(f"{r['method']} - {reference}: hypervolume difference {d['difference']:+.2f}, Welch's test "
                       f"p = {p}, bootstrap 95% interval [{d['bootstrap_95'][0]:+.2f}, {d['bootstrap_95'][1]:+.2f}].")

@@ -90,6 +90,18 @@ def test_compare_table_mean_and_spread(tmp_path):
     assert rows["static"]["hypervolume_std"] == pytest.approx(np.sqrt(2))
     assert rows["meal"]["runs"] == 1 and rows["meal"]["hypervolume_mean"] == pytest.approx(9.0)
     assert json.load(open(tmp_path / "out" / "compare.json"))["hv_ref"] == [0.0, 0.0]
+    # one meal run: its spread is unknown, so there is no test and no interval, only the difference
+    d = rows["meal"]["vs_static"]
+    assert d["difference"] == pytest.approx(4.0) and d["bootstrap_95"] is None and d["welch_p"] is None
+    assert "one run on a side: no test, no interval" in open(tmp_path / "out" / "compare.md").read()
+
+
+def test_compare_gives_a_bootstrap_interval_with_two_runs_a_side():
+    from meal.compare import hypervolume_difference
+
+    d = hypervolume_difference([5.0, 7.0], [1.0, 3.0])
+    assert d["difference"] == pytest.approx(4.0) and d["welch_p"] is not None
+    assert 2.0 <= d["bootstrap_95"][0] <= 4.0 <= d["bootstrap_95"][1] <= 6.0  # resampled means lie in [1, 3] / [5, 7]
 
 
 def test_compare_refuses_fronts_in_different_units(tmp_path):
