@@ -152,6 +152,12 @@ def test_metaaligner_trains_three_stages_evaluates_stacked_and_zero_shot(tiny_ll
     res = evaluate_run(str(out), stack_on="base", prompts=2)
     stacked = json.load(open(out / "eval-on-base" / "front.json"))
     assert stacked["extra"]["stacked_on"] == "base" and res["hypervolume"] >= 0
+    # a corrupt corrector checkpoint is named, not a raw safetensors error
+    from meal.checkpoint import CheckpointError
+
+    (out / "checkpoints" / "step_000004" / "net.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(CheckpointError, match="corrector's weights"):
+        evaluate_run(str(out), stack_on="base", prompts=1)
 
 
 @pytest.mark.parametrize("method, over, msg", [

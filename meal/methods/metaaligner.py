@@ -199,17 +199,11 @@ class AdapterBag(torch.nn.Module):
         self.tensors = torch.nn.ParameterList(params.values())
 
 
-def corrector_config(cfg):
-    """The corrector's model config: ``method.corrector``."""
-    return cfg.method.corrector
-
-
 def load_corrector(cfg, device: str | None = None):
     """(model, tokenizer, trainable params) of the corrector (plain LoRA or full fine-tuning)."""
     from meal.policy import load_policy, trainable_parameters
 
-    c = corrector_config(cfg)
-    model, tok = load_policy(c, None, device=device)
+    model, tok = load_policy(cfg.method.corrector, None, device=device)
     return model, tok, trainable_parameters(model)
 
 
@@ -328,12 +322,16 @@ def load_corrector_weights(run_dir: str, params: dict[str, torch.Tensor]) -> Non
     """The corrector's trained tensors from the run's latest checkpoint."""
     from safetensors.torch import load_file
 
-    from meal.checkpoint import latest_checkpoint
+    from meal.checkpoint import CheckpointError, latest_checkpoint
 
     folder = latest_checkpoint(run_dir)
     if folder is None:
         raise ConfigError(f"run_dir: {run_dir} has no checkpoint holding a trained corrector")
-    AdapterBag(params).load_state_dict(load_file(os.path.join(folder, "net.safetensors")))
+    try:
+        AdapterBag(params).load_state_dict(load_file(os.path.join(folder, "net.safetensors")))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
+        raise CheckpointError(f"checkpoint {folder}: the corrector's weights (net.safetensors) are corrupt or "
+                              f"missing: {e} (nothing was changed)") from e
 
 
 def responder(cfg, model, tokenizer, run_dir: str | None = None, stack_on: str | None = None) -> Corrected:
@@ -435,7 +433,6 @@ def zero_shot_table(cfg, corrected: Corrected, test, normalizer, out_dir: str, p
     """Objectives never trained, asked for in text: the mean raw reward of every trained and zero-shot
     objective for the upstream's answers and for the corrector asked for (a) the trained objectives,
     (b) each zero-shot objective alone, (c) all of them. Writes zero_shot.json and zero_shot.md."""
-    from meal.harness import build_rewards
     from meal.rewards import RewardSet
     from meal.run import generation_settings
 
@@ -444,7 +441,6 @@ def zero_shot_table(cfg, corrected: Corrected, test, normalizer, out_dir: str, p
     trained = list(cfg.task.objectives)
     unseen = [x for x in cfg.method.zero_shot if x not in trained]
     names = trained + unseen
-    build_rewards(cfg)
     rewards = RewardSet.from_config(OmegaConf.to_container(cfg.rewards, resolve=True), names)
     n = prompts or cfg.trainer.final_eval_prompts or len(test)
     texts = [e.text for e in test[:n]]
