@@ -1,6 +1,6 @@
 """One module per method, each with ``train(cfg) -> summary`` over the shared harness.
 
-Adding a method: a module here, its schema in :mod:`meal.config` (``method_schemas``), a YAML in
+Adding a method: a module here, its schema in :mod:`meal.method_configs` (``method_schemas``), a YAML in
 ``conf/method/`` and a test.
 """
 
