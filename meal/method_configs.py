@@ -10,7 +10,12 @@ import os
 from dataclasses import dataclass, field
 from typing import List
 
-from meal.config import PolicyConfig, _f, _need
+from meal import config as _config
+from meal.config import PolicyConfig, _f
+
+
+def _need(cond: bool, field_name: str, msg: str) -> None:
+    _config._need(cond, field_name, msg)  # the one place that raises ConfigError, looked up at call time
 
 
 @dataclass
