@@ -55,10 +55,11 @@ def load_run_responder(run_dir: str, checkpoint: str = "latest"):
     from meal.methods import recipe
 
     cfg, model, tok, _ = load_run(run_dir, checkpoint)
-    if cfg.method.recipe == "morlhf":
-        raise ConfigError(f"stack_on: {run_dir} is a MORLHF run, whose policies answer only their own grid "
-                          f"preferences; stack on a run that answers any preference")
-    return recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)
+    responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)
+    if getattr(responder, "grid", None) is not None:
+        raise ConfigError(f"stack_on: {run_dir} is a {cfg.method.recipe} run, whose policies answer only their own "
+                          f"grid preferences; stack on a run that answers any preference")
+    return responder
 
 
 def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, prompts: int = 0,
@@ -71,7 +72,7 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
     from meal.evaluation import evaluate_front, preference_grid
     from meal.harness import build_rewards, load_task_data
     from meal.rewards import RewardNormalizer
-    from meal.methods import recipe
+    from meal.methods import recipe, start_responder
     from meal.run import front_provenance, generation_settings, publish_front
 
     cfg, model, tok, folder = load_run(run_dir, checkpoint, untrained)
@@ -82,7 +83,7 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
     cfg.trainer.gen_batch_size = batch_size
     texts = [e.text for e in data.test[:prompts or len(data.test)]]
     if stack_on is not None:
-        if cfg.method.recipe != "metaaligner":
+        if "stack_on" not in cfg.method:
             raise ConfigError(f"stack_on: {run_dir} is a {cfg.method.recipe} run; only a MetaAligner run's corrector "
                               f"is stacked on another policy")
         if untrained or checkpoint == "conditioned":
@@ -92,20 +93,13 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
                      else cfg.method.name if stack_on is None
                      else f"{cfg.method.name} on {os.path.basename(os.path.normpath(stack_on))}")
     out_dir = out_dir_for(run_dir, out_dir, untrained, checkpoint)
-    grid = preference_grid(len(objectives))
-    if cfg.method.recipe == "metaaligner" and (untrained or checkpoint == "conditioned"):
-        from meal.rollout import ConditionedPolicy, Conditioner  # the policy the corrector starts from, alone
-
-        responder = ConditionedPolicy(model, Conditioner(cfg.task.template, objectives, tok))
-    elif cfg.method.recipe == "metaaligner":
-        responder = recipe("metaaligner").responder(cfg, model, tok, run_dir, stack_on=stack_on)
+    if untrained or checkpoint == "conditioned":  # the start alone, without what the method trained beside it
+        responder = start_responder(cfg.method.recipe, cfg, model, tok)
+    elif stack_on is not None:
+        responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir, stack_on=stack_on)
     else:
         responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)  # how the method answers under w
-    if cfg.method.recipe == "morlhf":  # one policy per trained preference; its start is one policy
-        if untrained or checkpoint == "conditioned":
-            responder = responder.policy
-        else:
-            grid = responder.grid
+    grid = getattr(responder, "grid", None) or preference_grid(len(objectives))  # MORLHF: its own preferences
     front = evaluate_front(responder, texts, reward_set, normalizer, grid,
                            generation_settings(cfg, eval_protocol=True), list(cfg.task.hv_ref), seed=seed, label=name,
                            csv_dir=os.path.join(out_dir, "responses"))

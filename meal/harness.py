@@ -277,13 +277,13 @@ class Run:
             self.ctx.periodic_eval(self.logger, responder, self.data.test, self.reward_set, self.normalizer, step)
         self.dist.barrier()
 
-    def evaluate(self, responder, grid=None) -> dict[str, Any]:
-        """The final evaluation (main process): the full grid (or ``grid``), front.json and front.png; the
-        summary."""
+    def evaluate(self, responder) -> dict[str, Any]:
+        """The final evaluation (main process): the full grid (or the responder's own ``grid``), front.json
+        and front.png; the summary."""
         out: dict[str, Any] = {}
         if self.dist.main:
             out = self.ctx.final_eval(self.logger, responder, self.data.test, self.reward_set, self.normalizer,
-                                      self.cfg.trainer.iterations, grid)
+                                      self.cfg.trainer.iterations)
         self.dist.barrier()
         return out
 

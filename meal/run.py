@@ -159,13 +159,14 @@ class RunContext:
         self.jsonl.write({"step": step, **metrics})
         logger.log(metrics, step)
 
-    def final_eval(self, logger, responder, test, reward_set, normalizer, step: int, grid=None) -> dict[str, Any]:
-        """The full grid (or ``grid``) on the test prompts; writes front.json, front.png and each preference's
-        responses and scores (``responses/``, RiC's CSV layout) into the run folder."""
+    def final_eval(self, logger, responder, test, reward_set, normalizer, step: int) -> dict[str, Any]:
+        """The full grid (or the responder's own ``grid``: MORLHF) on the test prompts; writes front.json,
+        front.png and each preference's responses and scores (``responses/``, RiC's CSV layout) into the
+        run folder."""
         n = self.cfg.trainer.final_eval_prompts or len(test)
         texts = [e.text for e in test[:n]]
-        front = self._evaluate(responder, texts, reward_set, normalizer,
-                               grid if grid is not None else preference_grid(len(self.objectives)),
+        grid = getattr(responder, "grid", None) or preference_grid(len(self.objectives))
+        front = self._evaluate(responder, texts, reward_set, normalizer, grid,
                                csv_dir=os.path.join(self.run_dir, "responses"))
         return publish_front(front, self.run_dir, logger, step, self.jsonl)
 

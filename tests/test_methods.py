@@ -193,7 +193,7 @@ def test_merged_soup_interpolates_full_weight_updates_and_restores_the_base(tiny
         torch.testing.assert_close(base.weight - before, first)
 
 
-def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_llama, tmp_path):
+def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_llama, tmp_path, monkeypatch):
     out = tmp_path / "soups"
     cfg = tiny_config(tiny_llama, str(out), **{
         "conditioning.enabled": True, "conditioning.steps": 2, "conditioning.batch_size": 4,
@@ -208,3 +208,16 @@ def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_l
     front = json.load(open(out / "front.json"))
     assert len(front["points"]) == 11 and front["label"] == "soups"
     assert summary["budget"]["responses"] == 2 * 1 * 2 * 2
+
+
+    # meal-eval at the run's start (conditioned or base weights) asks the start, not the soup of its experts
+    from meal.evaluate import evaluate_run
+    from meal.methods.soups import Soup
+
+    def refuse(*a, **k):
+        raise AssertionError("the soup answered for the start")
+
+    monkeypatch.setattr(Soup, "respond", refuse)
+    for kw in ({"checkpoint": "conditioned"}, {"untrained": True}):
+        start = json.load(open(evaluate_run(str(out), prompts=1, **kw)["front_json"]))
+        assert len(start["points"]) == 11 and start["extra"]["budget"]["responses"] == 0

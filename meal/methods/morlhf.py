@@ -117,7 +117,7 @@ def train(cfg) -> dict[str, Any]:
         train_policies(run, grid)  # 1-3 for each preference of the grid
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, "policies": len(grid)}
         if t.final_eval:
-            summary.update(run.evaluate(responder(cfg, run.model, run.tokenizer, run.run_dir), grid))
+            summary.update(run.evaluate(responder(cfg, run.model, run.tokenizer, run.run_dir)))  # at its own grid
         exit_code = 0
         return summary
     finally:

@@ -85,6 +85,11 @@ def responder(cfg, model, tokenizer, run_dir: str | None = None) -> RicPolicy:
     return RicPolicy(ConditionedPolicy(model, condition), ScoreRange.from_draws(m.score_draws))
 
 
+def start_responder(cfg, model, tokenizer) -> RicPolicy:
+    """RiC's start (its offline stage, or the base policy) is asked as the trained policy: desired scores."""
+    return responder(cfg, model, tokenizer)
+
+
 def quantile_filter(rewards: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Step 3: True where any objective reaches its threshold. rewards (..., K), thresholds (K,)."""
     return (rewards >= thresholds).any(-1)
