@@ -24,6 +24,7 @@ responder.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -264,6 +265,29 @@ class Run:
                 "optimizer": opt_state, "order": self.order.state, "numpy_draws": self.draws.bit_generator.state,
                 "budget": self.budget.as_dict(), **state}, keep=t.keep_checkpoints, rng=rank_rng)
         dist.barrier()
+
+    def end_iteration(self, step: int, total: int, loss: float, metrics: dict[str, float], optimizer, *,
+                      responder=None, table: tuple | None = None, net: torch.nn.Module | None = None,
+                      **state: Any) -> None:
+        """The close of iteration ``step`` of ``total`` shared by the recipes: a non-finite loss stops the
+        run before anything is saved (the last checkpoint stays intact); the iteration's seconds
+        (``metrics["time/iteration"]``) into the budget; the metrics logged, with a sample table every
+        ``trainer.table_every`` from ``table`` = (texts, preferences, rollout); a checkpoint (with ``net``
+        and the recipe's ``state``) every ``trainer.save_every`` and at the last step; the periodic
+        evaluation of ``responder`` every ``trainer.eval_every``."""
+        t = self.cfg.trainer
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step}: the training loss is {loss}; the last checkpoint in "
+                                     f"{self.run_dir}/checkpoints is intact")
+        self.budget.seconds += metrics["time/iteration"]
+        if self.dist.main:
+            self.ctx.record(self.logger, metrics, step, every=t.log_every)
+            if table is not None and t.table_every and step % t.table_every == 0:
+                self.ctx.sample_table(self.logger, step, *table)
+        if (t.save_every and step % t.save_every == 0) or step == total:
+            self.save(step, optimizer, net, **state)
+        if responder is not None and t.eval_every and step % t.eval_every == 0 and step < total:
+            self.periodic_eval(responder, step)
 
     def load_net(self, net: torch.nn.Module) -> None:
         """The recipe's net from the checkpoint the run resumes from (no-op for a new run)."""

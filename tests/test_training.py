@@ -76,6 +76,25 @@ def test_corrupt_checkpoint_is_named_and_nothing_is_lost(tiny_llama, tmp_path):
     assert (run / "checkpoints" / "step_000001" / "policy.safetensors").exists()
 
 
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_llama, tmp_path, monkeypatch):
+    import meal.methods.meal as recipe
+
+    real, calls = recipe.policy_step, []
+
+    def nan_on_second(*args, **kwargs):
+        calls.append(1)
+        loss, grad_norm = real(*args, **kwargs)
+        return (float("nan") if len(calls) == 2 else loss), grad_norm
+
+    monkeypatch.setattr(recipe, "policy_step", nan_on_second)
+    run = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="step 2: the training loss is nan; the last checkpoint .* intact"):
+        train(tiny_config(tiny_llama, str(run), **{"trainer.iterations": 3}))
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_000001"]
+    assert _ckpt(str(run), 1)  # readable
+    assert [json.loads(x)["step"] for x in open(run / "metrics.jsonl")] == [1]
+
+
 def test_nan_reward_is_reported_with_its_name(tiny_llama, tmp_path):
     cfg = tiny_config(tiny_llama, str(tmp_path / "run"), **{"task.objectives": ["coverage", "broken"]})
     cfg["rewards"]["broken"] = "tests.test_training.nan_reward"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -123,9 +122,6 @@ def train(cfg) -> dict[str, Any]:
                 with meter.phase("real_step"):
                     loss, grad_norm = policy_step(run.model, optimizer, batch, c, t.micro_batch_size, dist)
                 run.budget.steps += 1
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"iteration {it}: the training loss is {loss}; the last checkpoint "
-                                         f"in {run.run_dir}/checkpoints is intact")
             step = it + 1
             metrics.update(run.ctx.iteration_metrics(ro, kept.rewards, w_star, w_phi if meta is not None else None,
                                                      loss, grad_norm, c[:len(kept.batch)]))
@@ -135,17 +131,12 @@ def train(cfg) -> dict[str, Any]:
             metrics["train/degenerate"] = (~valid).float().mean().item()
             metrics["train/processes"] = dist.world
             metrics["train/replay_rows"] = len(batch) - len(kept.batch)
-            run.budget.seconds += metrics["time/iteration"]
-            if dist.main:
-                run.ctx.record(run.logger, metrics, step, every=t.log_every)
-                if t.table_every and step % t.table_every == 0:
-                    run.ctx.sample_table(run.logger, step, texts, w_tilde, ro)
-            if (t.save_every and step % t.save_every == 0) or step == t.iterations:
-                run.save(step, optimizer, meta.net if meta is not None else None,
-                         net_optimizer=meta.optimizer.state_dict() if meta is not None else None,
-                         replay_order=replay_order.state)
-            if t.eval_every and step % t.eval_every == 0 and step < t.iterations:
-                run.periodic_eval(policy, step)
+            # a non-finite loss stops the run here; then log, checkpoint, periodic evaluation
+            run.end_iteration(step, t.iterations, loss, metrics, optimizer, responder=policy,
+                              table=(texts, w_tilde, ro),
+                              net=meta.net if meta is not None else None,
+                              net_optimizer=meta.optimizer.state_dict() if meta is not None else None,
+                              replay_order=replay_order.state)
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, **run.ctx.last}
         if t.final_eval:
             summary.update(run.evaluate(policy))

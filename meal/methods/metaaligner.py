@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -401,17 +400,11 @@ def train(cfg) -> dict[str, Any]:
                                 t.max_prompt_tokens)
             loss, grad_norm = policy_step(corrector, optimizer, batch, torch.ones(len(batch)), m.micro_batch_size,
                                           dist)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"corrector step {it}: the loss is {loss}; the last checkpoint in "
-                                         f"{run.run_dir}/checkpoints is intact")
             run.budget.steps += 1
             step = it + 1
             metrics = {"train/loss": loss, f"metaaligner/loss_{stage}": loss, "train/grad_norm": grad_norm,
                        "metaaligner/stage": float(STAGES.index(stage)), "time/iteration": time.perf_counter() - tic}
-            run.budget.seconds += metrics["time/iteration"]
-            run.ctx.record(run.logger, metrics, step, every=t.log_every)
-            if (t.save_every and step % t.save_every == 0) or step == len(schedule):
-                run.save(step, optimizer, bag)
+            run.end_iteration(step, len(schedule), loss, metrics, optimizer, net=bag)
         corrector.eval()
         summary = {"run_dir": run.run_dir, "steps": len(schedule), **run.ctx.last}
         if t.final_eval:

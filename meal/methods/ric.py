@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -156,9 +155,6 @@ def train(cfg) -> dict[str, Any]:
                 loss, grad_norm = policy_step(run.model, optimizer, batch, torch.ones(len(batch)),
                                               t.micro_batch_size, dist)
                 run.budget.steps += 1
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"iteration {it}: the training loss is {loss}; the last checkpoint "
-                                         f"in {run.run_dir}/checkpoints is intact")
             step = it + 1
             metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/kept": float(len(rows)),
                        "train/replay_rows": float(n_replay), "train/degenerate": (~valid).float().mean().item(),
@@ -168,15 +164,8 @@ def train(cfg) -> dict[str, Any]:
                 metrics[f"reward/{name}"] = ro.raw[..., j].mean().item()
                 metrics[f"reward_norm/{name}"] = ro.rewards[..., j].mean().item()
                 metrics[f"ric/threshold/{name}"] = thresholds[j].item()
-            run.budget.seconds += metrics["time/iteration"]
-            if dist.main:
-                run.ctx.record(run.logger, metrics, step, every=t.log_every)
-                if t.table_every and step % t.table_every == 0:
-                    run.ctx.sample_table(run.logger, step, texts, desired, ro)
-            if (t.save_every and step % t.save_every == 0) or step == t.iterations:
-                run.save(step, optimizer)
-            if t.eval_every and step % t.eval_every == 0 and step < t.iterations:
-                run.periodic_eval(evaluated, step)
+            run.end_iteration(step, t.iterations, loss, metrics, optimizer, responder=evaluated,
+                              table=(texts, desired, ro))
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, **run.ctx.last}
         if t.final_eval:
             summary.update(run.evaluate(evaluated))
