@@ -37,17 +37,9 @@ if [ "${METAALIGNER:-1}" = 1 ]; then
       "run_dir=$OUT/metaaligner-s$seed" "stack_on=$OUT/meal-s$seed" prompts=24 'label=metaaligner on meal'
   done
 fi
-first=$OUT/meal-s${SEEDS%%,*}
-[ -f "$first/eval-conditioned/front.json" ] || "$BIN/meal-eval" "run_dir=$first" checkpoint=conditioned
-[ -f "$first/eval-base/front.json" ] || "$BIN/meal-eval" "run_dir=$first" untrained=true label=base
-wall=$(( $(date +%s) - start ))
-cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
-meta=$(printf '{"experiment": "embedded_methods", "date": "%s", "machine": "%s CPU cores (%s), no GPU", "wall_seconds": %d, "seeds": "%s", "online_sampled_responses": 384}' \
-  "$(date -u +%Y-%m-%d)" "$(nproc)" "$cpu" "$wall" "$SEEDS")
-mkdir -p "$DOCS"
 runs=()
 for method in $METHODS; do runs+=("$OUT"/$method-s*); done
 [ "${METAALIGNER:-1}" = 1 ] && runs+=("$OUT"/metaaligner-s* "$OUT"/metaaligner-s*/eval-on-meal-s*)
-"$BIN/meal-compare" "${runs[@]}" "$first/eval-conditioned" "$first/eval-base" \
-  --reference meal --out "$DOCS" --meta "$meta" \
-  --title "Assistant task: five methods from one conditioned start, 384 sampled responses each"
+. experiments/embedded/compare.sh
+compare_runs "$DOCS" meal "Assistant task: five methods from one conditioned start, 384 sampled responses each" \
+  '"online_sampled_responses": 384' "${runs[@]}"

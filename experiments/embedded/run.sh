@@ -25,14 +25,6 @@ for seed in ${SEEDS//,/ }; do
       "trainer.seed=$seed" "trainer.iterations=$ITERATIONS" "trainer.out_dir=$OUT/$method-s$seed"
   done
 done
-first=$OUT/meal-s${SEEDS%%,*}
-[ -f "$first/eval-conditioned/front.json" ] || "$BIN/meal-eval" "run_dir=$first" checkpoint=conditioned
-[ -f "$first/eval-base/front.json" ] || "$BIN/meal-eval" "run_dir=$first" untrained=true label=base
-wall=$(( $(date +%s) - start ))
-cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
-meta=$(printf '{"experiment": "embedded_assistant", "date": "%s", "machine": "%s CPU cores (%s), no GPU", "wall_seconds": %d, "seeds": "%s", "online_iterations": %d}' \
-  "$(date -u +%Y-%m-%d)" "$(nproc)" "$cpu" "$wall" "$SEEDS" "$ITERATIONS")
-mkdir -p "$DOCS"
-"$BIN/meal-compare" "$OUT"/static-s* "$OUT"/meal-s* "$first/eval-conditioned" "$first/eval-base" \
-  --reference static --out "$DOCS" --meta "$meta" \
-  --title "Assistant task: static vs Meal from one conditioned start (labels: w1)"
+. experiments/embedded/compare.sh
+compare_runs "$DOCS" static "Assistant task: static vs Meal from one conditioned start (labels: w1)" \
+  "\"online_iterations\": $ITERATIONS" "$OUT"/static-s* "$OUT"/meal-s*
