@@ -104,9 +104,7 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
                            generation_settings(cfg, eval_protocol=True), list(cfg.task.hv_ref), seed=seed, label=name,
                            csv_dir=os.path.join(out_dir, "responses"))
     budgets = run_budgets(run_dir, folder, untrained, checkpoint == "conditioned")
-    front.extra = front_provenance(cfg, run_dir, normalizer, budgets, checkpoint=folder)
-    if hasattr(responder, "cost"):  # what answering cost per response (MetaAligner: policy + corrector)
-        front.extra["inference"] = responder.cost()
+    front.extra.update(front_provenance(cfg, run_dir, normalizer, budgets, checkpoint=folder))
     if stack_on is not None:
         front.extra["stacked_on"] = stack_on
     os.makedirs(out_dir, exist_ok=True)

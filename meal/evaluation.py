@@ -130,7 +130,8 @@ def evaluate_front(responder, texts: Sequence[str], reward_set: RewardSet, norma
                    seed: int = 0, label: str = "", csv_dir: str | None = None) -> Front:
     """Ask ``responder`` (:class:`~meal.rollout.ConditionedPolicy` or a method's own) for a response to
     every text under every grid preference, score, average: the front. ``csv_dir``: also write each
-    preference's responses and scores there (:func:`write_ric_csv`)."""
+    preference's responses and scores there (:func:`write_ric_csv`). A responder that reports its cost
+    (``cost()``: MetaAligner's corrector) has it in ``front.extra["inference"]``."""
     points, raw_points, alignment, degenerate = [], [], [], []
     for w in grid:
         prefs = torch.tensor([list(w)] * len(texts), dtype=torch.float32)
@@ -149,6 +150,8 @@ def evaluate_front(responder, texts: Sequence[str], reward_set: RewardSet, norma
     front = Front(list(responder.objectives), grid, points, raw_points, pareto_mask(pts).tolist(), hv,
                   list(map(float, hv_ref)), float(np.mean(alignment)), len(texts), seed, label,
                   degenerate=float(np.mean(degenerate)), **preference_following(grid, points))
+    if hasattr(responder, "cost"):  # what answering cost per response (MetaAligner: policy + corrector)
+        front.extra["inference"] = responder.cost()
     log.info("front %s: hypervolume %.4f (reference point %s), alignment %.4f; %s", label, hv, list(hv_ref),
              front.alignment, front.following_summary())
     return front

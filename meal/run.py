@@ -143,9 +143,7 @@ class RunContext:
         front = evaluate_front(responder, texts, reward_set, normalizer, grid,
                                generation_settings(self.cfg, eval_protocol=True), list(self.cfg.task.hv_ref),
                                seed=0, label=self.cfg.method.name, csv_dir=csv_dir)
-        front.extra = front_provenance(self.cfg, self.run_dir, normalizer, self.budgets)
-        if hasattr(responder, "cost"):  # what answering cost per response (MetaAligner: policy + corrector)
-            front.extra["inference"] = responder.cost()
+        front.extra.update(front_provenance(self.cfg, self.run_dir, normalizer, self.budgets))
         return front
 
     def periodic_eval(self, logger, responder, test, reward_set, normalizer, step: int) -> None:

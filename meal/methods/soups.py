@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from meal.harness import start_run
 from meal.methods.morlhf import load_into, policy_file, train_policies
-from meal.preference_lora import PreferenceLoRALinear, adapters_disabled
+from meal.preference_lora import PreferenceLoRALinear, base_only
 from meal.rollout import ConditionedPolicy, Conditioner
 from meal.sampling import Generation, GenerationSettings
 
@@ -85,7 +85,7 @@ class Soup:
         soup = {name: sum(float(wk) * d[name] for wk, d in zip(w.tolist(), deltas)) for name in deltas[0]}
         bases = {name: model.get_submodule(name).base_layer if hasattr(model.get_submodule(name), "base_layer")
                  else model.get_submodule(name).base for name in soup}
-        off = model.disable_adapter() if hasattr(model, "disable_adapter") else adapters_disabled(model)
+        off = base_only(model)
         saved = {name: base.weight.detach().clone() for name, base in bases.items()}  # restored bit for bit
         with torch.no_grad():
             for name, delta in soup.items():
