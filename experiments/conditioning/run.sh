@@ -5,7 +5,8 @@
 # preference in the weights (preference-aware LoRA) and, for each rule, in the prompt only (plain
 # LoRA r 16 on q,v, the project's earlier default); plus the base policy. Each front is the 11-point
 # grid on 24 test prompts. Writes docs/results/conditioning/{compare.json,compare.md,compare.png}.
-# Run from the repository root: `bash experiments/conditioning/run.sh` (six stages of 150 SFT
+# Run from the repository root: `bash experiments/conditioning/run.sh`, or a subset:
+# `RUNS="region-weights rank-weights" bash experiments/conditioning/run.sh` (six stages of 150 SFT
 # steps and seven evaluations: about 2 hours on 2 CPU cores without bf16; finished runs are kept).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,24 +16,27 @@ DOCS=docs/results/conditioning
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
 COMMON=(experiment=demo trainer.iterations=0 trainer.eval_every=0 logger=none)
 start=$(date +%s)
+# RUNS picks a subset of the six (LABEL-weights or LABEL-text); the first one is the reference's run
+RUNS=${RUNS:-region-weights rank-weights softmax-weights region-text rank-text softmax-text}
 runs=()
-for weights in true false; do
-  for label in region rank softmax; do
-    name="${label}-$([ $weights = true ] && echo weights || echo text)"
-    lora=()
-    [ $weights = false ] && lora=(policy.lora.r=16 policy.lora.alpha=32)
-    [ -f "$OUT/$name/front.json" ] || "$BIN/meal-train" "${COMMON[@]}" conditioning.label=$label \
-      policy.lora.preference_aware=$weights "${lora[@]}" "method.name=$name" "trainer.out_dir=$OUT/$name"
-    runs+=("$OUT/$name")
-  done
+for name in $RUNS; do
+  case $name in
+    region-weights | rank-weights | softmax-weights) lora=(policy.lora.preference_aware=true) ;;
+    region-text | rank-text | softmax-text)
+      lora=(policy.lora.preference_aware=false policy.lora.r=16 policy.lora.alpha=32) ;;
+    *) echo "RUNS: unknown run '$name' (expected region|rank|softmax followed by -weights or -text)" >&2; exit 2 ;;
+  esac
+  [ -f "$OUT/$name/front.json" ] || "$BIN/meal-train" "${COMMON[@]}" conditioning.label=${name%-*} \
+    "${lora[@]}" "method.name=$name" "trainer.out_dir=$OUT/$name"
+  runs+=("$OUT/$name")
 done
 # the base policy, evaluated in the same units (the first run's normalisation)
-[ -f "$OUT/region-weights/eval-base/front.json" ] || \
-  "$BIN/meal-eval" "run_dir=$OUT/region-weights" untrained=true label=base
+first=${runs[0]}
+[ -f "$first/eval-base/front.json" ] || "$BIN/meal-eval" "run_dir=$first" untrained=true label=base
 wall=$(( $(date +%s) - start ))
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
 meta=$(printf '{"experiment": "conditioning", "date": "%s", "machine": "%s CPU cores (%s), no GPU", "wall_seconds": %d}' \
   "$(date -u +%Y-%m-%d)" "$(nproc)" "$cpu" "$wall")
 mkdir -p "$DOCS"
-"$BIN/meal-compare" "$OUT/region-weights/eval-base" "${runs[@]}" --out "$DOCS" --reference base --meta "$meta" \
+"$BIN/meal-compare" "$first/eval-base" "${runs[@]}" --out "$DOCS" --reference base --meta "$meta" \
   --title "Conditioning stage alone: labelling rule x where the preference enters (points labelled with w1)"
