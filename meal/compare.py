@@ -99,6 +99,11 @@ def compare(paths: Sequence[str], out_dir: str, title: str | None = None, refere
         if front.objectives != objs or front.hv_ref != ref:
             raise CompareError(f"{f}: objectives {front.objectives} / reference point {front.hv_ref} differ from "
                                f"{files[0]} ({objs} / {ref})")
+        if (front.num_prompts, front.seed) != (fronts[0].num_prompts, fronts[0].seed):
+            raise CompareError(f"{f}: evaluated on {front.num_prompts} test prompts with sampling seed {front.seed}, "
+                               f"{files[0]} on {fronts[0].num_prompts} with seed {fronts[0].seed}: fronts over "
+                               f"different prompts or samples do not compare (re-evaluate with meal-eval "
+                               f"prompts={fronts[0].num_prompts} seed={fronts[0].seed})")
         if norm0 is not None and front.extra.get("normalizer") not in (None, norm0):
             raise CompareError(f"{f}: reward normalisation differs from {files[0]}: hypervolumes would be in "
                                f"different units (use runs of one task with the same conditioning stage or "

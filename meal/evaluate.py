@@ -81,7 +81,8 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
     data = load_task_data(cfg)
     reward_set = build_rewards(cfg)
     cfg.trainer.gen_batch_size = batch_size
-    texts = [e.text for e in data.test[:prompts or len(data.test)]]
+    # the run's own final evaluation's prompts unless told otherwise, so that its fronts and this one compare
+    texts = [e.text for e in data.test[:prompts or cfg.trainer.final_eval_prompts or len(data.test)]]
     if stack_on is not None:
         if "stack_on" not in cfg.method:
             raise ConfigError(f"stack_on: {run_dir} is a {cfg.method.recipe} run; only a MetaAligner run's corrector "

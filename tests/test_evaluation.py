@@ -56,14 +56,14 @@ def test_preference_grids():
 
 def test_meal_eval_on_a_tiny_run_and_compare_two_fronts(tiny_llama, tmp_path):
     run = tmp_path / "run"
-    train(tiny_config(tiny_llama, str(run)))
-    out = evaluate_run(str(run), prompts=3)
+    train(tiny_config(tiny_llama, str(run), **{"trainer.final_eval_prompts": 3}))
+    out = evaluate_run(str(run))  # as many test prompts as the run's own final evaluation
     front = Front.load(out["front_json"])
     assert len(front.points) == 11 and len(front.preferences) == 11 and front.num_prompts == 3
     assert front.hypervolume == pytest.approx(hypervolume(np.array(front.points), front.hv_ref))
     assert os.path.getsize(out["front_png"]) > 1000
-    base = evaluate_run(str(run), untrained=True, prompts=3)
-    assert Front.load(base["front_json"]).label == "meal (base)"
+    base = evaluate_run(str(run), untrained=True)
+    assert Front.load(base["front_json"]).label == "meal (base)" and Front.load(base["front_json"]).num_prompts == 3
     result = compare([str(run / "eval"), base["front_json"]], str(tmp_path / "cmp"))
     assert [r["method"] for r in result["methods"]] == ["meal", "meal (base)"]
     assert os.path.exists(tmp_path / "cmp" / "compare.png")
@@ -104,11 +104,16 @@ def test_compare_gives_a_bootstrap_interval_with_two_runs_a_side():
     assert 2.0 <= d["bootstrap_95"][0] <= 4.0 <= d["bootstrap_95"][1] <= 6.0  # resampled means lie in [1, 3] / [5, 7]
 
 
-def test_compare_refuses_fronts_in_different_units(tmp_path):
+def test_compare_refuses_fronts_in_different_units_or_over_different_prompts(tmp_path):
     _front("a", [[1, 1]], 0, {"mean": [0, 0]}).save(str(tmp_path / "a.json"))
     _front("b", [[1, 1]], 0, {"mean": [1, 0]}).save(str(tmp_path / "b.json"))
     with pytest.raises(CompareError, match="normalisation differs"):
         compare([str(tmp_path / "a.json"), str(tmp_path / "b.json")], str(tmp_path / "out"))
+    c = _front("c", [[1, 1]], 0, {"mean": [0, 0]})
+    c.num_prompts = 7  # the same policy's front over other prompts: a different sample, not a better method
+    c.save(str(tmp_path / "c.json"))
+    with pytest.raises(CompareError, match="evaluated on 7 test prompts with sampling seed 0"):
+        compare([str(tmp_path / "a.json"), str(tmp_path / "c.json")], str(tmp_path / "out"))
     with pytest.raises(CompareError, match="no front.json"):
         compare([str(tmp_path)], str(tmp_path / "out"))
 
