@@ -76,6 +76,11 @@ def hypervolume_difference(a: Sequence[float], b: Sequence[float], seed: int = 0
     return out
 
 
+def _stage_cost(row: dict) -> str:
+    return (f"{row['conditioning_responses'] or 0:,.0f} responses, {row['conditioning_tokens'] or 0:,.0f} tokens, "
+            f"{row['conditioning_steps']:.0f} SFT steps, {(row['conditioning_seconds'] or 0) / 60:.1f} min")
+
+
 def _fmt(m, s, digits=2) -> str:
     return "n/a" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
@@ -174,12 +179,15 @@ def compare(paths: Sequence[str], out_dir: str, title: str | None = None, refere
                       f"for the policy + {r['inference_corrector_seconds_per_response']:.2f} s for the corrector "
                       f"({r['inference_corrector_tokens_per_response']:.1f} corrector tokens); its online cost "
                       f"above is the corrector's training, whatever policy it is stacked on.")
-    cond = [r for r in rows if r["conditioning_steps"]]
-    if cond:
-        c = cond[0]
-        md.append(f"Conditioning stage (shared, not in the online cost above): {c['conditioning_responses'] or 0:,.0f} "
-                  f"responses, {c['conditioning_tokens'] or 0:,.0f} tokens, {c['conditioning_steps']:.0f} SFT steps, "
-                  f"{(c['conditioning_seconds'] or 0) / 60:.1f} min.")
+    stages: dict[str, list[str]] = defaultdict(list)  # a stage's cost -> the methods that started from it
+    for r in rows:
+        if r["conditioning_steps"]:
+            stages[_stage_cost(r)].append(r["method"])
+    if len(stages) == 1:  # one stage every method started from (paid once)
+        md.append(f"Conditioning stage (shared, not in the online cost above): {next(iter(stages))}.")
+    elif stages:
+        md.append("Conditioning stages (not in the online cost above): "
+                  + "; ".join(f"{', '.join(methods)}: {cost}" for cost, methods in stages.items()) + ".")
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     result = {**(meta or {}), "objectives": objs, "hv_ref": ref, "reference_method": reference, "methods": rows,

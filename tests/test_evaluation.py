@@ -96,6 +96,26 @@ def test_compare_table_mean_and_spread(tmp_path):
     assert "one run on a side: no test, no interval" in open(tmp_path / "out" / "compare.md").read()
 
 
+def test_compare_reports_a_shared_conditioning_stage_once_and_different_ones_per_method(tmp_path):
+    def stage(steps, seconds):
+        return {"responses": 384, "tokens": 15484, "reward_calls": 768, "steps": steps, "seconds": seconds}
+
+    paths = []
+    for label, budget in [("static", stage(150, 600.0)), ("meal", stage(150, 600.0)), ("ric", stage(40, 120.0))]:
+        f = _front(label, [[1, 1]], 0)
+        f.extra["conditioning_budget"] = budget
+        paths.append(str(tmp_path / f"{label}.json"))
+        f.save(paths[-1])
+    compare(paths[:2], str(tmp_path / "shared"))
+    md = (tmp_path / "shared" / "compare.md").read_text()
+    assert "Conditioning stage (shared, not in the online cost above): 384 responses, 15,484 tokens, 150 SFT " \
+           "steps, 10.0 min." in md
+    compare(paths, str(tmp_path / "own"))
+    md = (tmp_path / "own" / "compare.md").read_text()
+    assert "Conditioning stages (not in the online cost above): static, meal: 384 responses, 15,484 tokens, 150 " \
+           "SFT steps, 10.0 min; ric: 384 responses, 15,484 tokens, 40 SFT steps, 2.0 min." in md
+
+
 def test_compare_gives_a_bootstrap_interval_with_two_runs_a_side():
     from meal.compare import hypervolume_difference
 
