@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import textwrap
 from typing import Sequence
 
 from meal.evaluation import Front, pareto_mask
@@ -49,7 +50,8 @@ def plot_fronts(fronts: Sequence[Front], path: str, title: str | None = None) ->
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best")
     ref = fronts[0].hv_ref
-    fig.suptitle(title or f"Pareto fronts (points labelled with w1; HV reference point {ref})", fontsize=10)
+    title = title or f"Pareto fronts (points labelled with w1; HV reference point {ref})"
+    fig.suptitle(textwrap.fill(title, 75 * len(pairs)), fontsize=10)  # a long title wraps rather than clips
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
