@@ -73,7 +73,7 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
     from meal.harness import build_rewards, load_task_data
     from meal.rewards import RewardNormalizer
     from meal.methods import recipe, start_responder
-    from meal.run import front_provenance, generation_settings, publish_front
+    from meal.run import eval_texts, front_provenance, generation_settings, publish_front
 
     cfg, model, tok, folder = load_run(run_dir, checkpoint, untrained)
     objectives = list(cfg.task.objectives)
@@ -81,8 +81,7 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
     data = load_task_data(cfg)
     reward_set = build_rewards(cfg)
     cfg.trainer.gen_batch_size = batch_size
-    # the run's own final evaluation's prompts unless told otherwise, so that its fronts and this one compare
-    texts = [e.text for e in data.test[:prompts or cfg.trainer.final_eval_prompts or len(data.test)]]
+    texts = eval_texts(cfg, data.test, prompts)
     if stack_on is not None:
         if "stack_on" not in cfg.method:
             raise ConfigError(f"stack_on: {run_dir} is a {cfg.method.recipe} run; only a MetaAligner run's corrector "

@@ -33,6 +33,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def eval_texts(cfg, test, prompts: int = 0) -> list[str]:
+    """The test prompts a front is evaluated on: ``prompts`` of them, else the run's
+    ``trainer.final_eval_prompts``, else all; one rule, so that a run's fronts and meal-eval's compare."""
+    return [e.text for e in test[:prompts or cfg.trainer.final_eval_prompts or len(test)]]
+
+
 def generation_settings(cfg: DictConfig, eval_protocol: bool = False) -> GenerationSettings:
     """Sampling settings of the run; ``eval_protocol`` fixes top_p 0.9, top_k 0, temperature 1."""
     t = cfg.trainer
@@ -161,8 +167,7 @@ class RunContext:
         """The full grid (or the responder's own ``grid``: MORLHF) on the test prompts; writes front.json,
         front.png and each preference's responses and scores (``responses/``, RiC's CSV layout) into the
         run folder."""
-        n = self.cfg.trainer.final_eval_prompts or len(test)
-        texts = [e.text for e in test[:n]]
+        texts = eval_texts(self.cfg, test)
         grid = getattr(responder, "grid", None) or preference_grid(len(self.objectives))
         front = self._evaluate(responder, texts, reward_set, normalizer, grid,
                                csv_dir=os.path.join(self.run_dir, "responses"))

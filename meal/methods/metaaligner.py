@@ -427,7 +427,7 @@ def zero_shot_table(cfg, corrected: Corrected, test, normalizer, out_dir: str, p
     objective for the upstream's answers and for the corrector asked for (a) the trained objectives,
     (b) each zero-shot objective alone, (c) all of them. Writes zero_shot.json and zero_shot.md."""
     from meal.rewards import RewardSet
-    from meal.run import generation_settings
+    from meal.run import eval_texts, generation_settings
 
     from omegaconf import OmegaConf
 
@@ -435,8 +435,7 @@ def zero_shot_table(cfg, corrected: Corrected, test, normalizer, out_dir: str, p
     unseen = [x for x in cfg.method.zero_shot if x not in trained]
     names = trained + unseen
     rewards = RewardSet.from_config(OmegaConf.to_container(cfg.rewards, resolve=True), names)
-    n = prompts or cfg.trainer.final_eval_prompts or len(test)
-    texts = [e.text for e in test[:n]]
+    texts = eval_texts(cfg, test, prompts)
     gen = generation_settings(cfg, eval_protocol=True)
     uniform = torch.full((len(texts), len(trained)), 1.0 / len(trained))
     first = corrected.upstream.respond(texts, uniform, gen, seed)
