@@ -14,6 +14,7 @@ different units do not compare.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import numpy as np
 
 from meal.evaluation import Front
 from meal.plotting import plot_fronts
+from meal.profiling import machine
 
 log = logging.getLogger(__name__)
 
@@ -207,10 +209,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--title", default=None)
     ap.add_argument("--reference", default=None, help="method the others' hypervolumes are tested against "
                     "(default: the first)")
-    ap.add_argument("--meta", default=None, help="JSON object written into compare.json (date, machine, wall time)")
+    ap.add_argument("--meta", default=None, help="JSON object written into compare.json (date, machine, wall time); "
+                    "date and machine default to today and this machine (meal.profiling.machine)")
     args = ap.parse_args(argv)
     try:
-        compare(args.paths, args.out, args.title, args.reference, json.loads(args.meta) if args.meta else None)
+        meta = json.loads(args.meta) if args.meta else {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"--meta must be a JSON object, got {args.meta!r}")
+        meta = {"date": datetime.date.today().isoformat(), "machine": machine(), **meta}
+        compare(args.paths, args.out, args.title, args.reference, meta)
     except (CompareError, ValueError) as e:
         print(f"meal-compare: {e}", file=sys.stderr)
         sys.exit(2)

@@ -152,3 +152,18 @@ def test_responses_are_written_in_rics_csv_layout(tmp_path):
     with_desired = write_ric_csv(str(tmp_path / "ric"), [1.0, 0.0], ["q"], ["a"], torch.tensor([[0.5, 0.5]]),
                                  torch.tensor([4.2, -4.2]))
     assert list(csv.reader(open(with_desired)))[1] == ["0", "q", "a", "0.5", "4.2", "0.5", "-4.2"]
+
+
+def test_meal_compare_cli_stamps_date_and_machine_unless_given(tmp_path, capsys):
+    from meal.compare import main as compare_main
+
+    _front("a", [[1, 1]], 0).save(str(tmp_path / "a.json"))
+    compare_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "out"), "--meta", '{"wall_seconds": 5}'])
+    meta = json.load(open(tmp_path / "out" / "compare.json"))
+    assert meta["wall_seconds"] == 5 and meta["date"] and "torch" in meta["machine"]
+    assert "GPU" in meta["machine"]  # "N CPU cores (model, bf16 or not), no GPU" or "<name> GPU"
+    compare_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "out"), "--meta", '{"machine": "mine"}'])
+    assert json.load(open(tmp_path / "out" / "compare.json"))["machine"] == "mine"
+    with pytest.raises(SystemExit):
+        compare_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "out"), "--meta", "[1]"])
+    assert "--meta must be a JSON object" in capsys.readouterr().err

@@ -34,9 +34,7 @@ done
 first=${runs[0]}
 [ -f "$first/eval-base/front.json" ] || "$BIN/meal-eval" "run_dir=$first" untrained=true label=base
 wall=$(( $(date +%s) - start ))
-cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
-meta=$(printf '{"experiment": "conditioning", "date": "%s", "machine": "%s CPU cores (%s), no GPU", "wall_seconds": %d}' \
-  "$(date -u +%Y-%m-%d)" "$(nproc)" "$cpu" "$wall")
+meta=$(printf '{"experiment": "conditioning", "wall_seconds": %d}' "$wall")  # meal-compare adds date and machine
 mkdir -p "$DOCS"
 "$BIN/meal-compare" "$first/eval-base" "${runs[@]}" --out "$DOCS" --reference base --meta "$meta" \
   --title "Conditioning stage alone: labelling rule x where the preference enters (points labelled with w1)"
