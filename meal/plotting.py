@@ -42,9 +42,13 @@ def plot_fronts(fronts: Sequence[Front], path: str, title: str | None = None) ->
             at: dict[tuple[float, float], list[str]] = {}  # coincident points share one label
             for x, y, w in zip(xs, ys, front.preferences):
                 at.setdefault((round(x, 6), round(y, 6)), []).append(f"{w[0]:.1f}")
+            on_front = {(round(xs[i], 6), round(ys[i], 6)) for i in front_idx}
             for (x, y), names in at.items():
-                ax.annotate(",".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                            color=color)
+                # labels of the front above and right of it, of dominated points below and left (inside the
+                # front, where the front's own labels are not)
+                up = (x, y) in on_front
+                ax.annotate(",".join(names), (x, y), textcoords="offset points", xytext=(4, 4) if up else (-4, -4),
+                            ha="left" if up else "right", va="bottom" if up else "top", fontsize=7, color=color)
         ax.set_xlabel(f"{objectives[a]} (normalised)")
         ax.set_ylabel(f"{objectives[b]} (normalised)")
         ax.grid(alpha=0.3)
