@@ -213,7 +213,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "date and machine default to today and this machine (meal.profiling.machine)")
     args = ap.parse_args(argv)
     try:
-        meta = json.loads(args.meta) if args.meta else {}
+        try:
+            meta = json.loads(args.meta) if args.meta else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--meta is not valid JSON ({e}): {args.meta!r}") from None
         if not isinstance(meta, dict):
             raise ValueError(f"--meta must be a JSON object, got {args.meta!r}")
         meta = {"date": datetime.date.today().isoformat(), "machine": machine(), **meta}

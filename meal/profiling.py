@@ -17,14 +17,14 @@ import time
 
 import torch
 
+from meal.policy import cpu_supports_bf16
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def machine() -> str:
     """What a measurement ran on, for results files: the GPU, or the CPU cores, model and whether the
     policy could run in bf16 there (``policy.dtype=auto``), with the torch and Python versions."""
-    from meal.policy import cpu_supports_bf16
-
     if torch.cuda.is_available():
         dev = f"{torch.cuda.get_device_name(0)} GPU"
     else:
@@ -34,7 +34,7 @@ def machine() -> str:
                 cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
         except OSError:
             pass
-        bf16 = "with AVX-512 BF16: bf16 policy" if cpu_supports_bf16() else "no AVX-512 BF16: fp32 policy"
+        bf16 = "with bf16 arithmetic: bf16 policy" if cpu_supports_bf16() else "no AVX-512 BF16: fp32 policy"
         dev = f"{os.cpu_count()} CPU cores ({cpu}, {bf16}), no GPU"
     return f"{dev}, torch {torch.__version__}, Python {platform.python_version()}"
 

@@ -167,3 +167,6 @@ def test_meal_compare_cli_stamps_date_and_machine_unless_given(tmp_path, capsys)
     with pytest.raises(SystemExit):
         compare_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "out"), "--meta", "[1]"])
     assert "--meta must be a JSON object" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "out"), "--meta", "{bad"])
+    assert "--meta is not valid JSON" in capsys.readouterr().err
