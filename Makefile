@@ -8,7 +8,7 @@ STAMP := $(VENV)/.meal-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow bench reward-conflict conditioning-experiment embedded-experiment methods-experiment clean
+.PHONY: setup demo test test-slow bench reward-conflict conditioning-experiment embedded-experiment methods-experiment meta-learner-experiment clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,9 @@ embedded-experiment: setup  ## static vs Meal from one conditioned start, equal 
 
 methods-experiment: setup  ## static, Meal, RiC, MORLHF, Rewarded Soups from one conditioned start, 384 sampled responses each -> docs/results/embedded_methods/
 	bash experiments/embedded/methods.sh
+
+meta-learner-experiment: setup  ## static, Meal and the net's controls, learning curves and fronts on validation prompts -> docs/results/meta_learner_validation/
+	bash experiments/meta_learner/run.sh
 
 clean:
 	rm -rf runs multirun outputs bench_out

@@ -50,7 +50,13 @@ def run_row(path: str, front: Front) -> dict:
             "hypervolume": front.hypervolume, "mip": front.alignment, "spearman": front.spearman,
             "ranges": front.ranges, "nondominated": front.nondominated, "points": len(front.points),
             "degenerate": front.degenerate, "budget": front.extra.get("budget"),
-            "conditioning_budget": front.extra.get("conditioning_budget"), "inference": front.extra.get("inference")}
+            "conditioning_budget": front.extra.get("conditioning_budget"), "inference": front.extra.get("inference"),
+            "split": front.extra.get("split", "test"), "preferences": front.preferences, "front_points": front.points,
+            "pareto": front.pareto, "meta_learner": front.extra.get("meta_learner")}
+
+
+NET_KEYS = ("param_distance", "param_distance_rel", "w_phi_spread_std", "w_phi_spread_range", "h_phi_spread_std",
+            "h_phi_spread_range")
 
 
 def _mean_std(values) -> tuple[float | None, float | None]:
@@ -71,6 +77,11 @@ def hypervolume_difference(a: Sequence[float], b: Sequence[float], seed: int = 0
         t = ttest_ind(a, b, equal_var=False)
         out.update(welch_t=float(t.statistic), welch_p=float(t.pvalue))
     out["bootstrap_95"] = None  # with one run on a side its spread is unknown: no interval, no test
+    out["levene_p"] = None  # do the seed-to-seed spreads differ? (the paper's "steadier training")
+    if len(a) > 1 and len(b) > 1 and (a.std() > 0 or b.std() > 0):
+        from scipy.stats import levene
+
+        out["levene_p"] = float(levene(a, b).pvalue)
     if len(a) > 1 and len(b) > 1:
         rng = np.random.default_rng(seed)
         boot = rng.choice(a, (draws, len(a))).mean(1) - rng.choice(b, (draws, len(b))).mean(1)
@@ -111,6 +122,10 @@ def compare(paths: Sequence[str], out_dir: str, title: str | None = None, refere
                                f"{files[0]} on {fronts[0].num_prompts} with seed {fronts[0].seed}: fronts over "
                                f"different prompts or samples do not compare (re-evaluate with meal-eval "
                                f"prompts={fronts[0].num_prompts} seed={fronts[0].seed})")
+        if front.extra.get("split", "test") != fronts[0].extra.get("split", "test"):
+            raise CompareError(f"{f}: evaluated on the {front.extra.get('split', 'test')} prompts, {files[0]} on the "
+                               f"{fronts[0].extra.get('split', 'test')} prompts: fronts over different splits do not "
+                               f"compare (meal-eval split=...)")
         if norm0 is not None and front.extra.get("normalizer") not in (None, norm0):
             raise CompareError(f"{f}: reward normalisation differs from {files[0]}: hypervolumes would be in "
                                f"different units (use runs of one task with the same conditioning stage or "
@@ -140,6 +155,9 @@ def compare(paths: Sequence[str], out_dir: str, title: str | None = None, refere
         for key in ("upstream_seconds_per_response", "corrector_seconds_per_response",
                     "corrector_tokens_per_response"):  # a corrector's per-response cost (MetaAligner)
             row[f"inference_{key}"], _ = _mean_std((m["inference"] or {}).get(key) for m in members)
+        for key in NET_KEYS:  # what the meta-learner did (Meal runs)
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std((m["meta_learner"] or {}).get(f"meta/{key}")
+                                                              for m in members)
         if label != reference:
             row[f"vs_{reference}"] = hypervolume_difference(row["hypervolumes"], groups[reference] and
                                                             [m["hypervolume"] for m in groups[reference]])
@@ -165,6 +183,7 @@ def compare(paths: Sequence[str], out_dir: str, title: str | None = None, refere
     md.append("")
     md.append("Hypervolume per run: " + "; ".join(f"{r['method']} {', '.join(f'{h:.2f}' for h in r['hypervolumes'])}"
                                                   for r in rows) + ".")
+    groups_std = {r["method"]: r["hypervolume_std"] or 0.0 for r in rows}
     for r in rows:
         d = r.get(f"vs_{reference}")
         if d:
@@ -173,8 +192,19 @@ def compare(paths: Sequence[str], out_dir: str, title: str | None = None, refere
                           f"a side: no test, no interval).")
                 continue
             p = "n/a" if d["welch_p"] is None else f"{d['welch_p']:.3f}"
+            lev = "n/a" if d.get("levene_p") is None else f"{d['levene_p']:.3f}"
             md.append(f"{r['method']} - {reference}: hypervolume difference {d['difference']:+.2f}, Welch's test "
-                      f"p = {p}, bootstrap 95% interval [{d['bootstrap_95'][0]:+.2f}, {d['bootstrap_95'][1]:+.2f}].")
+                      f"p = {p}, bootstrap 95% interval [{d['bootstrap_95'][0]:+.2f}, {d['bootstrap_95'][1]:+.2f}]; "
+                      f"seed-to-seed spread {r['hypervolume_std']:.2f} vs {groups_std[reference]:.2f}, Levene p = {lev}.")
+    for r in rows:
+        if r["param_distance_mean"] is not None:
+            md.append(f"{r['method']}: the net moved {_fmt(r['param_distance_mean'], r['param_distance_std'], 3)} "
+                      f"from its initialisation ({_fmt(r['param_distance_rel_mean'], r['param_distance_rel_std'], 3)} "
+                      f"of its norm); over every training prompt at w* = uniform its w_phi spans "
+                      f"{_fmt(r['w_phi_spread_range_mean'], r['w_phi_spread_range_std'], 3)} (std "
+                      f"{_fmt(r['w_phi_spread_std_mean'], r['w_phi_spread_std_std'], 3)}) and its relabelling head "
+                      f"{_fmt(r['h_phi_spread_range_mean'], r['h_phi_spread_range_std'], 3)} (max - min, largest over "
+                      f"objectives).")
     for r in rows:
         if r["inference_corrector_seconds_per_response"] is not None:
             md.append(f"{r['method']}: inference per response {r['inference_upstream_seconds_per_response']:.2f} s "

@@ -47,6 +47,9 @@ class TaskConfig:
     template: TemplateConfig = field(default_factory=TemplateConfig, metadata={"help": "Prompt template."})
     max_new_tokens: int = _f(48, "Maximum number of generated tokens per response.")
     hv_ref: List[float] = _f([], "Hypervolume reference point, in normalised reward units, one per objective.")
+    validation_prompts: int = _f(24, "Training prompts held out as the validation split (a choice fixed per task, "
+                                 "whatever the run's seed; at most a quarter of the training prompts): knobs and "
+                                 "defaults are chosen on them, the test prompts are for reported fronts only.")
     pool_instructions: List[str] = _f([""], "Instructions appended to the task text when the conditioning stage "
                                       "samples its pool (a task with prompts only), so that the pool spans the "
                                       "trade-off; '' samples the plain prompt. Never part of a training prompt.")
@@ -146,9 +149,10 @@ class TrainerConfig:
     save_every: int = _f(10, "Checkpoint every this many iterations (0: only at the end).")
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk.")
     eval_every: int = _f(0, "Run a small evaluation grid every this many iterations (0: never).")
-    eval_prompts: int = _f(8, "Test prompts used by the periodic evaluation.")
-    final_eval: bool = _f(True, "Evaluate the full preference grid on the test prompts at the end.")
-    final_eval_prompts: int = _f(0, "Test prompts of the final evaluation (0: all).")
+    eval_prompts: int = _f(8, "Validation prompts used by the periodic evaluation (a fixed subset: learning curves).")
+    final_eval: bool = _f(True, "Evaluate the full preference grid at the end (on trainer.final_eval_split).")
+    final_eval_prompts: int = _f(0, "Prompts of the final evaluation (0: all of its split).")
+    final_eval_split: str = _f("test", "test (reported fronts) | validation (choosing knobs and defaults).")
     resume: bool = _f(False, "Continue from the latest checkpoint in out_dir.")
     resume_from: Optional[str] = _f(None, "With resume: continue from this checkpoint (e.g. step_000010) instead "
                                     "of the latest.")
@@ -277,6 +281,7 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
     _need("{text}" in m.template.user and "{preference}" in m.template.user, "task.template.user",
           "must contain {text} and {preference}")
     _need(m.max_new_tokens >= 1, "task.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}")
+    _need(m.validation_prompts >= 0, "task.validation_prompts", f"must be >= 0, got {m.validation_prompts}")
 
     _need(t.iterations >= 0, "trainer.iterations", f"must be >= 0, got {t.iterations}")
     _need(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}")
@@ -292,6 +297,8 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
     if t.preference is not None:
         check_preference(list(t.preference), len(m.objectives), "trainer.preference")
     _need(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
+    _need(t.final_eval_split in ("test", "validation"), "trainer.final_eval_split",
+          f"test | validation, got {t.final_eval_split!r}")
     _need(t.replay >= 0, "trainer.replay", f"must be >= 0, got {t.replay}")
     _need(t.norm_prompts >= 1 and t.norm_samples >= 1, "trainer.norm_prompts",
           "the normalisation pass needs at least one prompt and one sample")

@@ -64,9 +64,10 @@ def load_run_responder(run_dir: str, checkpoint: str = "latest"):
 
 def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, prompts: int = 0,
                  seed: int = 0, batch_size: int = 32, label: str | None = None, out_dir: str | None = None,
-                 logger_cfg: Any = None, stack_on: str | None = None) -> dict[str, Any]:
+                 logger_cfg: Any = None, stack_on: str | None = None, split: str = "test") -> dict[str, Any]:
     """Evaluate ``run_dir`` (its config.yaml, reward_stats.json and a checkpoint); write the front.
-    ``stack_on`` (a MetaAligner run only): what its corrector rewrites, base | conditioned | a run folder."""
+    ``stack_on`` (a MetaAligner run only): what its corrector rewrites, base | conditioned | a run folder.
+    ``split``: test (reported fronts) | validation (the prompts the task holds out of training)."""
     from hydra.utils import instantiate
 
     from meal.evaluation import evaluate_front, preference_grid
@@ -81,7 +82,9 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
     data = load_task_data(cfg)
     reward_set = build_rewards(cfg)
     cfg.trainer.gen_batch_size = batch_size
-    texts = eval_texts(cfg, data.test, prompts)
+    if split not in ("test", "validation"):
+        raise ConfigError(f"split: test | validation, got {split!r}")
+    texts = eval_texts(cfg, data.split(split), prompts)
     if stack_on is not None:
         if "stack_on" not in cfg.method:
             raise ConfigError(f"stack_on: {run_dir} is a {cfg.method.recipe} run; only a MetaAligner run's corrector "
@@ -104,7 +107,7 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
                            generation_settings(cfg, eval_protocol=True), list(cfg.task.hv_ref), seed=seed, label=name,
                            csv_dir=os.path.join(out_dir, "responses"))
     budgets = run_budgets(run_dir, folder, untrained, checkpoint == "conditioned")
-    front.extra.update(front_provenance(cfg, run_dir, normalizer, budgets, checkpoint=folder))
+    front.extra.update(front_provenance(cfg, run_dir, normalizer, budgets, checkpoint=folder, split=split))
     if stack_on is not None:
         front.extra["stacked_on"] = stack_on
     os.makedirs(out_dir, exist_ok=True)
@@ -143,7 +146,7 @@ def run_budgets(run_dir: str, folder: str | None, untrained: bool, conditioned: 
 def _main(cfg: DictConfig) -> None:
     with user_errors():
         out = evaluate_run(cfg.run_dir, cfg.checkpoint, cfg.untrained, cfg.prompts, cfg.seed, cfg.batch_size,
-                           cfg.label, cfg.out_dir, cfg.logger, cfg.stack_on)
+                           cfg.label, cfg.out_dir, cfg.logger, cfg.stack_on, cfg.split)
     print_front(out)
 
 

@@ -159,7 +159,7 @@ def load_task_data(cfg: DictConfig) -> TaskData:
     if not data.train or not data.test:
         raise DataError(f"task.data: {cfg.task.name} has {len(data.train)} training and {len(data.test)} test prompts; "
                         f"both must be non-empty")
-    return data
+    return data.hold_out(cfg.task.validation_prompts)
 
 
 def build_rewards(cfg: DictConfig) -> RewardSet:
@@ -274,7 +274,8 @@ class Run:
         (``metrics["time/iteration"]``) into the budget; the metrics logged, with a sample table every
         ``trainer.table_every`` from ``table`` = (texts, preferences, rollout); a checkpoint (with ``net``
         and the recipe's ``state``) every ``trainer.save_every`` and at the last step; the periodic
-        evaluation of ``responder`` every ``trainer.eval_every``."""
+        evaluation of ``responder`` every ``trainer.eval_every`` and at the last step (a learning curve on the
+        validation prompts)."""
         t = self.cfg.trainer
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {step}: the training loss is {loss}; the last checkpoint in "
@@ -286,28 +287,39 @@ class Run:
                 self.ctx.sample_table(self.logger, step, *table)
         if (t.save_every and step % t.save_every == 0) or step == total:
             self.save(step, optimizer, net, **state)
-        if responder is not None and t.eval_every and step % t.eval_every == 0 and step < total:
-            self.periodic_eval(responder, step)
+        if responder is not None and t.eval_every and (step % t.eval_every == 0 or step == total):
+            self.periodic_eval(responder, step)  # the learning curve, on the validation prompts, its last point too
+
+    def net_state(self) -> dict[str, torch.Tensor] | None:
+        """The recipe's net as the checkpoint the run resumes from saved it (None for a new run)."""
+        if self.checkpoint is None:
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(os.path.join(self.checkpoint, "net.safetensors"))
 
     def load_net(self, net: torch.nn.Module) -> None:
         """The recipe's net from the checkpoint the run resumes from (no-op for a new run)."""
-        if self.checkpoint is not None:
-            from safetensors.torch import load_file
-
-            net.load_state_dict(load_file(os.path.join(self.checkpoint, "net.safetensors")))
+        state = self.net_state()
+        if state is not None:
+            net.load_state_dict(state)
 
     def periodic_eval(self, responder, step: int) -> None:
+        """The learning curve's point at ``step``: a small grid on the first ``trainer.eval_prompts``
+        validation prompts (the test prompts where the task holds none out)."""
         if self.dist.main:
-            self.ctx.periodic_eval(self.logger, responder, self.data.test, self.reward_set, self.normalizer, step)
+            prompts = self.data.validation or self.data.test
+            self.ctx.periodic_eval(self.logger, responder, prompts, self.reward_set, self.normalizer, step)
         self.dist.barrier()
 
     def evaluate(self, responder) -> dict[str, Any]:
-        """The final evaluation (main process): the full grid (or the responder's own ``grid``), front.json
-        and front.png; the summary."""
+        """The final evaluation (main process) on ``trainer.final_eval_split``: the full grid (or the
+        responder's own ``grid``), front.json and front.png; the summary."""
         out: dict[str, Any] = {}
         if self.dist.main:
-            out = self.ctx.final_eval(self.logger, responder, self.data.test, self.reward_set, self.normalizer,
-                                      self.cfg.trainer.iterations)
+            split = self.cfg.trainer.final_eval_split
+            out = self.ctx.final_eval(self.logger, responder, self.data.split(split), self.reward_set,
+                                      self.normalizer, self.cfg.trainer.iterations, split=split)
         self.dist.barrier()
         return out
 

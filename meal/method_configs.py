@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from meal import config as _config
 from meal.config import PolicyConfig, _f
@@ -20,11 +20,16 @@ def _need(cond: bool, field_name: str, msg: str) -> None:
 
 @dataclass
 class WeightNetConfig:
-    """The preference-weight-net (meta-learner), method.md step 2."""
+    """The preference-weight-net (meta-learner), method.md steps 2, 5 and 9."""
 
-    hidden: int = _f(128, "Hidden units of the one-hidden-layer MLP.")
+    hidden: int = _f(128, "Hidden units of each head's one-hidden-layer MLP.")
     embedding: str = _f("policy", "policy (mean-pooled last hidden state of the frozen base policy) | minilm.")
+    features: int = _f(32, "Principal directions of the centred prompt embeddings the net sees, whitened (PCA fitted "
+                       "on the training prompts before training; 0: all).")
     lr: float = _f(1e-3, "Adam learning rate beta of the outer update (step 9).")
+    adam_eps: float = _f(1e-16, "Adam's eps, far below the meta-gradient's scale (1e-10 and less): the outer update is "
+                         "scale-free, so the size of the hypergradient (alpha_in, (1 - lam) factors) does not "
+                         "decide whether the net moves.")
 
 
 @dataclass
@@ -36,13 +41,24 @@ class MethodConfig:
     meta_learner: bool = _f(True, "Build the preference-weight-net (False: the static method, no net at all).")
     lam: float = _f(0.5, "lambda: mix of target and net preference (1 = static rejection sampling).")
     tau: float = _f(1.0, "Temperature of the achieved preference softmax(R / tau) (step 5).")
-    alpha_in: float = _f(1e-3, "Step size of the one-step virtual SGD update (step 7).")
+    label_path: bool = _f(True, "phi reaches the inner loss through the label each kept response is trained under "
+                          "(needs preference-aware LoRA; with the preference in the prompt only it carries nothing).")
+    weight_path: bool = _f(False, "phi reaches the inner loss through the sample weight c_i = lam + (1 - lam) "
+                           "w_phi . sigmoid(R_i) / mean (the earlier Meal's only path).")
+    control: str = _f("none", "A control that isolates the net: none | frozen (the net at its initialisation, never "
+                      "updated) | uniform (w_phi = the uniform preference, labels the fixed hindsight rule, no net) | "
+                      "shuffled (the net learns; the policy sees its outputs permuted across the batch's prompts).")
+    alpha_in: Optional[float] = _f(None, "Step size of the one-step virtual update (step 7); None: the real step's "
+                                   "trainer.lr.")
+    precondition: str = _f("adam", "P of the virtual step: adam (AdamW's current 1 / (sqrt(v^) + eps), detached, as "
+                           "the real step) | none (plain SGD, as Meta-Weight-Net).")
     engine: str = _f("directional", "Meta-gradient engine: directional | autograd (same answer, see BENCHMARKS.md).")
-    directional_mode: str = _f("per_example", "How the directional engine gets grad l_i . v: per_example "
+    directional_mode: str = _f("per_example", "How the directional engine gets grad l_i . P v: per_example "
                                "(kept gradients) | jvp (forward mode) | fd (central difference).")
-    fd_eps: float = _f(3e-2, "Finite-difference step, relative to the norm of the parameters along v.")
+    fd_eps: float = _f(3e-2, "Finite-difference step, relative to the norm of the parameters along P v.")
     meta_objective: str = _f("best", "best (NLL of the best-of-N under the target) | advantage.")
     meta_interval: int = _f(1, "Run the meta step (7-9) every this many iterations.")
+    meta_updates: int = _f(1, "Repeat steps 7-9 this many times on the same sampled batch (no extra generation).")
     first_order: bool = _f(False, "Approximation: take the meta-loss gradient at theta instead of theta'.")
     weight_net: WeightNetConfig = field(default_factory=WeightNetConfig, metadata={"help": "Meta-learner."})
 
@@ -131,27 +147,40 @@ def _validate_meal(tr, cfg) -> None:
     t = cfg.trainer
     _need(0.0 <= tr.lam <= 1.0, "method.lam", f"lambda must be in [0, 1], got {tr.lam}")
     _need(tr.tau > 0, "method.tau", f"must be > 0, got {tr.tau}")
-    _need(tr.alpha_in > 0, "method.alpha_in", f"must be > 0, got {tr.alpha_in}")
+    _need(tr.alpha_in is None or tr.alpha_in > 0, "method.alpha_in", f"must be > 0, got {tr.alpha_in}")
+    _need(tr.precondition in ("adam", "none"), "method.precondition", f"adam | none, got {tr.precondition!r}")
+    _need(tr.control in ("none", "frozen", "uniform", "shuffled"), "method.control",
+          f"none | frozen | uniform | shuffled, got {tr.control!r}")
     _need(tr.engine in ("directional", "autograd"), "method.engine", f"directional | autograd, got {tr.engine!r}")
     _need(tr.directional_mode in ("fd", "jvp", "per_example"), "method.directional_mode",
           f"fd | jvp | per_example, got {tr.directional_mode!r}")
     _need(tr.meta_objective in ("best", "advantage"), "method.meta_objective",
           f"best | advantage, got {tr.meta_objective!r}")
     _need(tr.meta_interval >= 1, "method.meta_interval", f"must be >= 1, got {tr.meta_interval}")
+    _need(tr.meta_updates >= 1, "method.meta_updates", f"must be >= 1, got {tr.meta_updates}")
     _need(tr.weight_net.embedding in ("policy", "minilm"), "method.weight_net.embedding",
           f"policy | minilm, got {tr.weight_net.embedding!r}")
-    if tr.meta_learner:
-        _need(tr.lam < 1, "method.lam", "with lambda = 1 the preference-weight-net never receives a gradient (every "
-              "sample weight is 1): that is the static method, method=static")
+    _need(tr.weight_net.features >= 0, "method.weight_net.features", f"must be >= 0, got {tr.weight_net.features}")
+    _need(tr.weight_net.adam_eps > 0, "method.weight_net.adam_eps", f"must be > 0, got {tr.weight_net.adam_eps}")
+    if not tr.meta_learner:
+        _need(tr.lam == 1, "method.lam", f"lambda = {tr.lam} needs the preference-weight-net (method=meal); the static "
+              f"method is lambda = 1 (the net's controls: method.control=frozen | uniform | shuffled)")
+        return
+    _need(tr.lam < 1, "method.lam", "with lambda = 1 the preference-weight-net never receives a gradient (every "
+          "sample weight is 1): that is the static method, method=static")
+    if tr.control in ("frozen", "uniform"):
+        return  # nothing learns: no gradient path is needed
+    label = tr.label_path and cfg.policy.lora.preference_aware
+    _need(label or tr.weight_path, "method.label_path", "no path carries the meta-gradient: the label path needs "
+          "preference-aware LoRA (policy.lora.preference_aware=true; with the preference in the prompt only, a label "
+          "is text), else turn on method.weight_path=true")
+    if tr.weight_path and not label:
         # the sample weights are normalised to mean 1 over the inner half of the batch: with one inner
         # example they are constant in phi and the meta-gradient is exactly 0
         inner = (t.batch_size // 2) * t.top_m
         _need(inner >= 2, "trainer.batch_size", f"Meal splits each batch into an inner and a meta half; the inner "
               f"half holds batch_size // 2 * top_m = {inner} kept response(s), and weights normalised over fewer "
               f"than 2 give the net no gradient: needs batch_size >= 4 (or top_m >= 2)")
-    else:
-        _need(tr.lam == 1, "method.lam", f"lambda = {tr.lam} needs the preference-weight-net (method=meal); the static "
-              f"method is lambda = 1")
 
 
 def _validate_ric(r, cfg) -> None:

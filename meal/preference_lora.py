@@ -142,7 +142,9 @@ def preference_weights(model: nn.Module, prefs: torch.Tensor | None) -> Iterator
     if prefs is None:
         raise ValueError("this policy has preference-aware LoRA layers: every forward pass needs preferences")
     prev = state.weights
-    state.weights = torch.as_tensor(prefs, dtype=torch.float32).to(next(model.parameters()).device)
+    # a float tensor keeps its dtype and its graph (the meta-gradient's label path differentiates through it)
+    w = prefs if torch.is_tensor(prefs) and prefs.is_floating_point() else torch.as_tensor(prefs, dtype=torch.float32)
+    state.weights = w.to(next(model.parameters()).device)
     try:
         yield
     finally:

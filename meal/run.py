@@ -33,10 +33,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def eval_texts(cfg, test, prompts: int = 0) -> list[str]:
-    """The test prompts a front is evaluated on: ``prompts`` of them, else the run's
-    ``trainer.final_eval_prompts``, else all; one rule, so that a run's fronts and meal-eval's compare."""
-    return [e.text for e in test[:prompts or cfg.trainer.final_eval_prompts or len(test)]]
+def eval_texts(cfg, split, prompts: int = 0) -> list[str]:
+    """The prompts of a split (test or validation) a front is evaluated on: ``prompts`` of them, else the
+    run's ``trainer.final_eval_prompts``, else all; one rule, so that a run's fronts and meal-eval's compare."""
+    return [e.text for e in split[:prompts or cfg.trainer.final_eval_prompts or len(split)]]
 
 
 def generation_settings(cfg: DictConfig, eval_protocol: bool = False) -> GenerationSettings:
@@ -103,6 +103,7 @@ class RunContext:
         self.last: dict[str, float] = {}
         self.bar = None
         self.budgets: dict = {}  # name -> Budget (online, conditioning), recorded with every front
+        self.diagnostics: dict | None = None  # the meta-learner's last diagnostics (Meal), recorded with the front
 
     def progress(self, start: int, stop: int, show: bool = True):
         self.bar = tqdm(range(start, stop), initial=start, total=stop, desc=run_name(self.cfg), unit="it",
@@ -152,25 +153,31 @@ class RunContext:
         front.extra.update(front_provenance(self.cfg, self.run_dir, normalizer, self.budgets))
         return front
 
-    def periodic_eval(self, logger, responder, test, reward_set, normalizer, step: int) -> None:
-        """A small grid (3 points for K = 2) on a few test prompts: ``eval/hypervolume``."""
+    def periodic_eval(self, logger, responder, prompts, reward_set, normalizer, step: int) -> None:
+        """A small grid (3 points for K = 2) on the first ``trainer.eval_prompts`` of ``prompts`` (the
+        validation split): ``val/hypervolume``, ``val/spearman/<objective>`` ..., one learning-curve point."""
         k = len(self.objectives)
         grid = preference_grid(2, points=3) if k == 2 else preference_grid(k)
-        texts = [e.text for e in test[:self.cfg.trainer.eval_prompts]]
+        texts = [e.text for e in prompts[:self.cfg.trainer.eval_prompts]]
         front = self._evaluate(responder, texts, reward_set, normalizer, grid)
         metrics = {"eval/hypervolume": front.hypervolume, "eval/alignment": front.alignment,
                    **following_metrics(front)}
+        metrics = {f"val/{key.split('/', 1)[1]}": v for key, v in metrics.items()}
         self.jsonl.write({"step": step, **metrics})
         logger.log(metrics, step)
 
-    def final_eval(self, logger, responder, test, reward_set, normalizer, step: int) -> dict[str, Any]:
-        """The full grid (or the responder's own ``grid``: MORLHF) on the test prompts; writes front.json,
-        front.png and each preference's responses and scores (``responses/``, RiC's CSV layout) into the
-        run folder."""
-        texts = eval_texts(self.cfg, test)
+    def final_eval(self, logger, responder, prompts, reward_set, normalizer, step: int, split: str = "test"
+                   ) -> dict[str, Any]:
+        """The full grid (or the responder's own ``grid``: MORLHF) on ``prompts`` (the ``split``, recorded
+        in the front); writes front.json, front.png and each preference's responses and scores
+        (``responses/``, RiC's CSV layout) into the run folder."""
+        texts = eval_texts(self.cfg, prompts)
         grid = getattr(responder, "grid", None) or preference_grid(len(self.objectives))
         front = self._evaluate(responder, texts, reward_set, normalizer, grid,
                                csv_dir=os.path.join(self.run_dir, "responses"))
+        front.extra["split"] = split
+        if self.diagnostics is not None:  # what the meta-learner did (Meal), beside the front
+            front.extra["meta_learner"] = self.diagnostics
         return publish_front(front, self.run_dir, logger, step, self.jsonl)
 
 

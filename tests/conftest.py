@@ -66,7 +66,8 @@ def tiny_config(model_dir: str, out_dir: str, **over) -> dict:
         "rewards": {"coverage": {"_target_": "meal.rewards.embedded.RougeCoverage"},
                     "concise": {"_target_": "meal.rewards.embedded.Brevity"}},
         "policy": {"name_or_path": model_dir, "gguf_file": None, "dtype": "float32", "lora": {"enabled": False}},
-        "method": {"name": "meal", "lam": 0.5},
+        # full fine-tuning carries no label path (the preference is text): Meal's net learns by the sample weight
+        "method": {"name": "meal", "lam": 0.5, "weight_path": True},
         "conditioning": {"enabled": False},
         "trainer": {"iterations": 2, "batch_size": 4, "n_samples": 2, "micro_batch_size": 2, "gen_batch_size": 8,
                     "norm_prompts": 4, "norm_samples": 2, "out_dir": out_dir, "table_every": 1, "save_every": 1,

@@ -24,7 +24,8 @@ def tiny_overrides(model_dir, out_dir):
             "trainer.final_eval_prompts=2", f"trainer.out_dir={out_dir}", "logger=none",
             "trainer.stats_cache=null", "conditioning.steps=4", "conditioning.pool_prompts=4",
             "conditioning.batch_size=4", "conditioning.micro_batch_size=2", "conditioning.save_every=2",
-            "conditioning.cache=null"]  # the stage (kept in the run folder, not the user's cache) and the online loop
+            "conditioning.cache=null",  # the stage (kept in the run folder, not the user's cache) and the online loop
+            "method.weight_path=true"]  # the preference as text: Meal's net learns by the sample weight
 
 
 def test_meal_train_cli_runs_and_ends_with_a_front(tiny_llama, tmp_path):
@@ -74,12 +75,16 @@ def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_
     rank), stopped after 2 iterations and resumed for a third: it must reproduce the plain run's losses
     and gradient norms. With LoRA, whose random init draws from each rank's own seed, rank 0's start
     must reach every rank."""
-    common = ["method=meal", "trainer.final_eval=false", "trainer.batch_size=8", "trainer.micro_batch_size=2"]
+    # a plain SGD virtual step: DeepSpeed keeps AdamW's moments partitioned, so the Adam preconditioner of the
+    # virtual step differs between the two launches (as the run logs)
+    common = ["method=meal", "trainer.final_eval=false", "trainer.batch_size=8", "trainer.micro_batch_size=2",
+              "method.precondition=none"]
     if not lora:  # the online loop alone, from the base weights (where the meta-gradient is not ~1e-6)
         common += ["conditioning.enabled=false"]
-    if lora:  # the stage too: it runs under both launches, and no gradient of it may leak into step 1
-        common += ["policy.lora.enabled=true", "policy.lora.r=4", "policy.lora.target_modules=[q_proj,v_proj]",
-                   "trainer.lr=1e-2"]
+    if lora:  # the stage too: it runs under both launches, and no gradient of it may leak into step 1; Meal's
+        # default label path through preference-aware LoRA
+        common += ["policy.lora.enabled=true", "policy.lora.preference_aware=true", "policy.lora.r=4",
+                   "policy.lora.target_modules=[q_proj,v_proj]", "trainer.lr=1e-2", "method.weight_path=false"]
 
     def launch(config, out, port):
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",

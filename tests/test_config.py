@@ -33,7 +33,10 @@ def test_every_group_option_composes(group):
     for path in glob.glob(os.path.join(CONF, group, "*.yaml")):
         name = os.path.splitext(os.path.basename(path))[0]
         extra = ["task.data.train_file=x.jsonl"] if name == "jsonl" else []
-        extra += {"helpful_assistant": ["rewards=hf_assistant"], "reddit_summary": ["rewards=hf_summary"]}.get(name, [])
+        extra += {"helpful_assistant": ["rewards=hf_assistant"], "reddit_summary": ["rewards=hf_summary"],
+                  # plain LoRA writes the preference as text: Meal's default label path needs the adapters to mix
+                  # by preference (refused otherwise, tests/test_meta_learner.py)
+                  "llama2_7b_lora": ["policy.lora.preference_aware=true"]}.get(name, [])
         cfg = _compose([f"{group}={name}"] + extra)
         validate(cfg)
 

@@ -70,3 +70,23 @@ def test_summarize_from_feedback_loader_filters_and_dedupes(tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps({"info": {"post": "no id"}}) + "\n")
     with pytest.raises(DataError, match="row 0: expected info.id and info.post"):
         load_summarize_from_feedback(data_files=files)
+
+
+def test_validation_prompts_are_held_out_of_training_the_same_way_every_time():
+    """hold_out moves n training prompts (at most a quarter) to ``validation``: a fixed seeded choice, disjoint
+    from what stays in training, the test split untouched, their own responses gone from the corpus."""
+    from meal.tasks import Example, Response, TaskData
+
+    train = [Example(str(i), f"prompt {i}") for i in range(40)]
+    test = [Example(f"t{i}", f"test {i}") for i in range(5)]
+    responses = [Response(str(i), f"prompt {i}", f"answer {i}") for i in range(40)]
+    a = TaskData(train, test, responses).hold_out(8)
+    b = TaskData(train, test, responses).hold_out(8)
+    assert [e.id for e in a.validation] == [e.id for e in b.validation] and len(a.validation) == 8
+    assert len(a.train) == 32 and not {e.id for e in a.train} & {e.id for e in a.validation}
+    assert a.test == test and a.split("validation") == a.validation
+    assert {r.group for r in a.responses} == {e.id for e in a.train}
+    assert len(TaskData(train, test).hold_out(24).validation) == 10  # at most a quarter of 40
+    assert [e.id for e in a.train] == sorted((e.id for e in a.train), key=int)  # training order kept
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        a.split("dev")

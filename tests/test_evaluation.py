@@ -170,3 +170,30 @@ def test_meal_compare_cli_stamps_date_and_machine_unless_given(tmp_path, capsys)
     with pytest.raises(SystemExit):
         compare_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "out"), "--meta", "{bad"])
     assert "--meta is not valid JSON" in capsys.readouterr().err
+
+
+def test_compare_refuses_fronts_of_different_splits_and_keeps_each_runs_front_and_net(tmp_path):
+    """A validation front and a test front are samples of different prompts; compare.json holds every run's
+    points and preferences and, for Meal runs, what the net did; the seed-to-seed spreads get Levene's test."""
+    a = _front("a", [[1, 1]], 0)
+    v = _front("a", [[1, 1]], 1)
+    v.extra["split"] = "validation"
+    a.save(str(tmp_path / "a.json"))
+    v.save(str(tmp_path / "v.json"))
+    with pytest.raises(CompareError, match="evaluated on the validation prompts, .* on the test prompts"):
+        compare([str(tmp_path / "a.json"), str(tmp_path / "v.json")], str(tmp_path / "out"))
+    paths = []
+    for i, (label, pts) in enumerate([("static", [[1, 2], [2, 1]]), ("static", [[1, 1]]), ("meal", [[2, 2]]),
+                                      ("meal", [[2, 3]])]):
+        f = _front(label, pts, i)
+        if label == "meal":
+            f.extra["meta_learner"] = {"meta/param_distance": 0.2 + i, "meta/w_phi_spread_range": 0.1}
+        paths.append(str(tmp_path / f"r{i}.json"))
+        f.save(paths[-1])
+    result = compare(paths, str(tmp_path / "out2"), reference="static")
+    assert result["runs"][0]["front_points"] == [[1, 2], [2, 1]] and result["runs"][0]["split"] == "test"
+    rows = {r["method"]: r for r in result["methods"]}
+    assert rows["meal"]["param_distance_mean"] == pytest.approx(2.7) and rows["static"]["param_distance_mean"] is None
+    assert rows["meal"]["vs_static"]["levene_p"] is not None
+    md = (tmp_path / "out2" / "compare.md").read_text()
+    assert "meal: the net moved 2.700 ± 0.707 from its initialisation" in md and "Levene p =" in md

@@ -2,7 +2,7 @@
 # Static rejection sampling vs Meal on the embedded assistant task (helpful vs concise), from one shared
 # conditioning stage (the demo's, cached; every online step replays 8 of its labelled rows, as the demo),
 # at an equal online budget (ITERATIONS x 8 prompts x 4 samples
-# per run; default 20 iterations = 640 sampled responses), SEEDS each (default 0,1,2,3,4), each run followed
+# per run; default 12 iterations = 384 sampled responses, as the committed results), SEEDS each (default 0,1,2,3,4), each run followed
 # by the full 11-point evaluation on 24 test prompts; the conditioned start and the base policy are
 # evaluated the same way. Then meal-compare: hypervolume, MIP, preference-following and cost per method,
 # mean ± std, Meal against static by Welch's test and a bootstrap interval. Writes
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/embedded}
 SEEDS=${SEEDS:-0,1,2,3,4}
-ITERATIONS=${ITERATIONS:-20}
+ITERATIONS=${ITERATIONS:-12}
 DOCS=docs/results/embedded_assistant
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
 start=$(date +%s)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 
@@ -44,11 +44,30 @@ class Response:
 @dataclass
 class TaskData:
     """Train and test prompts of a task; ``responses``: the data set's own responses to training
-    prompts, where it has them (the conditioning stage's corpus), else None."""
+    prompts, where it has them (the conditioning stage's corpus), else None; ``validation``: prompts
+    held out of the training split by :meth:`hold_out` (empty until then)."""
 
     train: list[Example]
     test: list[Example]
     responses: Optional[list[Response]] = None
+    validation: list[Example] = field(default_factory=list)
+
+    def split(self, name: str) -> list[Example]:
+        """The prompts of ``name``: train | validation | test."""
+        if name not in ("train", "validation", "test"):
+            raise ValueError(f"unknown split {name!r}: train | validation | test")
+        return getattr(self, name)
+
+    def hold_out(self, n: int, seed: int = 20261202) -> "TaskData":
+        """Move ``n`` training prompts (at most a quarter of them) to ``validation``: a seeded choice that
+        depends on the task alone, so every run and seed of a task holds out the same prompts. Their
+        own responses leave the conditioning corpus with them. The training order is kept."""
+        n = min(n, len(self.train) // 4)
+        chosen = set(random.Random(seed).sample(range(len(self.train)), n))
+        val = [e for i, e in enumerate(self.train) if i in chosen]
+        ids = {e.id for e in val}
+        responses = None if self.responses is None else [r for r in self.responses if r.group not in ids]
+        return TaskData([e for i, e in enumerate(self.train) if i not in chosen], self.test, responses, val)
 
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
