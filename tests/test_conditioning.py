@@ -174,7 +174,8 @@ def test_dataset_responses_are_the_corpus(tiny_llama, tmp_path):
     cfg = _stage_config(tiny_llama, str(tmp_path / "run"), str(tmp_path / "cache"), **{
         "task.data": {"_target_": "meal.tasks.load_hh_rlhf",
                       "data_files": {"train": str(train_file), "test": str(test_file)}},
-        "task.template": {"user": "<preference> {preference} </preference>\n\n{text}", "chat": False}})
+        "task.template": {"user": "<preference> {preference} </preference>\n\n{text}", "chat": False},
+        "task.validation_prompts": 0})  # every training prompt's responses (one would be held out otherwise)
     train(cfg)
     stage = json.load(open(tmp_path / "run" / "conditioning" / "stage.json"))
     assert stage["corpus"]["source"] == "dataset" and stage["corpus"]["rows"] == 8

@@ -29,13 +29,14 @@ def bilevel(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64, attn_implementation="eager")
     attach_preference_lora(model, 2, r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
     model.to(torch.float64)  # the adapters too (kept in float32 otherwise)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(int(os.environ.get("MEAL_TEST_SEED", "0")))
     with torch.no_grad():
         for n, q in model.named_parameters():
             if n.endswith("pref_lora_B"):
                 q.copy_(0.3 * torch.randn(q.shape, generator=g, dtype=q.dtype))
     p = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-    w_star = torch.distributions.Dirichlet(torch.ones(2)).sample((4,)).double()
+    w1 = torch.rand(4, generator=g, dtype=torch.float64)  # from the fixture's own generator, not the global one
+    w_star = torch.stack([w1, 1 - w1], -1)
     inner = build_batch(tok, [p.format(q) for q in ["a", "bb", "ccc", "dddd"]],
                         ["one two", "three", "four five six", "seven"], prefs=w_star)
     meta = build_batch(tok, [p.format(q) for q in ["x", "yy"]], ["eight nine", "ten"],
@@ -158,10 +159,12 @@ def test_engines_agree(bilevel):
     j = _engine_grad(bilevel, engine="directional", mode="jvp", fd_eps=1e-4)
     f = _engine_grad(bilevel, engine="directional", mode="fd", fd_eps=1e-4)
     p = _engine_grad(bilevel, engine="directional", mode="per_example", fd_eps=1e-4)
-    # float32 RMSNorm inside the float64 model and the label path's central difference bound the agreement
-    torch.testing.assert_close(a, j, rtol=1e-3, atol=1e-8)
-    torch.testing.assert_close(a, f, rtol=1e-3, atol=1e-8)
-    torch.testing.assert_close(a, p, rtol=1e-3, atol=1e-8)
+    # float32 RMSNorm inside the float64 model and the label path's central difference bound the agreement:
+    # to 1e-3 of the gradient's largest entry, element by element
+    tol = 1e-3 * a.abs().max().item()
+    for other in (j, f, p):
+        torch.testing.assert_close(other, a, rtol=1e-3, atol=tol)
+        assert torch.nn.functional.cosine_similarity(other, a, dim=0) > 0.99999
     # the weight path alone needs no central difference: exact up to floating point
     torch.testing.assert_close(_engine_grad(bilevel, "weight", engine="autograd"),
                                _engine_grad(bilevel, "weight", engine="directional", mode="jvp"), rtol=1e-6, atol=1e-10)
