@@ -55,7 +55,8 @@ def _tiny(model_dir, out_dir):
             "trainer.eval_every=0", "trainer.final_eval_prompts=2", "trainer.stats_cache=null",
             "trainer.table_every=1", "logger=none", f"trainer.out_dir={out_dir}",
             "conditioning.steps=4", "conditioning.batch_size=4", "conditioning.micro_batch_size=2",
-            "conditioning.save_every=2", f"conditioning.cache={out_dir}-cache"]
+            "conditioning.save_every=2", f"conditioning.cache={out_dir}-cache",
+            "task.validation_prompts=0"]  # the corpus counts below hold every training prompt's responses
 
 
 def _stage(run_dir):
