@@ -77,8 +77,9 @@ def hypervolume_difference(a: Sequence[float], b: Sequence[float], seed: int = 0
         t = ttest_ind(a, b, equal_var=False)
         out.update(welch_t=float(t.statistic), welch_p=float(t.pvalue))
     out["bootstrap_95"] = None  # with one run on a side its spread is unknown: no interval, no test
-    out["levene_p"] = None  # do the seed-to-seed spreads differ? (the paper's "steadier training")
-    if len(a) > 1 and len(b) > 1 and (a.std() > 0 or b.std() > 0):
+    out["levene_p"] = None  # do the seed-to-seed spreads differ? (the paper's "steadier training"; with two runs
+    # a side each run is as far from its group's median as the other, and the test degenerates)
+    if len(a) > 2 and len(b) > 2 and (a.std() > 0 or b.std() > 0):
         from scipy.stats import levene
 
         out["levene_p"] = float(levene(a, b).pvalue)

@@ -183,17 +183,20 @@ def test_compare_refuses_fronts_of_different_splits_and_keeps_each_runs_front_an
     with pytest.raises(CompareError, match="evaluated on the validation prompts, .* on the test prompts"):
         compare([str(tmp_path / "a.json"), str(tmp_path / "v.json")], str(tmp_path / "out"))
     paths = []
-    for i, (label, pts) in enumerate([("static", [[1, 2], [2, 1]]), ("static", [[1, 1]]), ("meal", [[2, 2]]),
-                                      ("meal", [[2, 3]])]):
+    for i, (label, pts) in enumerate([("static", [[1, 2], [2, 1]]), ("static", [[1, 1]]), ("static", [[1, 3]]),
+                                      ("meal", [[2, 2]]), ("meal", [[2, 3]]), ("meal", [[3, 3]])]):
         f = _front(label, pts, i)
         if label == "meal":
             f.extra["meta_learner"] = {"meta/param_distance": 0.2 + i, "meta/w_phi_spread_range": 0.1}
         paths.append(str(tmp_path / f"r{i}.json"))
         f.save(paths[-1])
+    from meal.compare import hypervolume_difference
+
     result = compare(paths, str(tmp_path / "out2"), reference="static")
     assert result["runs"][0]["front_points"] == [[1, 2], [2, 1]] and result["runs"][0]["split"] == "test"
     rows = {r["method"]: r for r in result["methods"]}
-    assert rows["meal"]["param_distance_mean"] == pytest.approx(2.7) and rows["static"]["param_distance_mean"] is None
+    assert rows["meal"]["param_distance_mean"] == pytest.approx(4.2) and rows["static"]["param_distance_mean"] is None
     assert rows["meal"]["vs_static"]["levene_p"] is not None
     md = (tmp_path / "out2" / "compare.md").read_text()
-    assert "meal: the net moved 2.700 ± 0.707 from its initialisation" in md and "Levene p =" in md
+    assert "meal: the net moved 4.200 ± 1.000 from its initialisation" in md and "Levene p =" in md
+    assert hypervolume_difference([1.0, 2.0], [1.0, 5.0])["levene_p"] is None  # two runs a side: no test

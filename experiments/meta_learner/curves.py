@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 PANELS = [("val/hypervolume", "validation hypervolume (8 prompts, 3 preferences)"),
-          ("val/spearman/helpful", "Spearman(w_helpful, helpful)"),
+          ("val/range/concise", "concise range over the 3 preferences (validation)"),
           ("meta/param_distance", "net: distance from its initialisation"),
           ("meta/w_phi_spread_range", "net: w_phi max - min over training prompts, w* uniform")]
 
