@@ -72,9 +72,10 @@ def train(cfg) -> dict[str, Any]:
     if t.replay and replay is None:
         log.info("trainer.replay=%d: this run has no conditioning stage, so no rows to replay", t.replay)
     replay_order = PromptOrder(len(replay) if replay is not None else 0, t.seed + 2)
+    net = getattr(learner, "net", None)  # Meal's preference-weight-net (also the frozen and shuffled controls')
     if run.state is not None:
         optimizer.load_state_dict(run.state["optimizer"])
-        if learner.learns or hasattr(learner, "net"):
+        if net is not None:
             learner.load(run.state, run.net_state())
         replay_order = PromptOrder(replay_order.n, t.seed + 2, **(run.state.get("replay_order") or {}))
     meter = PhaseMeter(next(run.model.parameters()).device)
@@ -121,8 +122,9 @@ def train(cfg) -> dict[str, Any]:
             metrics.update(run.ctx.iteration_metrics(ro, kept.rewards, w_star, w_phi if m.lam < 1 else None,
                                                      loss, grad_norm, c[:len(kept.src)]))
             metrics["meta/label_shift"] = (labels - w_star[kept.src]).abs().sum(-1).mean().item()
-            metrics.update(learner.diagnostics())
-            run.ctx.diagnostics = learner.diagnostics() or None
+            diagnostics = learner.diagnostics()  # what the net did: distance from its init, spread over prompts
+            metrics.update(diagnostics)
+            run.ctx.diagnostics = diagnostics or None
             metrics.update(meter.pop())
             metrics["time/iteration"] = time.perf_counter() - tic
             metrics["train/kept_valid"] = kept.ok.float().mean().item()
@@ -130,7 +132,6 @@ def train(cfg) -> dict[str, Any]:
             metrics["train/processes"] = dist.world
             metrics["train/replay_rows"] = len(batch) - len(kept.src)
             # a non-finite loss stops the run here; then log, checkpoint, periodic evaluation
-            net = getattr(learner, "net", None)
             run.end_iteration(step, t.iterations, loss, metrics, optimizer, responder=policy,
                               table=(texts, w_tilde, ro), net=net,
                               replay_order=replay_order.state, **(learner.state() if net is not None else {}))
