@@ -196,7 +196,8 @@ def compare(paths: Sequence[str], out_dir: str, title: str | None = None, refere
             lev = "n/a" if d.get("levene_p") is None else f"{d['levene_p']:.3f}"
             md.append(f"{r['method']} - {reference}: hypervolume difference {d['difference']:+.2f}, Welch's test "
                       f"p = {p}, bootstrap 95% interval [{d['bootstrap_95'][0]:+.2f}, {d['bootstrap_95'][1]:+.2f}]; "
-                      f"seed-to-seed spread {r['hypervolume_std']:.2f} vs {groups_std[reference]:.2f}, Levene p = {lev}.")
+                      f"seed-to-seed spread {r['hypervolume_std']:.2f} vs {groups_std[reference]:.2f}, "
+                      f"Levene p = {lev}.")
     for r in rows:
         if r["param_distance_mean"] is not None:
             md.append(f"{r['method']}: the net moved {_fmt(r['param_distance_mean'], r['param_distance_std'], 3)} "

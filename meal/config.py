@@ -299,6 +299,8 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
     _need(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
     _need(t.final_eval_split in ("test", "validation"), "trainer.final_eval_split",
           f"test | validation, got {t.final_eval_split!r}")
+    _need(t.final_eval_split == "test" or m.validation_prompts > 0, "trainer.final_eval_split",
+          "validation needs validation prompts (task.validation_prompts > 0)")
     _need(t.replay >= 0, "trainer.replay", f"must be >= 0, got {t.replay}")
     _need(t.norm_prompts >= 1 and t.norm_samples >= 1, "trainer.norm_prompts",
           "the normalisation pass needs at least one prompt and one sample")

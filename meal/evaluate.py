@@ -76,14 +76,17 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
     from meal.methods import recipe, start_responder
     from meal.run import eval_texts, front_provenance, generation_settings, publish_front
 
+    if split not in ("test", "validation"):  # before any model loads
+        raise ConfigError(f"split: test | validation, got {split!r}")
     cfg, model, tok, folder = load_run(run_dir, checkpoint, untrained)
     objectives = list(cfg.task.objectives)
     normalizer = RewardNormalizer.load(os.path.join(run_dir, "reward_stats.json"), objectives)
     data = load_task_data(cfg)
     reward_set = build_rewards(cfg)
     cfg.trainer.gen_batch_size = batch_size
-    if split not in ("test", "validation"):
-        raise ConfigError(f"split: test | validation, got {split!r}")
+    if not data.split(split):
+        raise ConfigError(f"split: {run_dir}'s task holds no {split} prompts (task.validation_prompts = "
+                          f"{cfg.task.validation_prompts})")
     texts = eval_texts(cfg, data.split(split), prompts)
     if stack_on is not None:
         if "stack_on" not in cfg.method:

@@ -204,10 +204,7 @@ class NetLearner:
 
         with torch.no_grad():
             lab0 = net_labels().float()
-        inner = build_batch(policy.tokenizer, policy.condition([it.texts[i] for i in kept_in.src], lab0),
-                            [it.responses[i][j] for i, j in zip(kept_in.src.tolist(), kept_in.sample.tolist())],
-                            [it.finished[i][j] for i, j in zip(kept_in.src.tolist(), kept_in.sample.tolist())],
-                            policy.max_prompt_tokens, prefs=lab0).to(device)
+        inner = labelled_batch(policy, it.texts, it.responses, it.finished, kept_in, lab0).to(device)
         meta_batch, meta_w = self._meta_batch(it, half, policy)
         meta_batch, meta_w = meta_batch.to(device), meta_w.to(device)
 
@@ -281,6 +278,16 @@ class NetLearner:
         if net_state is not None:
             self.net.load_state_dict(net_state)
         self.optimizer.load_state_dict(state["net_optimizer"])
+
+
+def labelled_batch(policy: PolicyHandle, texts: Sequence[str], responses: Sequence[Sequence[str]],
+                   finished: Sequence[Sequence[bool]], kept: Kept, labels: torch.Tensor) -> SFTBatch:
+    """The kept responses as an SFT batch, each prompt written with its label w^lab (B*m, K): the real
+    step's batch (step 10) and the meta step's inner batch (step 6)."""
+    pairs = list(zip(kept.src.tolist(), kept.sample.tolist()))
+    return build_batch(policy.tokenizer, policy.condition([texts[i] for i in kept.src], labels),
+                       [responses[b][j] for b, j in pairs], [finished[b][j] for b, j in pairs],
+                       policy.max_prompt_tokens, prefs=labels)
 
 
 def _rows_of(perm: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

@@ -264,7 +264,8 @@ def test_adam_preconditioner_by_hand():
     opt.step()
     v = 0.01 * p.grad ** 2  # (1 - beta2) g^2 after one step
     v_next = 0.99 * v + 0.01 * g["p"] ** 2
-    torch.testing.assert_close(adam_preconditioner(opt, {"p": p}, g)["p"], 1 / ((v_next / (1 - 0.99 ** 2)).sqrt() + 1e-6))
+    expected = 1 / ((v_next / (1 - 0.99 ** 2)).sqrt() + 1e-6)
+    torch.testing.assert_close(adam_preconditioner(opt, {"p": p}, g)["p"], expected)
 
 
 def test_sample_weights_by_hand():

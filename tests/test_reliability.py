@@ -176,3 +176,22 @@ def test_cli_prints_one_line_for_bad_data(tmp_path):
     assert proc.returncode == 2
     assert "meal: bad data:" in proc.stderr and "line 1: field 'text'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("over,msg", [
+    ({"trainer.final_eval_split": "dev"}, "trainer.final_eval_split: test | validation, got 'dev'"),
+    ({"trainer.final_eval_split": "validation", "task.validation_prompts": 0},
+     r"trainer.final_eval_split: validation needs validation prompts \(task.validation_prompts > 0\)"),
+    ({"method.control": "random"}, "method.control: none | frozen | uniform | shuffled, got 'random'"),
+])
+def test_a_bad_split_or_control_is_named_before_any_model_loads(tmp_path, over, msg):
+    with pytest.raises(ConfigError, match=msg):
+        train(tiny_config(str(tmp_path / "no-model"), str(tmp_path / "run"), **over))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_meal_eval_names_a_bad_split_before_loading_anything(tmp_path):
+    from meal.evaluate import evaluate_run
+
+    with pytest.raises(ConfigError, match="split: test | validation, got 'dev'"):
+        evaluate_run(str(tmp_path / "no-run"), split="dev")

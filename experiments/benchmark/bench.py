@@ -107,7 +107,8 @@ with torch.no_grad():  # past the initialisation, so that every layer of the net
 R = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
 lam = cfg.method.lam
 inner_loss = InnerLoss(inner, lambda: sample_weights(net(z, w[:4]), R, lam),
-                       lambda: label_preference(dynamic_preference(w[:4], net(z, w[:4]), lam), net.relabel(z, w[:4], R), lam))
+                       lambda: label_preference(dynamic_preference(w[:4], net(z, w[:4]), lam),
+                                                net.relabel(z, w[:4], R), lam))
 out = {}
 from torch.nn.attention import SDPBackend, sdpa_kernel
 for name, kw in [("autograd", dict(engine="autograd")), ("directional-jvp", dict(engine="directional", mode="jvp")),

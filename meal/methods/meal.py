@@ -27,7 +27,7 @@ from meal.distributed import AdamWStep
 from meal.harness import Run, start_run
 from meal.losses import SFTBatch, build_batch, policy_step
 from meal.meta import dynamic_preference
-from meal.meta_learner import IterationBatch, Kept, MetaSettings, PolicyHandle, build_learner
+from meal.meta_learner import IterationBatch, Kept, MetaSettings, PolicyHandle, build_learner, labelled_batch
 from meal.profiling import PhaseMeter
 from meal.rollout import ConditionedPolicy, Conditioner, PromptOrder, Rollout, draw_preferences, rollout
 from meal.sampling import degenerate_mask, scalarise, select_valid_best
@@ -110,7 +110,8 @@ def train(cfg) -> dict[str, Any]:
             #     rows of the conditioning stage with their labels at weight 1
             labels = learner.labels(idx, w_star, kept)
             c = learner.weights(idx, w_star, kept)
-            batch, c = with_replay(run, labelled_batch(run, texts, ro, kept, labels), c, replay, replay_order)
+            batch, c = with_replay(run, labelled_batch(handle, texts, ro.texts, ro.finished, kept, labels), c, replay,
+                                   replay_order)
             if dist.mean(float(kept.ok.any())) == 0:  # every response of the batch degenerate: no step at all
                 log.warning("iteration %d: every sampled response was empty or looping; no step taken", it + 1)
                 loss, grad_norm = 0.0, 0.0
@@ -152,14 +153,6 @@ def keep_best(ro: Rollout, w_tilde: torch.Tensor, valid: torch.Tensor, top_m: in
     keep, ok = select_valid_best(scalarise(w_tilde, ro.rewards), valid, top_m)  # (B, m)
     rows = torch.arange(keep.shape[0]).unsqueeze(1).expand_as(keep)  # (B, m)
     return Kept(rows.reshape(-1), ro.rewards[rows, keep].reshape(-1, k), ok.reshape(-1), keep.reshape(-1))
-
-
-def labelled_batch(run: Run, texts: list[str], ro: Rollout, kept: Kept, labels: torch.Tensor) -> SFTBatch:
-    """The kept responses as an SFT batch, each prompt written with its label w^lab (B*m, K)."""
-    pairs = list(zip(kept.src.tolist(), kept.sample.tolist()))
-    return build_batch(run.tokenizer, run.condition([texts[i] for i in kept.src], labels),
-                       [ro.texts[b][j] for b, j in pairs], [ro.finished[b][j] for b, j in pairs],
-                       run.cfg.trainer.max_prompt_tokens, prefs=labels)
 
 
 def with_replay(run: Run, kept: SFTBatch, c: torch.Tensor, replay, order: PromptOrder) -> tuple[SFTBatch, torch.Tensor]:
