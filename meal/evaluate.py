@@ -111,6 +111,9 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
                            csv_dir=os.path.join(out_dir, "responses"))
     budgets = run_budgets(run_dir, folder, untrained, checkpoint == "conditioned")
     front.extra.update(front_provenance(cfg, run_dir, normalizer, budgets, checkpoint=folder, split=split))
+    net = None if untrained or checkpoint == "conditioned" else net_diagnostics(run_dir, folder)
+    if net:  # what the meta-learner had done by these weights (Meal), as meal-train records it with its front
+        front.extra["meta_learner"] = net
     if stack_on is not None:
         front.extra["stacked_on"] = stack_on
     os.makedirs(out_dir, exist_ok=True)
@@ -126,6 +129,28 @@ def out_dir_for(run_dir: str, out_dir: str | None, untrained: bool, checkpoint: 
     """Where meal-eval writes: ``out_dir``, else eval-base / eval-conditioned / eval inside the run."""
     return out_dir or os.path.join(run_dir, "eval-base" if untrained else "eval-conditioned"
                                    if checkpoint == "conditioned" else "eval")
+
+
+def net_diagnostics(run_dir: str, folder: str) -> dict[str, float] | None:
+    """The meta-learner's diagnostics (``meta/param_distance``, ``meta/w_phi_spread_*`` ...) that the run
+    logged at the step of the checkpoint ``folder``, from its metrics.jsonl; None for a run without a net."""
+    import json
+
+    import torch
+
+    from meal.meta_learner import DIAGNOSTIC_KEYS
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    step = torch.load(os.path.join(folder, "state.pt"), weights_only=False).get("step")
+    found = None
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("step") == step and "meta/param_distance" in row:
+                found = {k: row[k] for k in DIAGNOSTIC_KEYS if k in row}
+    return found
 
 
 def run_budgets(run_dir: str, folder: str | None, untrained: bool, conditioned: bool) -> dict:

@@ -124,6 +124,11 @@ class FixedLearner:
         return {}
 
 
+DIAGNOSTIC_KEYS = tuple(["meta/param_distance", "meta/param_distance_rel"]
+                       + [f"meta/{n}_{m}" for n in ("w_phi", "h_phi") for m in ("spread_std", "spread_range", "shift")])
+"""What :meth:`NetLearner.diagnostics` returns: the net's state, recorded with every front of a Meal run."""
+
+
 class NetLearner:
     """Meal's preference-weight-net (method.md steps 2, 5-9) over the frozen prompt features ``z`` (M, d)
     of the training prompts; its Adam optimiser (step 9) with an eps far below the meta-gradient's

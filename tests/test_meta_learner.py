@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from meal.config import ConfigError
-from meal.meta_learner import Kept, MetaSettings, NetLearner, build_learner
+from meal.evaluate import evaluate_run
+from meal.meta_learner import DIAGNOSTIC_KEYS, Kept, MetaSettings, NetLearner, build_learner
 from meal.trainer import train
 from tests.conftest import tiny_config
 
@@ -48,6 +49,11 @@ def test_default_meal_moves_its_net_by_the_label_path_and_reports_it(tiny_llama,
     front = json.load(open(os.path.join(run, "front.json")))
     assert len(front["points"]) == 11 and front["extra"]["split"] == "test"
     assert front["extra"]["meta_learner"]["meta/param_distance"] == pytest.approx(dist[-1])
+    assert set(front["extra"]["meta_learner"]) == set(DIAGNOSTIC_KEYS)
+    # meal-eval's front of any checkpoint carries what the net had done by then (another split, no retraining)
+    again = json.load(open(evaluate_run(run, checkpoint="step_000002", prompts=1, split="validation")["front_json"]))
+    assert again["extra"]["split"] == "validation"
+    assert again["extra"]["meta_learner"]["meta/param_distance"] == pytest.approx(dist[1])
     # every net parameter moved between the last two checkpoints
     first, last = _net(run, 2), _net(run, 3)
     assert all(not torch.equal(first[n], last[n]) for n in first)
