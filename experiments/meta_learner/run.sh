@@ -8,8 +8,12 @@
 # front on SPLIT (validation: the 24 prompts held out of training, for choosing knobs; test: the reported
 # fronts, once the choices are made). Then meal-compare and the learning curves into DOCS
 # (compare.{json,md,png}, curves.{json,png}). A run whose front.json exists is kept, so the script can be
-# stopped and started again. Run from the repository root: `bash experiments/meta_learner/run.sh` (or
-# `make meta-learner-experiment`); e.g. `SEEDS=0,1,2 CONTROL_SEEDS=0 SPLIT=validation`.
+# stopped and started again. Rewarded Soups (soups) trains ITERATIONS / 2 GRPO steps per objective: the same
+# 384 sampled responses. REUSE=<folder of an earlier SPLIT's runs>: a run missing here whose twin there has its
+# checkpoint at ITERATIONS is copied and its front re-evaluated on SPLIT with meal-eval (the training is the
+# same command; only trainer.final_eval_split differs), so the learning-curve runs are the final comparison's.
+# Run from the repository root: `bash experiments/meta_learner/run.sh` (or `make meta-learner-experiment`);
+# e.g. `SEEDS=0,1,2 CONTROL_SEEDS=0 SPLIT=validation`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
@@ -17,26 +21,36 @@ SPLIT=${SPLIT:-validation}
 OUT=${OUT:-runs/meta_learner_$SPLIT}
 SEEDS=${SEEDS:-0,1,2}
 CONTROL_SEEDS=${CONTROL_SEEDS:-0}
-METHODS=${METHODS:-static meal}
+METHODS=${METHODS:-static meal soups}
 CONTROLS=${CONTROLS:-meal_frozen meal_uniform meal_shuffled}
 ITERATIONS=${ITERATIONS:-12}
 EVAL_EVERY=${EVAL_EVERY:-4}
 EXTRA=${EXTRA:-}
+REUSE=${REUSE:-}
 DOCS=${DOCS:-docs/results/meta_learner_$SPLIT}
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
 start=$(date +%s)
 train() {  # method seed
-  [ -f "$OUT/$1-s$2/front.json" ] || "$BIN/meal-train" experiment=demo "method=$1" "trainer.seed=$2" \
-    "trainer.iterations=$ITERATIONS" "trainer.eval_every=$EVAL_EVERY" "trainer.final_eval_split=$SPLIT" \
-    "trainer.out_dir=$OUT/$1-s$2" "hydra.run.dir=$OUT/hydra/$1-s$2" $EXTRA
+  local run="$OUT/$1-s$2" iters=$ITERATIONS src="$REUSE/$1-s$2"
+  [ "$1" = soups ] && iters=$(( ITERATIONS / 2 ))
+  [ -f "$run/front.json" ] && return 0
+  if [ -n "$REUSE" ] && [ -f "$src/checkpoints/step_$(printf %06d "$iters")/state.pt" ]; then
+    mkdir -p "$OUT" && rm -rf "$run" && cp -r "$src" "$run" && rm -rf "$run/front.json" "$run/front.png" "$run/responses"
+    "$BIN/meal-eval" "run_dir=$run" "split=$SPLIT" "out_dir=$run" "hydra.run.dir=$OUT/hydra/eval-$1-s$2"
+    return 0
+  fi
+  "$BIN/meal-train" experiment=demo "method=$1" "trainer.seed=$2" \
+    "trainer.iterations=$iters" "trainer.eval_every=$EVAL_EVERY" "trainer.final_eval_split=$SPLIT" \
+    "trainer.out_dir=$run" "hydra.run.dir=$OUT/hydra/$1-s$2" $EXTRA
 }
 for seed in ${SEEDS//,/ }; do for m in $METHODS; do train "$m" "$seed"; done; done  # one after the other
 for seed in ${CONTROL_SEEDS//,/ }; do for m in $CONTROLS; do train "$m" "$seed"; done; done
 runs=$(ls -d "$OUT"/*-s* | grep -v hydra)
 mkdir -p "$DOCS"
-meta=$(printf '{"experiment": "%s", "split": "%s", "wall_seconds": %d, "seeds": "%s", "control_seeds": "%s", "online_iterations": %d, "command": "SPLIT=%s SEEDS=%s CONTROL_SEEDS=%s ITERATIONS=%d EVAL_EVERY=%d bash experiments/meta_learner/run.sh"}' \
-  "$(basename "$DOCS")" "$SPLIT" "$(( $(date +%s) - start ))" "$SEEDS" "$CONTROL_SEEDS" "$ITERATIONS" \
-  "$SPLIT" "$SEEDS" "$CONTROL_SEEDS" "$ITERATIONS" "$EVAL_EVERY")
+cmd="SPLIT=$SPLIT SEEDS=$SEEDS CONTROL_SEEDS=$CONTROL_SEEDS ITERATIONS=$ITERATIONS EVAL_EVERY=$EVAL_EVERY"
+[ -n "$REUSE" ] && cmd="REUSE=$REUSE $cmd"
+meta=$(printf '{"experiment": "%s", "split": "%s", "wall_seconds": %d, "seeds": "%s", "control_seeds": "%s", "online_iterations": %d, "command": "%s bash experiments/meta_learner/run.sh"}' \
+  "$(basename "$DOCS")" "$SPLIT" "$(( $(date +%s) - start ))" "$SEEDS" "$CONTROL_SEEDS" "$ITERATIONS" "$cmd")
 "$BIN/meal-compare" $runs --reference static --out "$DOCS" --meta "$meta" \
-  --title "Assistant task, $SPLIT prompts: static, Meal and the net's controls (labels: w1)"
+  --title "Assistant task, $SPLIT prompts: static, Meal, Rewarded Soups and the net's controls (labels: w1)"
 "$BIN/python" experiments/meta_learner/curves.py $runs --out "$DOCS"
