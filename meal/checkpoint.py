@@ -7,6 +7,13 @@ Layout of ``<run_dir>/checkpoints/``::
     step_000010/state.pt             optimiser states, RNG states, step, data-order state
     latest                           name of the newest complete checkpoint
 
+``state.pt`` holds tensors, numbers, strings, lists and dicts only, and is read with
+``torch.load(weights_only=True)``: a run folder passed around is data, and a crafted ``state.pt``
+cannot run code when it is resumed or evaluated. Checkpoints written before this held numpy's RNG state
+as an array; they are read through an allow-list of numpy's array constructors (no code runs either);
+anything else a pickle asks to import is refused, naming it, unless the caller trusts the folder
+(``trust``: ``trainer.trust_run`` / ``meal-eval trust_run``).
+
 A checkpoint folder is written under a temporary name, its files and the folder flushed to disk
 (fsync), and renamed when complete; ``latest`` is replaced atomically afterwards (also flushed), so
 neither a crash nor a power loss mid-write leaves a half checkpoint as latest, and the previous one
@@ -16,7 +23,9 @@ save.
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -31,8 +40,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing or unreadable; the message names the file."""
 
 
+class UnsafeCheckpoint(CheckpointError):
+    """A state.pt whose pickle asks to import something no checkpoint of meal holds (it could run code)."""
+
+
+class StorageError(RuntimeError):
+    """A checkpoint could not be written (the disk is full, ...); the previous checkpoint is intact."""
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The random states of python, numpy (as a list: no array in state.pt) and torch."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -40,7 +60,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -59,7 +80,10 @@ def save_checkpoint(run_dir: str, step: int, policy_params: dict[str, torch.Tens
         if leftover.startswith(".step_"):
             shutil.rmtree(os.path.join(root, leftover), ignore_errors=True)
     name = f"step_{step:06d}"
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
+    except OSError as e:
+        raise _storage_error(e, name, root) or e
     try:
         save_file({n: p.detach().contiguous().cpu() for n, p in policy_params.items()},
                   os.path.join(tmp, "policy.safetensors"))
@@ -74,20 +98,30 @@ def save_checkpoint(run_dir: str, step: int, policy_params: dict[str, torch.Tens
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+        latest_tmp = os.path.join(root, ".latest.tmp")
+        with open(latest_tmp, "w") as f:
+            f.write(name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(latest_tmp, os.path.join(root, "latest"))
+        _fsync(root)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    latest_tmp = os.path.join(root, ".latest.tmp")
-    with open(latest_tmp, "w") as f:
-        f.write(name)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(latest_tmp, os.path.join(root, "latest"))
-    _fsync(root)
+        raise _storage_error(e, name, root) or e
     steps = sorted(d for d in os.listdir(root) if d.startswith("step_"))
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return final
+
+
+def _storage_error(e: BaseException, name: str, root: str) -> StorageError | None:
+    """A failed checkpoint write as one line when the disk is full (ENOSPC, or torch's short-write error)."""
+    full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+        isinstance(e, RuntimeError) and ("No space left" in str(e) or "unexpected pos" in str(e)))
+    if not full:
+        return None
+    return StorageError(f"checkpoint {name}: no space left on the disk of {root}; the previous checkpoint "
+                        f"(checkpoints/latest) is intact: free space, then continue with trainer.resume=true")
 
 
 def _fsync(path: str) -> None:
@@ -99,6 +133,33 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+# what a checkpoint written before the numpy RNG state became a list holds besides plain data: numpy's own
+# array constructors, which build arrays and call nothing else
+_OLD_NUMPY = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (getattr(np, "_core", None) or np.core).multiarray._reconstruct]
+
+
+def load_state(path: str, trust: bool = False) -> dict[str, Any]:
+    """``state.pt`` read as data (``weights_only``, numpy's array constructors allowed for old checkpoints);
+    a pickle that asks for anything else is refused with CheckpointError naming it, unless ``trust``."""
+    if trust:
+        return torch.load(path, weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_OLD_NUMPY):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - not even a readable archive
+            foreign = []
+        foreign = [g for g in foreign if not g.startswith(("numpy.", "numpy._core.", "numpy.core."))
+                   or not g.endswith(("ndarray", "dtype", "UInt32DType", "_reconstruct"))]
+        if not foreign:
+            raise
+        raise UnsafeCheckpoint(f"{path} asks to import {', '.join(foreign[:3])}, which no checkpoint of meal holds; "
+                              f"loading it could run code, so it was not loaded. If you wrote this folder yourself "
+                              f"and trust it, pass trainer.trust_run=true (meal-eval: trust_run=true)") from e
+
+
 def checkpoint_folders(run_dir: str) -> list[str]:
     """The complete checkpoint folders of a run, oldest first (temporary ones excluded)."""
     root = os.path.join(run_dir, "checkpoints")
@@ -107,8 +168,9 @@ def checkpoint_folders(run_dir: str) -> list[str]:
     return [os.path.join(root, d) for d in sorted(os.listdir(root)) if d.startswith("step_")]
 
 
-def read_checkpoint_state(folder: str) -> dict[str, Any]:
-    """Read a checkpoint's ``state.pt`` and check its weight files open; CheckpointError naming the file."""
+def read_checkpoint_state(folder: str, trust: bool = False) -> dict[str, Any]:
+    """Read a checkpoint's ``state.pt`` (as data: :func:`load_state`) and check its weight files open;
+    CheckpointError naming the file."""
     from safetensors import safe_open
 
     for name in ("policy.safetensors", "net.safetensors"):
@@ -121,7 +183,9 @@ def read_checkpoint_state(folder: str) -> dict[str, Any]:
         except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
             raise CheckpointError(f"checkpoint {folder} is corrupt or incomplete: {name}: {e}") from e
     try:
-        return torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+        return load_state(os.path.join(folder, "state.pt"), trust)
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {folder} is corrupt or incomplete: state.pt: {e}") from e
 
@@ -139,7 +203,7 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 
 def load_checkpoint(folder: str, policy_params: dict[str, torch.Tensor], net: torch.nn.Module | None,
-                    rank: int = 0) -> dict[str, Any]:
+                    rank: int = 0, trust: bool = False) -> dict[str, Any]:
     """Copy the saved weights into ``policy_params`` (and ``net``), restore RNG; return the state dict.
 
     The random state restored is rank ``rank``'s, or rank 0's when the checkpoint was written by
@@ -147,12 +211,14 @@ def load_checkpoint(folder: str, policy_params: dict[str, torch.Tensor], net: to
     """
     load_policy_weights(folder, policy_params)
     try:
-        state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+        state = load_state(os.path.join(folder, "state.pt"), trust)
         if net is not None:
             net.load_state_dict(load_file(os.path.join(folder, "net.safetensors")))
         if isinstance(state["rng"], dict):  # written before per-rank states were kept
             state["rng"] = [state["rng"]]
         set_rng_state(state["rng"][rank if rank < len(state["rng"]) else 0])
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
         raise CheckpointError(f"checkpoint {folder} is corrupt or incomplete: {e}") from e
     return state

@@ -156,6 +156,8 @@ class TrainerConfig:
     resume: bool = _f(False, "Continue from the latest checkpoint in out_dir.")
     resume_from: Optional[str] = _f(None, "With resume: continue from this checkpoint (e.g. step_000010) instead "
                                     "of the latest.")
+    trust_run: bool = _f(False, "Resume from a state.pt that asks to import code (never written by meal): only a "
+                         "folder you wrote and trust.")
     out_dir: str = _f("runs/default", "Run folder: config, metrics.jsonl, reward stats, checkpoints, front.")
 
 

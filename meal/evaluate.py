@@ -6,30 +6,55 @@ prompt with a fixed seed (top_p 0.9, top_k 0, temperature 1); see :mod:`meal.eva
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from meal.config import ConfigError, TrainConfig, register_configs, to_container, typed_method
-from meal.train import CONF_DIR, print_front, user_errors
+from meal.train import CONF_DIR, print_front, refuse_file_folder, user_errors
 
 log = logging.getLogger("meal")
 
 
-def load_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False):
-    """(cfg, model, tokenizer, weights folder) of a run written by meal-train: its config.yaml with the
-    method typed, the policy with the weights of ``checkpoint`` (latest | conditioned | a checkpoint
-    name) loaded, or none (``untrained``)."""
-    from meal.checkpoint import latest_checkpoint, load_policy_weights
-    from meal.policy import load_policy, trainable_parameters
+def foreign_targets(node: Any, path: str = "") -> list[tuple[str, str]]:
+    """(field, target) of every ``_target_`` in a config container that is not meal's own (``meal.``)."""
+    found = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            where = f"{path}.{k}" if path else str(k)
+            if k == "_target_" and isinstance(v, str) and not v.startswith("meal."):
+                found.append((path or "<top>", v))
+            else:
+                found += foreign_targets(v, where)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += foreign_targets(v, f"{path}[{i}]")
+    return found
+
+
+def read_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, trust: bool = False):
+    """(cfg, weights folder) of a run written by meal-train, before any model loads: its config.yaml with
+    the method typed, and the folder of ``checkpoint`` (latest | conditioned | a checkpoint name; None
+    when ``untrained``). A run folder is data: a config that names a ``_target_`` outside meal's own (a
+    callable that opening the run would import and call) is refused, naming it, unless ``trust``."""
+    from meal.checkpoint import latest_checkpoint
 
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(cfg_path):
         raise ConfigError(f"run_dir: {run_dir} has no config.yaml (not a folder written by meal-train)")
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(cfg_path))
+    raw = OmegaConf.load(cfg_path)
+    foreign = foreign_targets(OmegaConf.to_container(raw, resolve=False))
+    if foreign and not trust:
+        field, target = foreign[0]
+        raise ConfigError(f"run_dir: {cfg_path} names _target_ {target!r} at {field}, outside meal's own: opening "
+                          f"the run would import and call it. If you trust the folder (your own reward module), "
+                          f"pass trust_run=true")
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
     cfg.method = typed_method(cfg.method)
     folder = None
     if not untrained:
@@ -43,6 +68,16 @@ def load_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False):
             folder = os.path.join(run_dir, "checkpoints", checkpoint)
         if folder is None or not os.path.isdir(folder):
             raise ConfigError(f"checkpoint: {run_dir} has no checkpoint {checkpoint!r}")
+    return cfg, folder
+
+
+def load_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, trust: bool = False):
+    """(cfg, model, tokenizer, weights folder) of a run written by meal-train (:func:`read_run`), the policy
+    with the weights of ``checkpoint`` loaded, or none (``untrained``)."""
+    from meal.checkpoint import load_policy_weights
+    from meal.policy import load_policy, trainable_parameters
+
+    cfg, folder = read_run(run_dir, checkpoint, untrained, trust)
     model, tok = load_policy(cfg.policy, len(cfg.task.objectives))
     if folder is not None:
         load_policy_weights(folder, trainable_parameters(model))
@@ -64,26 +99,31 @@ def load_run_responder(run_dir: str, checkpoint: str = "latest"):
 
 def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, prompts: int = 0,
                  seed: int = 0, batch_size: int = 32, label: str | None = None, out_dir: str | None = None,
-                 logger_cfg: Any = None, stack_on: str | None = None, split: str = "test") -> dict[str, Any]:
+                 logger_cfg: Any = None, stack_on: str | None = None, split: str = "test", trust: bool = False
+                 ) -> dict[str, Any]:
     """Evaluate ``run_dir`` (its config.yaml, reward_stats.json and a checkpoint); write the front.
     ``stack_on`` (a MetaAligner run only): what its corrector rewrites, base | conditioned | a run folder.
-    ``split``: test (reported fronts) | validation (the prompts the task holds out of training)."""
+    ``split``: test (reported fronts) | validation (the prompts the task holds out of training).
+    ``trust``: open a run folder whose config or state.pt names code outside meal's own (:func:`read_run`).
+    Everything that can be checked is checked before the policy loads (config, data, rewards); writing into
+    the run folder takes its lock (:func:`meal.harness.run_lock`): a run still training is refused."""
     from hydra.utils import instantiate
 
+    from meal.checkpoint import load_policy_weights
     from meal.evaluation import evaluate_front, preference_grid
-    from meal.harness import build_rewards, load_task_data
+    from meal.harness import build_rewards, load_task_data, run_lock
+    from meal.policy import load_policy, trainable_parameters
     from meal.rewards import RewardNormalizer
     from meal.methods import recipe, start_responder
     from meal.run import eval_texts, front_provenance, generation_settings, publish_front
 
     if split not in ("test", "validation"):  # before any model loads
         raise ConfigError(f"split: test | validation, got {split!r}")
-    cfg, model, tok, folder = load_run(run_dir, checkpoint, untrained)
+    cfg, folder = read_run(run_dir, checkpoint, untrained, trust)
     objectives = list(cfg.task.objectives)
     normalizer = RewardNormalizer.load(os.path.join(run_dir, "reward_stats.json"), objectives)
     data = load_task_data(cfg)
-    reward_set = build_rewards(cfg)
-    cfg.trainer.gen_batch_size = batch_size
+    reward_set = build_rewards(cfg)  # a reward module that cannot be imported is named here, before the policy
     if not data.split(split):
         raise ConfigError(f"split: {run_dir}'s task holds no {split} prompts (task.validation_prompts = "
                           f"{cfg.task.validation_prompts})")
@@ -99,30 +139,36 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
                      else cfg.method.name if stack_on is None
                      else f"{cfg.method.name} on {os.path.basename(os.path.normpath(stack_on))}")
     out_dir = out_dir_for(run_dir, out_dir, untrained, checkpoint)
-    if untrained or checkpoint == "conditioned":  # the start alone, without what the method trained beside it
-        responder = start_responder(cfg.method.recipe, cfg, model, tok)
-    elif stack_on is not None:
-        responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir, stack_on=stack_on)
-    else:
-        responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)  # how the method answers under w
-    grid = getattr(responder, "grid", None) or preference_grid(len(objectives))  # MORLHF: its own preferences
-    front = evaluate_front(responder, texts, reward_set, normalizer, grid,
-                           generation_settings(cfg, eval_protocol=True), list(cfg.task.hv_ref), seed=seed, label=name,
-                           csv_dir=os.path.join(out_dir, "responses"))
-    budgets = run_budgets(run_dir, folder, untrained, checkpoint == "conditioned")
-    front.extra.update(front_provenance(cfg, run_dir, normalizer, budgets, checkpoint=folder, split=split))
-    net = None if untrained or checkpoint == "conditioned" else net_diagnostics(run_dir, folder)
-    if net:  # what the meta-learner had done by these weights (Meal), as meal-train records it with its front
-        front.extra["meta_learner"] = net
-    if stack_on is not None:
-        front.extra["stacked_on"] = stack_on
-    os.makedirs(out_dir, exist_ok=True)
-    logger = instantiate(logger_cfg if logger_cfg is not None else {"_target_": "meal.tracking.NullLogger"})
-    logger.start(out_dir, {"run_dir": run_dir, "train_config": to_container(cfg)}, f"eval-{name}", False)
-    try:
-        return publish_front(front, out_dir, logger, step=0)
-    finally:
-        logger.finish()
+    inside = os.path.commonpath([os.path.abspath(out_dir), os.path.abspath(run_dir)]) == os.path.abspath(run_dir)
+    budgets = run_budgets(run_dir, folder, untrained, checkpoint == "conditioned", trust)  # reads state.pt (as data)
+    net = None if untrained or checkpoint == "conditioned" else net_diagnostics(run_dir, folder, trust)
+    cfg.trainer.gen_batch_size = batch_size
+    with run_lock(run_dir, "run_dir") if inside else contextlib.nullcontext():  # a run still training: refused
+        model, tok = load_policy(cfg.policy, len(objectives))
+        if folder is not None:
+            load_policy_weights(folder, trainable_parameters(model))
+        if untrained or checkpoint == "conditioned":  # the start alone, without what the method trained beside it
+            responder = start_responder(cfg.method.recipe, cfg, model, tok)
+        elif stack_on is not None:
+            responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir, stack_on=stack_on)
+        else:
+            responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)  # how the method answers under w
+        grid = getattr(responder, "grid", None) or preference_grid(len(objectives))  # MORLHF: its own preferences
+        front = evaluate_front(responder, texts, reward_set, normalizer, grid,
+                               generation_settings(cfg, eval_protocol=True), list(cfg.task.hv_ref), seed=seed,
+                               label=name, csv_dir=os.path.join(out_dir, "responses"))
+        front.extra.update(front_provenance(cfg, run_dir, normalizer, budgets, checkpoint=folder, split=split))
+        if net:  # what the meta-learner had done by these weights (Meal), as meal-train records it with its front
+            front.extra["meta_learner"] = net
+        if stack_on is not None:
+            front.extra["stacked_on"] = stack_on
+        os.makedirs(out_dir, exist_ok=True)
+        logger = instantiate(logger_cfg if logger_cfg is not None else {"_target_": "meal.tracking.NullLogger"})
+        logger.start(out_dir, {"run_dir": run_dir, "train_config": to_container(cfg)}, f"eval-{name}", False)
+        try:
+            return publish_front(front, out_dir, logger, step=0)
+        finally:
+            logger.finish()
 
 
 def out_dir_for(run_dir: str, out_dir: str | None, untrained: bool, checkpoint: str) -> str:
@@ -131,19 +177,18 @@ def out_dir_for(run_dir: str, out_dir: str | None, untrained: bool, checkpoint: 
                                    if checkpoint == "conditioned" else "eval")
 
 
-def net_diagnostics(run_dir: str, folder: str) -> dict[str, float] | None:
+def net_diagnostics(run_dir: str, folder: str, trust: bool = False) -> dict[str, float] | None:
     """The meta-learner's diagnostics (``meta/param_distance``, ``meta/w_phi_spread_*`` ...) that the run
     logged at the step of the checkpoint ``folder``, from its metrics.jsonl; None for a run without a net."""
     import json
 
-    import torch
-
+    from meal.checkpoint import load_state
     from meal.meta_learner import DIAGNOSTIC_KEYS
 
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return None
-    step = torch.load(os.path.join(folder, "state.pt"), weights_only=False).get("step")
+    step = load_state(os.path.join(folder, "state.pt"), trust).get("step")
     found = None
     with open(path) as f:
         for line in f:
@@ -153,12 +198,11 @@ def net_diagnostics(run_dir: str, folder: str) -> dict[str, float] | None:
     return found
 
 
-def run_budgets(run_dir: str, folder: str | None, untrained: bool, conditioned: bool) -> dict:
+def run_budgets(run_dir: str, folder: str | None, untrained: bool, conditioned: bool, trust: bool = False) -> dict:
     """What the evaluated weights cost: nothing for the base policy; the conditioning stage for its
     policy; the online budget saved with a checkpoint, beside the conditioning stage's."""
-    import torch
-
     from meal.budget import Budget
+    from meal.checkpoint import load_state
     from meal.conditioning import conditioning_budget, read_conditioning
 
     if untrained:
@@ -166,7 +210,7 @@ def run_budgets(run_dir: str, folder: str | None, untrained: bool, conditioned: 
     stage = conditioning_budget(read_conditioning(run_dir))
     if conditioned:
         return {"online": Budget(), "conditioning": stage}
-    state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+    state = load_state(os.path.join(folder, "state.pt"), trust)
     return {"online": Budget.from_dict(state.get("budget")), "conditioning": stage}
 
 
@@ -174,12 +218,13 @@ def run_budgets(run_dir: str, folder: str | None, untrained: bool, conditioned: 
 def _main(cfg: DictConfig) -> None:
     with user_errors():
         out = evaluate_run(cfg.run_dir, cfg.checkpoint, cfg.untrained, cfg.prompts, cfg.seed, cfg.batch_size,
-                           cfg.label, cfg.out_dir, cfg.logger, cfg.stack_on, cfg.split)
+                           cfg.label, cfg.out_dir, cfg.logger, cfg.stack_on, cfg.split, cfg.trust_run)
     print_front(out)
 
 
 def main() -> None:
     register_configs()
+    refuse_file_folder(sys.argv[1:], "run_dir")
     _main()
 
 

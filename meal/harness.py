@@ -23,10 +23,15 @@ responder.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
 import re
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,8 +40,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from meal.budget import Budget
-from meal.checkpoint import (CheckpointError, checkpoint_folders, latest_checkpoint, load_checkpoint,
-                             read_checkpoint_state, rng_state, save_checkpoint, set_rng_state)
+from meal.checkpoint import (CheckpointError, UnsafeCheckpoint, checkpoint_folders, latest_checkpoint,
+                             load_checkpoint, read_checkpoint_state, rng_state, save_checkpoint, set_rng_state)
 from meal.config import ConfigError
 from meal.rewards import RewardError, RewardNormalizer, RewardSet
 from meal.tasks import DataError, TaskData
@@ -44,7 +49,7 @@ from meal.tasks import DataError, TaskData
 log = logging.getLogger(__name__)
 
 # fields a resume may change: how long the run goes on, how it is watched, where it runs
-RESUME_MAY_CHANGE = ("trainer.iterations", "trainer.resume", "trainer.resume_from", "trainer.log_every",
+RESUME_MAY_CHANGE = ("trainer.iterations", "trainer.resume", "trainer.resume_from", "trainer.trust_run", "trainer.log_every",
                      "trainer.table_every", "trainer.save_every", "trainer.keep_checkpoints", "trainer.eval_every",
                      "trainer.eval_prompts", "trainer.final_eval", "trainer.final_eval_prompts", "trainer.out_dir",
                      "logger.", "policy.device", "conditioning.cache", "trainer.stats_cache")
@@ -58,6 +63,70 @@ class RunStart:
 
     run_dir: str
     checkpoint: str | None
+
+
+LOCK = ".lock"  # in a run folder: who writes it now (JSON: pid, host, since, command)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str, field: str = "trainer.out_dir"):
+    """One writer per run folder: a lock file taken before anything is written (atomically: O_EXCL), holding
+    the process id, host, time and command; released on every exit (success, error, interrupt). A second
+    launch while the holder lives is refused in one line naming the folder and the holder; a lock left by
+    a dead process on this host (kill -9) is named in the log and taken over. Under a distributed launch
+    rank 0 holds it for every rank. ``field``: the setting that named the folder, for the message."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"{field}: {run_dir} is a file, not a folder")
+    created = not os.path.exists(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "command": " ".join(sys.argv)[:300]}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    holder = json.load(f)
+            except (OSError, ValueError):  # being written this instant, or garbage
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            if isinstance(pid, int) and host == me["host"] and not _alive(pid):
+                log.warning("%s: the lock of process %d (%s, since %s) is stale, that process is gone; taking it over",
+                            run_dir, pid, host, holder.get("since"))
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            raise ConfigError(f"{field}: {run_dir} is in use by process {pid} on {host} since {holder.get('since')} "
+                              f"({holder.get('command', '?')}); wait for it to end or choose another folder (nothing "
+                              f"was written; if that process is gone, delete {path})")
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                mine = json.load(f).get("pid") == me["pid"]
+            if mine:
+                os.remove(path)
+            if created and not os.listdir(run_dir):  # a launch refused before it wrote anything leaves no folder
+                os.rmdir(run_dir)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -87,9 +156,10 @@ def open_run(cfg: DictConfig) -> RunStart:
     t = cfg.trainer
     run_dir = t.out_dir
     if not t.resume:
-        if latest_checkpoint(run_dir) is not None or checkpoint_folders(run_dir):
+        if checkpoint_folders(run_dir) or os.path.exists(os.path.join(run_dir, "checkpoints", "latest")):
             raise ConfigError(f"trainer.out_dir: {run_dir} already holds a run; set trainer.resume=true to continue "
                               f"it or choose another out_dir (nothing was overwritten)")
+        _move_leftovers(run_dir)
         return RunStart(run_dir, None)
     folders = checkpoint_folders(run_dir)
     if not folders:
@@ -100,9 +170,9 @@ def open_run(cfg: DictConfig) -> RunStart:
         if chosen not in folders:
             raise ConfigError(f"trainer.resume_from: {run_dir} has no checkpoint {t.resume_from!r}; it has "
                               f"{[os.path.basename(f) for f in folders]}")
-        read_checkpoint_state(chosen)
+        read_checkpoint_state(chosen, t.trust_run)
     else:
-        chosen = _newest_intact(run_dir, folders)
+        chosen = _newest_intact(run_dir, folders, t.trust_run)
     saved_path = os.path.join(run_dir, "config.yaml")
     if os.path.exists(saved_path):
         saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
@@ -115,18 +185,46 @@ def open_run(cfg: DictConfig) -> RunStart:
     return RunStart(run_dir, chosen)
 
 
-def _newest_intact(run_dir: str, folders: list[str]) -> str:
-    latest = latest_checkpoint(run_dir)
+def _move_leftovers(run_dir: str) -> None:
+    """A new run in a folder that holds files but no checkpoint (a run that died before its first one): its
+    files (metrics.jsonl, config.yaml ...) are moved aside into ``leftovers-<time>/``, named in the log, so
+    that the new run's record starts clean and nothing is lost. Hydra's per-launch folders and the lock stay."""
+    if not os.path.isdir(run_dir):
+        return
+    found = sorted(n for n in os.listdir(run_dir) if n not in ("hydra", LOCK) and not n.startswith("leftovers-"))
+    if not found:
+        return
+    aside = os.path.join(run_dir, f"leftovers-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(aside, exist_ok=True)
+    for name in found:
+        os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
+    log.warning("%s held %s but no checkpoint (a run that ended before its first one): moved to %s; this run "
+                "starts fresh", run_dir, ", ".join(found), aside)
+
+
+def _pointer(run_dir: str) -> str:
+    """The checkpoint name ``checkpoints/latest`` holds (empty when it is missing)."""
+    path = os.path.join(run_dir, "checkpoints", "latest")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _newest_intact(run_dir: str, folders: list[str], trust: bool = False) -> str:
     try:
-        read_checkpoint_state(latest)
+        latest = latest_checkpoint(run_dir) or folders[-1]  # no pointer: killed between the rename and it
+        read_checkpoint_state(latest, trust)
         return latest
+    except UnsafeCheckpoint:
+        raise
     except CheckpointError as err:
         intact = None
         for folder in reversed(folders):
-            if folder == latest:
+            if folder == os.path.join(run_dir, "checkpoints", _pointer(run_dir)):
                 continue
             try:
-                read_checkpoint_state(folder)
+                read_checkpoint_state(folder, trust)
                 intact = folder
                 break
             except CheckpointError:
@@ -203,6 +301,22 @@ def check_policy_source(policy: DictConfig) -> None:
     if not policy.gguf_file and not os.path.exists(os.path.join(folder, "config.json")):
         raise ConfigError(f"policy.name_or_path: {folder} has no config.json (not a Hugging Face checkpoint; a GGUF "
                           f"file needs policy.gguf_file)")
+
+
+def log_cut_prompts(condition, texts: list[str], num_objectives: int, tokenizer, max_tokens: int) -> int:
+    """Log once how many prompts (as conditioned, at a uniform preference) are longer than
+    ``trainer.max_prompt_tokens`` and so lose their beginning (prompts are cut from the left); returns it."""
+    if not texts or not callable(condition):
+        return 0
+    try:
+        written = condition(texts, torch.full((len(texts), num_objectives), 1.0 / num_objectives))
+    except Exception:  # noqa: BLE001 - a conditioner that needs more than a preference (RiC: scores)
+        written = texts
+    cut = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) > max_tokens for p in written)
+    if cut:
+        log.warning("%d of %d prompts are longer than trainer.max_prompt_tokens = %d tokens: their beginning is cut",
+                    cut, len(texts), max_tokens)
+    return cut
 
 
 @dataclass
@@ -362,6 +476,9 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
     settings = generation_settings(cfg)
     settings.sampler = training_sampler(cfg, dist.rank, dist.world)
     train_texts = [e.text for e in data.train]
+    if dist.main:
+        log_cut_prompts(condition, train_texts + [e.text for e in data.test + data.validation], len(objectives),
+                        tok, t.max_prompt_tokens)
     embeddings = None
     if embed is not None:
         from meal.embeddings import embed_prompts
@@ -384,7 +501,7 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
     stats_path = os.path.join(run_dir, "reward_stats.json")
     state, start, budget = None, 0, Budget()  # the online stage's cost (the conditioning stage's is apart)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, params, None, rank=dist.rank)
+        state = load_checkpoint(ckpt, params, None, rank=dist.rank, trust=t.trust_run)
         if dist.main:  # the launch is good: now the run's record may say so
             write_run_config(run_dir, cfg)
             dropped = ctx.jsonl.truncate_after(state["step"])

@@ -44,12 +44,12 @@ def print_front(summary: dict) -> None:
 def user_errors():
     """A mistake in the input (config, data, reward, checkpoint, policy path) ends the program with one
     line that names it and exit code 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead."""
-    from meal.checkpoint import CheckpointError
+    from meal.checkpoint import CheckpointError, StorageError
     from meal.rewards import RewardError
     from meal.tasks import DataError
 
     kinds = {ConfigError: "invalid configuration", DataError: "bad data", RewardError: "bad reward",
-             CheckpointError: "bad checkpoint"}
+             CheckpointError: "bad checkpoint", StorageError: "cannot write"}
     try:
         yield
     except tuple(kinds) as e:
@@ -61,8 +61,19 @@ def user_errors():
         sys.exit(2)
 
 
+def refuse_file_folder(argv: list[str], field: str) -> None:
+    """A command-line folder ``field=PATH`` that is an existing file fails here in one line, before Hydra makes
+    its per-launch folder inside it (which would end in a NotADirectoryError that names no field)."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == field and os.path.isfile(value):
+            print(f"meal: invalid configuration: {field}: {value} is a file, not a folder", file=sys.stderr)
+            sys.exit(2)
+
+
 def main() -> None:
     register_configs()
+    refuse_file_folder(sys.argv[1:], "trainer.out_dir")
     _main()
 
 

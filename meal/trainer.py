@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from meal.config import TrainConfig, validate
+from meal.harness import run_lock
 from meal.methods import recipe
 
 
@@ -27,4 +28,5 @@ def train(cfg: Any) -> dict[str, Any]:
     """Train as configured (``method.recipe`` picks the recipe); returns a summary of the run."""
     cfg = as_config(cfg)
     validate(cfg)  # also types cfg.method by its recipe's schema
-    return recipe(cfg.method.recipe).train(cfg)
+    with run_lock(cfg.trainer.out_dir):  # one writer per run folder, released however the run ends
+        return recipe(cfg.method.recipe).train(cfg)

@@ -78,11 +78,17 @@ def read_jsonl(path: str, text_key: str = "text", max_errors: int = 20) -> list[
     ``max_errors``) is reported in one DataError, each with its line."""
     rows, seen, errors = [], set(), []
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")  # decoded line by line: a byte that is not UTF-8 is named with its line
     except OSError as e:
         raise DataError(f"cannot open prompt file {path}: {e}") from e
     with f:
-        for n, line in enumerate(f, start=1):
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                errors.append(f"line {n}: byte {raw[e.start:e.start + 1]!r} at column {e.start + 1} is not UTF-8 "
+                              f"(save the file as UTF-8)")
+                continue
             if not line.strip():
                 continue
             try:
