@@ -200,3 +200,22 @@ def test_compare_refuses_fronts_of_different_splits_and_keeps_each_runs_front_an
     md = (tmp_path / "out2" / "compare.md").read_text()
     assert "meal: the net moved 4.200 ± 1.000 from its initialisation" in md and "Levene p =" in md
     assert hypervolume_difference([1.0, 2.0], [1.0, 5.0])["levene_p"] is None  # two runs a side: no test
+
+
+def test_a_figure_of_several_seeds_draws_each_methods_mean_point_per_preference(tmp_path):
+    """Several runs of a method are drawn as the mean point per preference (runs on another grid are left
+    out of the mean, not of the hypervolumes); the figure holds an overlay and one panel per method."""
+    import matplotlib.image
+
+    from meal.plotting import method_fronts, plot_fronts
+
+    fronts = [_front("meal", [[1, 2], [3, 0]], 0), _front("meal", [[3, 2], [1, 0]], 1),
+              _front("static", [[2, 2], [2, 1]], 0), _front("static", [[1, 1], [0, 0]], 1)]
+    fronts[3].preferences = [[0.5, 0.5], [0.0, 1.0]]  # another grid
+    meal, static = method_fronts(fronts)
+    assert meal.label == "meal" and meal.mean.tolist() == [[2, 2], [2, 0]] and len(meal.runs) == 2
+    assert static.mean.tolist() == [[2, 2], [2, 1]] and len(static.runs) == 1 and len(static.hypervolumes) == 2
+    assert "2 runs" in meal.legend and "±" in meal.legend
+    wide = matplotlib.image.imread(plot_fronts(fronts, str(tmp_path / "several.png")))
+    alone = matplotlib.image.imread(plot_fronts(fronts[:1], str(tmp_path / "one.png")))
+    assert wide.shape[1] > 2.5 * alone.shape[1]  # the overlay and a panel per method, side by side
