@@ -26,6 +26,7 @@ class GenerationSettings:
     batch_size: int = 32
     max_prompt_tokens: int = 512
     sampler: object = None  # a callable like generate() (e.g. meal.vllm_backend.VLLMSampler); None: generate()
+    greedy: bool = False  # the most likely token at every step (meal-generate / meal-export checks), no sampling
 
 
 @dataclass
@@ -109,9 +110,10 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSetti
         enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
                         max_length=settings.max_prompt_tokens, add_special_tokens=False).to(device)
         with preference_weights(model, None if prefs is None else prefs[i:i + settings.batch_size]):
-            out = model.generate(**enc, do_sample=True, top_p=1.0, top_k=0, temperature=1.0, logits_processor=warper,
+            sampling = {} if settings.greedy else {"logits_processor": warper}
+            out = model.generate(**enc, do_sample=not settings.greedy, top_p=1.0, top_k=0, temperature=1.0,
                                  max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=eos)
+                                 eos_token_id=eos, **sampling)
         new = out[:, enc["input_ids"].shape[1]:]  # (b, T_new)
         for row in new:
             hit = (row == eos).nonzero()
