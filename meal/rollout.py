@@ -66,6 +66,10 @@ class ConditionedPolicy:
     def objectives(self) -> list[str]:
         return list(self.condition.objectives)
 
+    def load_weights(self, w: Sequence[float]) -> None:
+        """Put the weights this responder answers with at ``w`` into its model (meal-export): one set of
+        weights answers every preference here."""
+
     def respond(self, texts: Sequence[str], prefs: torch.Tensor, settings: GenerationSettings,
                 seed: int | None = None, n: int = 1) -> Generation:
         """``n`` responses per text (B*N, text-major) under its preference (B, K)."""

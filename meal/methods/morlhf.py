@@ -73,15 +73,18 @@ class MorlhfPolicies:
     def objectives(self) -> list[str]:
         return self.policy.objectives
 
+    def load_weights(self, w: Sequence[float]) -> None:
+        """The policy trained at ``w`` (one of the grid) into the model's trainable tensors."""
+        match = [i for i, g in enumerate(self.grid) if torch.allclose(torch.tensor(g), torch.tensor(list(w)), atol=1e-4)]
+        if not match:
+            raise ValueError(f"MORLHF trained no policy at {list(w)}; its preferences are {self.grid}")
+        load_into(self.params, policy_file(self.folder, match[0]))
+
     def respond(self, texts, prefs: torch.Tensor, settings: GenerationSettings, seed: int | None = None,
                 n: int = 1) -> Generation:
-        w = prefs[0].tolist()
         if not all(torch.allclose(p, prefs[0]) for p in prefs):
             raise ValueError("MORLHF answers one preference per call (one policy per preference)")
-        match = [i for i, g in enumerate(self.grid) if torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-4)]
-        if not match:
-            raise ValueError(f"MORLHF trained no policy at {w}; its preferences are {self.grid}")
-        load_into(self.params, policy_file(self.folder, match[0]))
+        self.load_weights(prefs[0].tolist())
         return self.policy.respond(texts, prefs, settings, seed, n)
 
 

@@ -63,6 +63,14 @@ class Soup:
     def objectives(self) -> list[str]:
         return self.policy.objectives
 
+    def load_weights(self, w: Sequence[float]) -> None:
+        """The soup at ``w`` into the model's trainable tensors (meal-export; the params rule only: the merged
+        rule mixes full weight updates within a call)."""
+        if self.rule != "params":
+            raise ValueError("method.rule=merged: the soup is a full-weight mix made per call; export the run's "
+                             "experts with rule=params")
+        load_into(self.params, "", interpolate(self.experts, list(w)))
+
     def respond(self, texts, prefs: torch.Tensor, settings: GenerationSettings, seed: int | None = None,
                 n: int = 1) -> Generation:
         if not all(torch.allclose(p, prefs[0]) for p in prefs):

@@ -1,0 +1,186 @@
+"""``meal-export``: a trained run at one preference as a standard Hugging Face model folder.
+
+    meal-export run_dir=RUN preference=[0.2,0.8] out=exported/helpful-0.2
+
+The folder loads with ``AutoModelForCausalLM.from_pretrained(out)`` and ``AutoTokenizer.from_pretrained(out)``
+(chat template included), with no meal import, and answers as meal does at that preference: the weights
+the run's method answers with at w are folded into plain linear layers (preference-aware LoRA: W + (alpha/r)
+(B_0 A_0 + sum_k w_k B_k A_k), exact up to float rounding; a peft LoRA: merged; Rewarded Soups: the experts'
+interpolation at w; MORLHF: the policy trained at w, one of its grid). The preference stays in the prompt as
+well, as in training: ``meal_prompt.json`` holds the prompt template with the preference written in, and
+the model card (README.md) says how to build a prompt, what the run was (method, objectives, reward
+statistics, the front's point at w, cost) and the base model. RiC (desired scores in the prompt) and
+MetaAligner (a policy and a corrector: two models) are refused, naming why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from meal.config import ConfigError, register_configs
+from meal.evaluate import load_run, read_run
+from meal.generate import parse_preferences
+from meal.train import CONF_DIR, refuse_file_folder, user_errors
+
+log = logging.getLogger("meal")
+
+EXPORTABLE = ("meal", "soups", "morlhf")  # recipes whose answer at w is one model's weights and a prompt
+
+
+def fold_preference_lora(model: nn.Module, w: list[float]) -> nn.Module:
+    """Replace every preference-aware LoRA layer by its base ``nn.Linear`` with the update at ``w`` folded
+    in: W + scale * sum_k c_k B_k A_k, c = (1, w_1, ..., w_K) (computed in float32, stored in W's dtype)."""
+    from meal.preference_lora import PreferenceLoRALinear
+
+    coef = torch.tensor([1.0] + list(w))
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, PreferenceLoRALinear):
+            continue
+        a, b = mod.pref_lora_A.detach().float(), mod.pref_lora_B.detach().float()  # (K+1, r, in), (K+1, out, r)
+        delta = torch.einsum("k,kor,kri->oi", coef.to(a.device), b, a) * mod.scale
+        base = mod.base
+        with torch.no_grad():
+            base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+    if hasattr(model, "meal_preference"):
+        del model.meal_preference
+    return model
+
+
+def plain_model(model: nn.Module, w: list[float]) -> nn.Module:
+    """The policy as a plain transformers model at ``w``: preference-aware LoRA folded, peft LoRA merged."""
+    from meal.preference_lora import has_preference_lora
+
+    if has_preference_lora(model):
+        return fold_preference_lora(model, w)
+    if hasattr(model, "merge_and_unload"):  # a peft model
+        return model.merge_and_unload()
+    return model
+
+
+def prompt_template(cfg, w: list[float]) -> dict[str, Any]:
+    """How the exported model is prompted at ``w``: the task's template with the preference written in
+    (``{text}`` left for the user's prompt); chat models: the user turn (and system prompt) of the chat
+    template, with the generation prompt added."""
+    from meal.templates import format_preference
+
+    t = cfg.task.template
+    user = t.user.replace("{text}", "\x00").format(preference=format_preference(w, list(cfg.task.objectives)))
+    return {"chat": bool(t.chat), "system": t.system, "user": user.replace("\x00", "{text}"),
+            "suffix": "" if t.chat else t.suffix, "preference": dict(zip(cfg.task.objectives, w))}
+
+
+def export_run(run_dir: str, w: list[float], out: str, checkpoint: str = "latest", overwrite: bool = False,
+               trust: bool = False) -> str:
+    """Write ``run_dir`` at preference ``w`` into ``out`` (a model folder, its tokenizer, meal_prompt.json and
+    a model card); returns ``out``. Everything is checked before the policy loads; nothing is written on error."""
+    from meal.methods import recipe
+
+    cfg, folder = read_run(run_dir, checkpoint, trust=trust)
+    if cfg.method.recipe not in EXPORTABLE:
+        why = {"ric": "RiC answers with desired scores written into the prompt, chosen per preference by its own "
+                      "mapping; export the model with its prompt by hand (docs)",
+               "metaaligner": "MetaAligner answers with two models (a policy and its corrector)"}
+        raise ConfigError(f"run_dir: {run_dir} is a {cfg.method.recipe} run: {why.get(cfg.method.recipe, 'not exportable')}")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+        raise ConfigError(f"out: {out} exists and is not empty (pass overwrite=true to replace it)")
+    cfg, model, tok, folder = load_run(run_dir, checkpoint, trust=trust)
+    responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)
+    grid = getattr(responder, "grid", None)
+    if grid is not None and not any(torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-4) for g in grid):
+        raise ConfigError(f"preference: {w} is not one of this {cfg.method.name} run's policies: {grid}")
+    responder.load_weights(w)  # the weights this method answers with at w (a soup's mix, MORLHF's policy)
+    model = plain_model(model, w)
+    if os.path.exists(out) and overwrite:
+        import shutil
+
+        shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+    tmp = out.rstrip("/") + ".partial"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    prompt = prompt_template(cfg, w)
+    with open(os.path.join(tmp, "meal_prompt.json"), "w") as f:
+        json.dump(prompt, f, indent=2)
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(model_card(cfg, run_dir, folder, w, prompt))
+    os.replace(tmp, out)
+    return out
+
+
+def model_card(cfg, run_dir: str, folder: str, w: list[float], prompt: dict[str, Any]) -> str:
+    """What the exported folder is: method, preference, objectives, reward statistics, the front's point at w
+    (when the run's front holds it), the run's cost, the base model, and how to prompt it."""
+    from meal.checkpoint import load_state
+
+    objectives = list(cfg.task.objectives)
+    pref = ", ".join(f"{o} {x:.2f}" for o, x in zip(objectives, w))
+    lines = [f"# {cfg.method.name} on {cfg.task.name}, at preference {pref}", "",
+             f"Exported by `meal-export` from `{run_dir}` (checkpoint `{os.path.basename(folder)}`). A plain "
+             f"transformers causal LM: the weights the method answers with at this preference, folded into the "
+             f"base model `{cfg.policy.name_or_path}` (its licence applies).", "",
+             "## Prompt", "",
+             "The preference is also written into every prompt, as in training (`meal_prompt.json`):", "",
+             "```python", "import json", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+             "tok, model = AutoTokenizer.from_pretrained(DIR), AutoModelForCausalLM.from_pretrained(DIR)",
+             "p = json.load(open(f\"{DIR}/meal_prompt.json\"))",
+             "user = p[\"user\"].format(text=QUESTION)",
+             "if p[\"chat\"]:",
+             "    messages = ([{\"role\": \"system\", \"content\": p[\"system\"]}] if p[\"system\"] else []) + "
+             "[{\"role\": \"user\", \"content\": user}]",
+             "    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
+             "else:", "    prompt = user + p[\"suffix\"]", "```", "",
+             f"User turn: `{prompt['user']}`", ""]
+    stats = os.path.join(run_dir, "reward_stats.json")
+    if os.path.exists(stats):
+        s = json.load(open(stats))
+        lines += ["## Rewards", "", "Objectives and the run's reward normalisation (mean, std of raw scores): "
+                  + "; ".join(f"{o}: {m:.4g}, {d:.4g}" for o, m, d in zip(objectives, s.get("mean", []), s.get("std", []))),
+                  ""]
+    front_path = os.path.join(run_dir, "front.json")
+    if os.path.exists(front_path):
+        front = json.load(open(front_path))
+        at = [i for i, p in enumerate(front["preferences"]) if all(abs(a - b) < 1e-4 for a, b in zip(p, w))]
+        lines += ["## The run's front", "", f"Hypervolume {front['hypervolume']:.4f} on {front['num_prompts']} "
+                  f"{front.get('extra', {}).get('split', 'test')} prompts."]
+        if at:
+            point = ", ".join(f"{o} {v:+.3f}" for o, v in zip(objectives, front["points"][at[0]]))
+            lines.append(f"At this preference: mean normalised rewards {point}.")
+        lines.append("")
+    state = load_state(os.path.join(folder, "state.pt"))
+    budget = state.get("budget") or {}
+    if budget:
+        lines += ["## Cost", "", "Online training: " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}"
+                                                              for k, v in budget.items()), ""]
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
+def _main(cfg: DictConfig) -> None:
+    with user_errors():
+        run_cfg, _ = read_run(cfg.run_dir, cfg.checkpoint, trust=cfg.trust_run)
+        prefs = parse_preferences(cfg.preference, list(run_cfg.task.objectives))
+        if len(prefs) != 1:
+            raise ConfigError(f"preference: export one preference at a time, got {len(prefs)}")
+        out = export_run(cfg.run_dir, prefs[0], cfg.out, cfg.checkpoint, cfg.overwrite, cfg.trust_run)
+    print(f"exported: {out} (AutoModelForCausalLM.from_pretrained({out!r}); prompt: {out}/meal_prompt.json, "
+          f"card: {out}/README.md)")
+
+
+def main() -> None:
+    register_configs()
+    refuse_file_folder(sys.argv[1:], "run_dir")
+    _main()
+
+
+if __name__ == "__main__":
+    main()

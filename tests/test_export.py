@@ -1,0 +1,106 @@
+"""meal-export: a run at one preference as a plain transformers model folder that answers as meal does;
+bad input named before anything is written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from meal.config import ConfigError
+from meal.export import export_run, fold_preference_lora
+from meal.generate import Ask, answer
+from meal.trainer import train
+from tests.conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LORA = {"enabled": True, "preference_aware": True, "r": 2, "alpha": 4}
+PROMPTS = ["Post: my cat knocked a glass off the table.", "Post: the bus was late again and I missed work."]
+
+# run without meal: plain transformers, the prompt built from meal_prompt.json as the model card says
+PLAIN = """
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+d = sys.argv[1]
+tok, model = AutoTokenizer.from_pretrained(d), AutoModelForCausalLM.from_pretrained(d)
+p = json.load(open(d + "/meal_prompt.json"))
+for q in json.loads(sys.argv[2]):
+    user = p["user"].format(text=q)
+    messages = ([{"role": "system", "content": p["system"]}] if p["system"] else []) + [{"role": "user", "content": user}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) if p["chat"] else user + p["suffix"]
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id)
+    print(json.dumps(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()))
+assert "meal" not in sys.modules
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "run"
+    train(tiny_config(tiny_llama, str(out), **{"policy.lora": LORA, "trainer.lr": 3e-2, "method.weight_path": False,
+                                               "method.weight_net": {"hidden": 16, "features": 8},
+                                               "trainer.final_eval": True, "trainer.final_eval_prompts": 1}))
+    return out
+
+
+def test_folding_the_preference_adapters_gives_the_same_logits(run):
+    from meal.evaluate import load_run
+    from meal.preference_lora import preference_weights
+
+    _, model, tok, _ = load_run(str(run))
+    ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"]
+    w = [0.3, 0.7]
+    with torch.no_grad(), preference_weights(model, torch.tensor([w])):
+        before = model(ids).logits
+    with torch.no_grad(), preference_weights(model, torch.tensor([[1.0, 0.0]])):
+        elsewhere = model(ids).logits
+    assert not torch.allclose(before, elsewhere)  # the trained adapters make the preference matter
+    with torch.no_grad():
+        folded = fold_preference_lora(model, w)(ids).logits
+    torch.testing.assert_close(folded, before, rtol=1e-4, atol=1e-4)
+
+
+def test_the_export_loads_with_plain_transformers_and_answers_as_meal_does(run, tmp_path):
+    out = export_run(str(run), [0.3, 0.7], str(tmp_path / "model"))
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "meal_prompt.json", "README.md"} <= files
+    assert "meal" not in open(os.path.join(out, "config.json")).read()
+    card = open(os.path.join(out, "README.md")).read()
+    assert "at preference coverage 0.30, concise 0.70" in card and "Hypervolume" in card and "responses" in card
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", PLAIN, out, json.dumps(PROMPTS)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plain = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    meal = [r["response"] for r in answer(str(run), Ask(PROMPTS, [[0.3, 0.7]], greedy=True, max_new_tokens=8,
+                                                         batch_size=1))]
+    assert plain == meal  # token for token, greedy
+
+
+def test_bad_export_input_is_named_and_nothing_is_written(run, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "mine.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="out: .*busy exists and is not empty .*overwrite=true"):
+        export_run(str(run), [0.5, 0.5], str(busy))
+    assert os.listdir(busy) == ["mine.txt"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "-m", "meal.export", f"run_dir={run}", "preference=[0.5,0.6]",
+                           f"out={tmp_path / 'new'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "preference: [0.5, 0.6] is not on the simplex" in proc.stderr and not (tmp_path / "new").exists()
+    ric = tmp_path / "ric"
+    os.makedirs(ric / "checkpoints" / "step_000001")
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.method = {"recipe": "ric", "name": "ric"}
+    OmegaConf.save(cfg, ric / "config.yaml")
+    (ric / "checkpoints" / "latest").write_text("step_000001")
+    with pytest.raises(ConfigError, match="is a ric run: RiC answers with desired scores"):
+        export_run(str(ric), [0.5, 0.5], str(tmp_path / "ric-out"))
+    assert not (tmp_path / "ric-out").exists()
