@@ -135,7 +135,8 @@ def _fsync(path: str) -> None:
 
 # what a checkpoint written before the numpy RNG state became a list holds besides plain data: numpy's own
 # array constructors, which build arrays and call nothing else
-_OLD_NUMPY = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (getattr(np, "_core", None) or np.core).multiarray._reconstruct]
+_OLD_NUMPY = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+              (getattr(np, "_core", None) or np.core).multiarray._reconstruct]
 
 
 def load_state(path: str, trust: bool = False) -> dict[str, Any]:

@@ -91,7 +91,8 @@ def export_run(run_dir: str, w: list[float], out: str, checkpoint: str = "latest
         why = {"ric": "RiC answers with desired scores written into the prompt, chosen per preference by its own "
                       "mapping; export the model with its prompt by hand (docs)",
                "metaaligner": "MetaAligner answers with two models (a policy and its corrector)"}
-        raise ConfigError(f"run_dir: {run_dir} is a {cfg.method.recipe} run: {why.get(cfg.method.recipe, 'not exportable')}")
+        raise ConfigError(f"run_dir: {run_dir} is a {cfg.method.recipe} run: "
+                          f"{why.get(cfg.method.recipe, 'not exportable')}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
         raise ConfigError(f"out: {out} exists and is not empty (pass overwrite=true to replace it)")
     cfg, model, tok, folder = load_run(run_dir, checkpoint, trust=trust)
@@ -144,7 +145,8 @@ def model_card(cfg, run_dir: str, folder: str, w: list[float], prompt: dict[str,
     if os.path.exists(stats):
         s = json.load(open(stats))
         lines += ["## Rewards", "", "Objectives and the run's reward normalisation (mean, std of raw scores): "
-                  + "; ".join(f"{o}: {m:.4g}, {d:.4g}" for o, m, d in zip(objectives, s.get("mean", []), s.get("std", []))),
+                  + "; ".join(f"{o}: {m:.4g}, {d:.4g}"
+                              for o, m, d in zip(objectives, s.get("mean", []), s.get("std", []))),
                   ""]
     front_path = os.path.join(run_dir, "front.json")
     if os.path.exists(front_path):

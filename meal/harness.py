@@ -49,7 +49,8 @@ from meal.tasks import DataError, TaskData
 log = logging.getLogger(__name__)
 
 # fields a resume may change: how long the run goes on, how it is watched, where it runs
-RESUME_MAY_CHANGE = ("trainer.iterations", "trainer.resume", "trainer.resume_from", "trainer.trust_run", "trainer.log_every",
+RESUME_MAY_CHANGE = ("trainer.iterations", "trainer.resume", "trainer.resume_from", "trainer.trust_run",
+                     "trainer.log_every",
                      "trainer.table_every", "trainer.save_every", "trainer.keep_checkpoints", "trainer.eval_every",
                      "trainer.eval_prompts", "trainer.final_eval", "trainer.final_eval_prompts", "trainer.out_dir",
                      "logger.", "policy.device", "conditioning.cache", "trainer.stats_cache")
@@ -353,6 +354,18 @@ class Run:
     state: dict | None = None
     start: int = 0
     embeddings: torch.Tensor | None = None
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        """Close what the run opened, however the recipe ends (success, error, interrupt): the logger, with
+        exit code 0 or 1, and the vLLM sampler (its adapter folder)."""
+        try:
+            self.logger.finish(0 if kind is None else 1)
+        finally:
+            if self.settings.sampler is not None:
+                self.settings.sampler.close()
 
     @property
     def train_texts(self) -> list[str]:

@@ -202,3 +202,31 @@ def test_meal_eval_refuses_a_run_config_naming_foreign_code_unless_trusted(tiny_
     mine = json.load(open(out["front_json"]))
     theirs = json.load(open(run / "front.json"))
     assert mine["points"] == theirs["points"]  # the same reward under another name: the same front
+
+
+def test_the_run_closes_its_logger_and_sampler_however_the_recipe_ends():
+    """Every recipe runs inside ``with start_run(cfg) as run:``; the run closes the logger (exit code 0 on
+    success, 1 on an error or an interrupt) and the vLLM sampler's adapter folder, for every method."""
+    from types import SimpleNamespace
+
+    from meal.harness import Run
+
+    calls = []
+    rec = SimpleNamespace(finish=lambda code: calls.append(("finish", code)), close=lambda: calls.append("close"))
+    run = object.__new__(Run)
+    run.logger, run.settings = rec, SimpleNamespace(sampler=rec)
+    with pytest.raises(KeyboardInterrupt):
+        with run:
+            raise KeyboardInterrupt
+    assert calls == [("finish", 1), "close"]
+    calls.clear()
+    with run:
+        pass
+    assert calls == [("finish", 0), "close"]
+    import inspect
+
+    import meal.methods as methods
+
+    for name in methods.RECIPES:
+        source = inspect.getsource(methods.recipe(name).train)
+        assert "with start_run(" in source and "logger.finish" not in source, name

@@ -54,34 +54,32 @@ def train(cfg) -> dict[str, Any]:
     """Train a preference-conditioned policy with Meal (or static rejection sampling, lam = 1)."""
     t, m = cfg.trainer, cfg.method
     uses_net = m.meta_learner and m.lam < 1 and m.control != "uniform"
-    run = start_run(cfg, embed=m.weight_net.embedding if uses_net else None)
-    dist, k = run.dist, len(run.objectives)
-    if m.lam < 1 and t.batch_size // dist.world < 2:
-        raise ConfigError(f"trainer.batch_size: Meal needs at least 2 prompts per process, got {t.batch_size} over "
-                          f"{dist.world}")
-    policy = responder(cfg, run.model, run.tokenizer)
-    optimizer = run.optimizer
-    learner = build_learner(meta_settings(cfg), k, run.embeddings, m.weight_net.hidden, m.weight_net.features,
-                            m.weight_net.lr, m.weight_net.adam_eps, t.seed + 1)
-    handle = PolicyHandle(run.model, run.params, run.tokenizer, run.condition, optimizer, t.max_prompt_tokens)
-    if learner.learns and m.precondition == "adam" and not isinstance(optimizer, AdamWStep):
-        log.warning("method.precondition=adam: the %s keeps AdamW's moments partitioned, so the virtual step is "
-                    "preconditioned by the current inner gradient's scale (Adam's first-step scale) at every "
-                    "iteration", type(optimizer).__name__)
-    replay = run.conditioning.replay if run.conditioning is not None and t.replay else None
-    if t.replay and replay is None:
-        log.info("trainer.replay=%d: this run has no conditioning stage, so no rows to replay", t.replay)
-    replay_order = PromptOrder(len(replay) if replay is not None else 0, t.seed + 2)
-    net = getattr(learner, "net", None)  # Meal's preference-weight-net (also the frozen and shuffled controls')
-    if run.state is not None:
-        optimizer.load_state_dict(run.state["optimizer"])
-        if net is not None:
-            learner.load(run.state, run.net_state())
-        replay_order = PromptOrder(replay_order.n, t.seed + 2, **(run.state.get("replay_order") or {}))
-    meter = PhaseMeter(next(run.model.parameters()).device)
-    texts_all = run.train_texts
-    exit_code = 1
-    try:
+    with start_run(cfg, embed=m.weight_net.embedding if uses_net else None) as run:
+        dist, k = run.dist, len(run.objectives)
+        if m.lam < 1 and t.batch_size // dist.world < 2:
+            raise ConfigError(f"trainer.batch_size: Meal needs at least 2 prompts per process, got {t.batch_size} over "
+                              f"{dist.world}")
+        policy = responder(cfg, run.model, run.tokenizer)
+        optimizer = run.optimizer
+        learner = build_learner(meta_settings(cfg), k, run.embeddings, m.weight_net.hidden, m.weight_net.features,
+                                m.weight_net.lr, m.weight_net.adam_eps, t.seed + 1)
+        handle = PolicyHandle(run.model, run.params, run.tokenizer, run.condition, optimizer, t.max_prompt_tokens)
+        if learner.learns and m.precondition == "adam" and not isinstance(optimizer, AdamWStep):
+            log.warning("method.precondition=adam: the %s keeps AdamW's moments partitioned, so the virtual step is "
+                        "preconditioned by the current inner gradient's scale (Adam's first-step scale) at every "
+                        "iteration", type(optimizer).__name__)
+        replay = run.conditioning.replay if run.conditioning is not None and t.replay else None
+        if t.replay and replay is None:
+            log.info("trainer.replay=%d: this run has no conditioning stage, so no rows to replay", t.replay)
+        replay_order = PromptOrder(len(replay) if replay is not None else 0, t.seed + 2)
+        net = getattr(learner, "net", None)  # Meal's preference-weight-net (also the frozen and shuffled controls')
+        if run.state is not None:
+            optimizer.load_state_dict(run.state["optimizer"])
+            if net is not None:
+                learner.load(run.state, run.net_state())
+            replay_order = PromptOrder(replay_order.n, t.seed + 2, **(run.state.get("replay_order") or {}))
+        meter = PhaseMeter(next(run.model.parameters()).device)
+        texts_all = run.train_texts
         for it in run.iterations():
             tic = time.perf_counter()
             # 1. target preferences (B, K) for the global batch; this rank keeps its share
@@ -139,12 +137,7 @@ def train(cfg) -> dict[str, Any]:
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, **run.ctx.last}
         if t.final_eval:
             summary.update(run.evaluate(policy))
-        exit_code = 0
         return summary
-    finally:
-        run.logger.finish(exit_code)
-        if run.settings.sampler is not None:
-            run.settings.sampler.close()  # the vLLM backend's adapter folder
 
 
 def keep_best(ro: Rollout, w_tilde: torch.Tensor, valid: torch.Tensor, top_m: int) -> Kept:

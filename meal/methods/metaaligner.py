@@ -348,44 +348,43 @@ def responder(cfg, model, tokenizer, run_dir: str | None = None, stack_on: str |
 def train(cfg) -> dict[str, Any]:
     """Train the corrector: Algorithm 1 on the conditioning corpus, then the three SFT stages."""
     t, m = cfg.trainer, cfg.method
-    run = start_run(cfg)  # 0. the corpus, its normalisation and the conditioned policy (cached)
-    dist, objectives = run.dist, run.objectives
-    if dist.world > 1:
-        raise ConfigError("method=metaaligner trains its corrector in one process; launch without torchrun")
-    settings = corrector_settings(cfg)
-    format_markers(objectives, settings.descriptions)  # every trained objective has its text
-    data_path = os.path.join(run.run_dir, "metaaligner_data.jsonl")
-    if run.state is None:
-        # 1. Algorithm 1 on the scored corpus (pairs within each prompt group)
-        corpus = run.conditioning.corpus
-        rng = random.Random(t.seed)
-        rewards = run.normalizer(corpus.raw)
-        pref, equal = build_dataset(corpus.texts, corpus.responses, rewards, corpus.groups, m.tolerance, rng,
-                                    corpus.finished)
-        rows = {"warmup": warmup_rows(equal, m.warmup_steps * m.batch_size, rng), "equal": equal,
-                "preference": pref}
-        save_rows(data_path, rows)
-    rows = load_rows(data_path)
-    log.info("MetaAligner data (tolerance %.2f): %d preference rows, %d equal rows, %d warm-up rows", m.tolerance,
-             len(rows["preference"]), len(rows["equal"]), len(rows["warmup"]))
-    for stage, steps in zip(STAGES, (m.warmup_steps, m.equal_steps, m.preference_steps)):
-        if steps and not rows[stage]:
-            raise ConfigError(f"method.{stage}_steps: {steps} steps on an empty {stage} subset (the corpus gives no "
-                              f"such pairs at method.tolerance={m.tolerance}); set it to 0 or change the tolerance")
-    # 2. the corrector
-    corrector, ctok, cparams = load_corrector(cfg, str(next(run.model.parameters()).device))
-    bag = AdapterBag(cparams)
-    from meal.distributed import AdamWStep
+    with start_run(cfg) as run:  # 0. the corpus, its normalisation and the conditioned policy (cached)
+        dist, objectives = run.dist, run.objectives
+        if dist.world > 1:
+            raise ConfigError("method=metaaligner trains its corrector in one process; launch without torchrun")
+        settings = corrector_settings(cfg)
+        format_markers(objectives, settings.descriptions)  # every trained objective has its text
+        data_path = os.path.join(run.run_dir, "metaaligner_data.jsonl")
+        if run.state is None:
+            # 1. Algorithm 1 on the scored corpus (pairs within each prompt group)
+            corpus = run.conditioning.corpus
+            rng = random.Random(t.seed)
+            rewards = run.normalizer(corpus.raw)
+            pref, equal = build_dataset(corpus.texts, corpus.responses, rewards, corpus.groups, m.tolerance, rng,
+                                        corpus.finished)
+            rows = {"warmup": warmup_rows(equal, m.warmup_steps * m.batch_size, rng), "equal": equal,
+                    "preference": pref}
+            save_rows(data_path, rows)
+        rows = load_rows(data_path)
+        log.info("MetaAligner data (tolerance %.2f): %d preference rows, %d equal rows, %d warm-up rows", m.tolerance,
+                 len(rows["preference"]), len(rows["equal"]), len(rows["warmup"]))
+        for stage, steps in zip(STAGES, (m.warmup_steps, m.equal_steps, m.preference_steps)):
+            if steps and not rows[stage]:
+                raise ConfigError(f"method.{stage}_steps: {steps} steps on an empty {stage} subset (the corpus gives "
+                                  f"no such pairs at method.tolerance={m.tolerance}); set it to 0 or change the "
+                                  f"tolerance")
+        # 2. the corrector
+        corrector, ctok, cparams = load_corrector(cfg, str(next(run.model.parameters()).device))
+        bag = AdapterBag(cparams)
+        from meal.distributed import AdamWStep
 
-    optimizer = AdamWStep(cparams, m.lr, t.weight_decay, t.max_grad_norm, dist)
-    if run.state is not None:
-        run.load_net(bag)
-        optimizer.load_state_dict(run.state["optimizer"])
-    schedule = [s for s, n in zip(STAGES, (m.warmup_steps, m.equal_steps, m.preference_steps)) for _ in range(n)]
-    order = {s: np.random.default_rng([t.seed, i]).permutation(len(rows[s])) for i, s in enumerate(STAGES)}
-    seen = {s: schedule[:run.start].count(s) for s in STAGES}  # rows used so far by each stage
-    exit_code = 1
-    try:
+        optimizer = AdamWStep(cparams, m.lr, t.weight_decay, t.max_grad_norm, dist)
+        if run.state is not None:
+            run.load_net(bag)
+            optimizer.load_state_dict(run.state["optimizer"])
+        schedule = [s for s, n in zip(STAGES, (m.warmup_steps, m.equal_steps, m.preference_steps)) for _ in range(n)]
+        order = {s: np.random.default_rng([t.seed, i]).permutation(len(rows[s])) for i, s in enumerate(STAGES)}
+        seen = {s: schedule[:run.start].count(s) for s in STAGES}  # rows used so far by each stage
         corrector.train()
         # 3. three SFT stages: 3a warm-up (identity), 3b equal preference, 3c weak-to-strong correction
         for it in run.iterations(len(schedule)):
@@ -414,10 +413,7 @@ def train(cfg) -> dict[str, Any]:
             if m.zero_shot:
                 summary["zero_shot"] = zero_shot_table(cfg, evaluated, run.data.test, run.normalizer,
                                                        os.path.join(run.run_dir, "zero_shot"))
-        exit_code = 0
         return summary
-    finally:
-        run.logger.finish(exit_code)
 
 
 # --------------------------------------------------------------------------------------------- zero-shot

@@ -75,9 +75,10 @@ class MorlhfPolicies:
 
     def load_weights(self, w: Sequence[float]) -> None:
         """The policy trained at ``w`` (one of the grid) into the model's trainable tensors."""
-        match = [i for i, g in enumerate(self.grid) if torch.allclose(torch.tensor(g), torch.tensor(list(w)), atol=1e-4)]
+        w = torch.tensor(list(w))
+        match = [i for i, g in enumerate(self.grid) if torch.allclose(torch.tensor(g), w, atol=1e-4)]
         if not match:
-            raise ValueError(f"MORLHF trained no policy at {list(w)}; its preferences are {self.grid}")
+            raise ValueError(f"MORLHF trained no policy at {w.tolist()}; its preferences are {self.grid}")
         load_into(self.params, policy_file(self.folder, match[0]))
 
     def respond(self, texts, prefs: torch.Tensor, settings: GenerationSettings, seed: int | None = None,
@@ -113,18 +114,13 @@ def responder(cfg, model, tokenizer, run_dir: str | None = None) -> MorlhfPolici
 def train(cfg) -> dict[str, Any]:
     """One GRPO policy per grid preference from the common start; the front of each at its own preference."""
     t = cfg.trainer
-    run = start_run(cfg)
-    grid = preference_grid(len(run.objectives), cfg.method.grid_points)
-    exit_code = 1
-    try:
+    with start_run(cfg) as run:
+        grid = preference_grid(len(run.objectives), cfg.method.grid_points)
         train_policies(run, grid)  # 1-3 for each preference of the grid
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, "policies": len(grid)}
         if t.final_eval:
             summary.update(run.evaluate(responder(cfg, run.model, run.tokenizer, run.run_dir)))  # at its own grid
-        exit_code = 0
         return summary
-    finally:
-        run.logger.finish(exit_code)
 
 
 def train_policies(run: Run, prefs: list[list[float]]) -> None:

@@ -97,21 +97,19 @@ def quantile_filter(rewards: torch.Tensor, thresholds: torch.Tensor) -> torch.Te
 def train(cfg) -> dict[str, Any]:
     """Train a rewards-in-context policy: the offline stage (in start_run), then MORS iterations."""
     t, m = cfg.trainer, cfg.method
-    run = start_run(cfg, functools.partial(ScoreConditioner, decimals=m.decimals))
-    dist, k = run.dist, len(run.objectives)
-    evaluated = responder(cfg, run.model, run.tokenizer)  # w -> desired scores; what meal-eval rebuilds
-    policy, scores = evaluated.policy, evaluated.scores  # the policy writes the scores it is given
-    optimizer = run.optimizer
-    if getattr(optimizer, "engine", None) is not None:
-        raise ConfigError("method=ric under DeepSpeed: the number of kept samples varies per iteration while "
-                          "DeepSpeed fixes the micro-batches of a step; launch with plain data parallelism")
-    if run.state is not None:
-        optimizer.load_state_dict(run.state["optimizer"])
-    corpus = run.conditioning.replay  # the offline rows, labelled with their own normalised rewards
-    sampling = dataclasses.replace(run.settings, temperature=m.sample_temperature)
-    texts_all = run.train_texts
-    exit_code = 1
-    try:
+    with start_run(cfg, functools.partial(ScoreConditioner, decimals=m.decimals)) as run:
+        dist, k = run.dist, len(run.objectives)
+        evaluated = responder(cfg, run.model, run.tokenizer)  # w -> desired scores; what meal-eval rebuilds
+        policy, scores = evaluated.policy, evaluated.scores  # the policy writes the scores it is given
+        optimizer = run.optimizer
+        if getattr(optimizer, "engine", None) is not None:
+            raise ConfigError("method=ric under DeepSpeed: the number of kept samples varies per iteration while "
+                              "DeepSpeed fixes the micro-batches of a step; launch with plain data parallelism")
+        if run.state is not None:
+            optimizer.load_state_dict(run.state["optimizer"])
+        corpus = run.conditioning.replay  # the offline rows, labelled with their own normalised rewards
+        sampling = dataclasses.replace(run.settings, temperature=m.sample_temperature)
+        texts_all = run.train_texts
         for it in run.iterations():
             tic = time.perf_counter()
             # 1. desired scores for this rank's share of the batch
@@ -169,7 +167,4 @@ def train(cfg) -> dict[str, Any]:
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, **run.ctx.last}
         if t.final_eval:
             summary.update(run.evaluate(evaluated))
-        exit_code = 0
         return summary
-    finally:
-        run.logger.finish(exit_code)

@@ -121,14 +121,9 @@ def responder(cfg, model, tokenizer, run_dir: str | None = None) -> Soup:
 def train(cfg) -> dict[str, Any]:
     """One GRPO expert per objective from the common start; the soup's front over the whole grid."""
     t = cfg.trainer
-    run = start_run(cfg)
-    exit_code = 1
-    try:
+    with start_run(cfg) as run:
         train_policies(run, one_hot(len(run.objectives)))  # 1. the experts, w = e_k
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, "experts": len(run.objectives)}
         if t.final_eval:
             summary.update(run.evaluate(responder(cfg, run.model, run.tokenizer, run.run_dir)))
-        exit_code = 0
         return summary
-    finally:
-        run.logger.finish(exit_code)
