@@ -104,3 +104,24 @@ def test_bad_export_input_is_named_and_nothing_is_written(run, tmp_path):
     with pytest.raises(ConfigError, match="is a ric run: RiC answers with desired scores"):
         export_run(str(ric), [0.5, 0.5], str(tmp_path / "ric-out"))
     assert not (tmp_path / "ric-out").exists()
+
+
+def assert_export_answers_as_the_run(run_dir, w, out) -> None:
+    """Export ``run_dir`` at ``w`` and check that plain transformers' logits on a conditioned prompt equal the
+    run's own at w (its method's weights at w: a soup's mix, MORLHF's policy; the adapters at w)."""
+    from transformers import AutoModelForCausalLM
+
+    from meal.evaluate import load_run
+    from meal.methods import recipe
+    from meal.preference_lora import preference_weights
+
+    cfg, model, tok, _ = load_run(str(run_dir))
+    responder = recipe(cfg.method.recipe).responder(cfg, model, tok, str(run_dir))
+    responder.load_weights(w)
+    prompt = responder.policy.condition([PROMPTS[0]], torch.tensor([w]))[0]
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad(), preference_weights(model, torch.tensor([w])):
+        theirs = model(ids).logits
+    plain = AutoModelForCausalLM.from_pretrained(export_run(str(run_dir), w, str(out)))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, theirs, rtol=1e-4, atol=1e-4)

@@ -141,6 +141,14 @@ def test_morlhf_trains_one_grpo_policy_per_preference_and_evaluates_each_at_its_
     assert front["preferences"] == [[0.0, 1.0], [1.0, 0.0]] and front["label"] == "morlhf"
     assert summary["budget"]["responses"] == 2 * 2 * 2 * 2  # 2 policies x 2 steps x 2 prompts x 2 completions
     assert summary["budget"]["steps"] == 4
+    # meal-export: the policy trained at a grid preference; a preference it has no policy for is refused
+    from tests.test_export import assert_export_answers_as_the_run
+
+    assert_export_answers_as_the_run(out, [1.0, 0.0], tmp_path / "exported")
+    from meal.export import export_run
+
+    with pytest.raises(ConfigError, match=r"preference: \[0.5, 0.5\] is not one of this morlhf run's policies"):
+        export_run(str(out), [0.5, 0.5], str(tmp_path / "other"))
 
 
 def test_soup_of_two_adapters_is_the_first_at_one_zero_and_their_average_at_one_half():
@@ -208,6 +216,9 @@ def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_l
     front = json.load(open(out / "front.json"))
     assert len(front["points"]) == 11 and front["label"] == "soups"
     assert summary["budget"]["responses"] == 2 * 1 * 2 * 2
+    from tests.test_export import assert_export_answers_as_the_run
+
+    assert_export_answers_as_the_run(out, [0.3, 0.7], tmp_path / "exported")  # meal-export: the soup at w
 
 
     # meal-eval at the run's start (conditioned or base weights) asks the start, not the soup of its experts
