@@ -219,3 +219,23 @@ def test_a_figure_of_several_seeds_draws_each_methods_mean_point_per_preference(
     wide = matplotlib.image.imread(plot_fronts(fronts, str(tmp_path / "several.png")))
     alone = matplotlib.image.imread(plot_fronts(fronts[:1], str(tmp_path / "one.png")))
     assert wide.shape[1] > 2.5 * alone.shape[1]  # the overlay and a panel per method, side by side
+
+
+def test_the_meta_learner_summary_tests_pairs_places_single_runs_and_sizes_the_evidence():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("summary", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "meta_learner", "summary.py"))
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    compare = {"methods": [{"method": "meal", "hypervolumes": [9.0, 10.0, 11.0]},
+                           {"method": "static", "hypervolumes": [8.0, 9.0, 10.0]},
+                           {"method": "meal_frozen", "hypervolumes": [10.5]}],
+               "runs": [{"method": "meal", "meta_learner": {"meta/param_distance": 0.4}}]}
+    out = summary.summarise(compare)
+    assert out["pairs"]["static"]["difference"] == pytest.approx(1.0) and out["pairs"]["static"]["welch_p"] > 0.05
+    assert out["single_runs"]["meal_frozen"]["learner_runs_below"] == 2
+    # sigma 1, delta 1: 2 (1.96 + 0.84)^2 = 15.7 runs a side; 3 runs a side detect 2.29
+    assert out["scale"]["seeds_per_side_needed"] == pytest.approx(15.70, abs=0.01)
+    assert out["scale"]["detectable_difference_at_these_runs"] == pytest.approx(2.288, abs=0.001)
+    assert out["net"]["meta/param_distance"] == [0.4]
