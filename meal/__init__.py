@@ -3,7 +3,12 @@
 A preference-weight-net (meta-learner) proposes preference weights from prompt embeddings; the
 policy (base-learner), conditioned on preferences written into its prompt, is trained by
 rejection sampling against weighted multi-reward scores, and the net by backpropagating through
-a one-step virtual update of the policy. See ``meal.trainer`` for the loop.
+a one-step virtual update of the policy.
+
+Where things are: ``meal.train`` / ``meal.evaluate`` / ``meal.generate`` / ``meal.export`` / ``meal.compare``
+are the commands; ``meal.trainer`` types the config and picks the method's recipe; ``meal.harness`` opens
+and closes a run for every recipe; ``meal.methods.<recipe>`` holds each method's loop (Meal's:
+``meal.methods.meal``, with its meta-learner in ``meal.meta_learner`` and ``meal.meta``).
 """
 
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 """What a run shows from outside: progress bar, namespaced metrics, sample tables, evaluations.
 
-Kept out of the loop in ``trainer.py`` so that the loop reads as the algorithm.
+Kept out of the recipes (``meal/methods/``) so that each recipe's loop reads as its algorithm.
 """
 
 from __future__ import annotations
