@@ -154,8 +154,9 @@ def load_state(path: str, trust: bool = False) -> dict[str, Any]:
             foreign = []
         foreign = [g for g in foreign if not g.startswith(("numpy.", "numpy._core.", "numpy.core."))
                    or not g.endswith(("ndarray", "dtype", "UInt32DType", "_reconstruct"))]
-        if not foreign:
-            raise
+        if not foreign:  # not a pickle meal wrote (garbage, a truncated file): torch's long advice says nothing
+            detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if str(e) else "?"
+            raise CheckpointError(f"unreadable pickle ({detail})") from e
         raise UnsafeCheckpoint(f"{path} asks to import {', '.join(foreign[:3])}, which no checkpoint of meal holds; "
                               f"loading it could run code, so it was not loaded. If you wrote this folder yourself "
                               f"and trust it, pass trainer.trust_run=true (meal-eval: trust_run=true)") from e
@@ -185,7 +186,7 @@ def read_checkpoint_state(folder: str, trust: bool = False) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {folder} is corrupt or incomplete: {name}: {e}") from e
     try:
         return load_state(os.path.join(folder, "state.pt"), trust)
-    except CheckpointError:
+    except UnsafeCheckpoint:
         raise
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {folder} is corrupt or incomplete: state.pt: {e}") from e
@@ -218,7 +219,7 @@ def load_checkpoint(folder: str, policy_params: dict[str, torch.Tensor], net: to
         if isinstance(state["rng"], dict):  # written before per-rank states were kept
             state["rng"] = [state["rng"]]
         set_rng_state(state["rng"][rank if rank < len(state["rng"]) else 0])
-    except CheckpointError:
+    except UnsafeCheckpoint:
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
         raise CheckpointError(f"checkpoint {folder} is corrupt or incomplete: {e}") from e
