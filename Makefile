@@ -8,7 +8,7 @@ STAMP := $(VENV)/.meal-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow bench reward-conflict conditioning-experiment embedded-experiment methods-experiment meta-learner-experiment clean
+.PHONY: setup demo test test-slow bench reward-conflict conditioning-experiment embedded-experiment methods-experiment meta-learner-experiment meta-learner-test clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,8 +43,12 @@ embedded-experiment: setup  ## static vs Meal from one conditioned start, equal 
 methods-experiment: setup  ## static, Meal, RiC, MORLHF, Rewarded Soups from one conditioned start, 384 sampled responses each -> docs/results/embedded_methods/
 	bash experiments/embedded/methods.sh
 
-meta-learner-experiment: setup  ## static, Meal and the net's controls, learning curves and fronts on validation prompts -> docs/results/meta_learner_validation/
-	bash experiments/meta_learner/run.sh
+meta-learner-experiment: setup  ## the pilot: static, Meal and the net's controls, learning curves and fronts on validation prompts -> docs/results/meta_learner_validation/
+	SPLIT=validation SEEDS=0,1 CONTROL_SEEDS=0 METHODS="static meal" bash experiments/meta_learner/run.sh
+
+meta-learner-test: setup  ## the 5-seed test comparison: static, Meal, Rewarded Soups (+ the controls, 1 seed), reusing the pilot's runs -> docs/results/meta_learner_test/
+	REUSE=runs/meta_learner_validation SPLIT=test SEEDS=0,1,2,3,4 CONTROL_SEEDS=0 bash experiments/meta_learner/run.sh
+	$(BIN)/python experiments/meta_learner/summary.py docs/results/meta_learner_test/compare.json
 
 clean:
 	rm -rf runs multirun outputs bench_out

@@ -48,6 +48,7 @@ for seed in ${CONTROL_SEEDS//,/ }; do for m in $CONTROLS; do train "$m" "$seed";
 runs=$(ls -d "$OUT"/*-s* | grep -v hydra)
 mkdir -p "$DOCS"
 cmd="SPLIT=$SPLIT SEEDS=$SEEDS CONTROL_SEEDS=$CONTROL_SEEDS ITERATIONS=$ITERATIONS EVAL_EVERY=$EVAL_EVERY"
+[ "$METHODS" != "static meal soups" ] && cmd="METHODS=\\\"$METHODS\\\" $cmd"
 [ -n "$REUSE" ] && cmd="REUSE=$REUSE $cmd"
 meta=$(printf '{"experiment": "%s", "split": "%s", "wall_seconds": %d, "seeds": "%s", "control_seeds": "%s", "online_iterations": %d, "command": "%s bash experiments/meta_learner/run.sh"}' \
   "$(basename "$DOCS")" "$SPLIT" "$(( $(date +%s) - start ))" "$SEEDS" "$CONTROL_SEEDS" "$ITERATIONS" "$cmd")
