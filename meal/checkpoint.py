@@ -139,9 +139,31 @@ _OLD_NUMPY = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
               (getattr(np, "_core", None) or np.core).multiarray._reconstruct]
 
 
+# the data classes DeepSpeed's ZeRO optimiser state holds (a run under the DeepSpeed launch saves it): its stage
+# (an Enum), its loss scaler's settings and its fragment addresses (a named tuple); rebuilding them sets fields
+DEEPSPEED_STATE = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                   "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                   "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _data_class(name: str):
+    """The class a checkpoint may name besides plain data (one of DEEPSPEED_STATE, when DeepSpeed is
+    installed); None for anything else."""
+    import importlib
+
+    if name not in DEEPSPEED_STATE:
+        return None
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return None
+
+
 def load_state(path: str, trust: bool = False) -> dict[str, Any]:
-    """``state.pt`` read as data (``weights_only``, numpy's array constructors allowed for old checkpoints);
-    a pickle that asks for anything else is refused with CheckpointError naming it, unless ``trust``."""
+    """``state.pt`` read as data (``weights_only``; numpy's array constructors allowed for old checkpoints,
+    DeepSpeed's Enums for its optimiser state); a pickle that asks for anything else is refused with
+    UnsafeCheckpoint naming it, unless ``trust``."""
     if trust:
         return torch.load(path, weights_only=False)
     try:
@@ -149,17 +171,23 @@ def load_state(path: str, trust: bool = False) -> dict[str, Any]:
             return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as e:
         try:
-            foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            asked = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception:  # noqa: BLE001 - not even a readable archive
-            foreign = []
-        foreign = [g for g in foreign if not g.startswith(("numpy.", "numpy._core.", "numpy.core."))
-                   or not g.endswith(("ndarray", "dtype", "UInt32DType", "_reconstruct"))]
-        if not foreign:  # not a pickle meal wrote (garbage, a truncated file): torch's long advice says nothing
+            asked = []
+        numpy_ok = [g for g in asked if g.startswith(("numpy.", "numpy._core.", "numpy.core."))
+                    and g.endswith(("ndarray", "dtype", "UInt32DType", "_reconstruct"))]
+        classes = {g: _data_class(g) for g in asked if g not in numpy_ok}
+        foreign = [g for g, c in classes.items() if c is None]
+        if foreign:
+            raise UnsafeCheckpoint(f"{path} asks to import {', '.join(foreign[:3])}, which no checkpoint of meal "
+                                   f"holds; loading it could run code, so it was not loaded. If you wrote this "
+                                   f"folder yourself and trust it, pass trainer.trust_run=true (meal-eval: "
+                                   f"trust_run=true)") from e
+        if not classes:  # not a pickle meal wrote (garbage, a truncated file): torch's long advice says nothing
             detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if str(e) else "?"
             raise CheckpointError(f"unreadable pickle ({detail})") from e
-        raise UnsafeCheckpoint(f"{path} asks to import {', '.join(foreign[:3])}, which no checkpoint of meal holds; "
-                              f"loading it could run code, so it was not loaded. If you wrote this folder yourself "
-                              f"and trust it, pass trainer.trust_run=true (meal-eval: trust_run=true)") from e
+        with torch.serialization.safe_globals(_OLD_NUMPY + list(classes.values())):
+            return torch.load(path, weights_only=True)
 
 
 def checkpoint_folders(run_dir: str) -> list[str]:
