@@ -111,7 +111,8 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
 
     from meal.checkpoint import load_policy_weights
     from meal.evaluation import evaluate_front, preference_grid
-    from meal.harness import build_rewards, load_task_data, run_lock
+    from meal.harness import build_rewards, load_task_data
+    from meal.run_folder import run_lock
     from meal.policy import load_policy, trainable_parameters
     from meal.rewards import RewardNormalizer
     from meal.methods import recipe, start_responder

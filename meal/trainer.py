@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from meal.config import TrainConfig, validate
-from meal.harness import run_lock
+from meal.run_folder import run_lock
 from meal.methods import recipe
 
 
