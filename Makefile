@@ -8,7 +8,7 @@ STAMP := $(VENV)/.meal-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow bench reward-conflict conditioning-experiment embedded-experiment methods-experiment meta-learner-experiment meta-learner-test clean
+.PHONY: setup demo test test-slow bench reward-conflict conditioning-experiment embedded-experiment methods-experiment meta-learner-experiment meta-learner-test meta-learner-ablation clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,9 @@ meta-learner-experiment: setup  ## the pilot: static, Meal and the net's control
 meta-learner-test: setup  ## the 5-seed test comparison: static, Meal, Rewarded Soups (+ the controls, 1 seed), reusing the pilot's runs -> docs/results/meta_learner_test/
 	REUSE=runs/meta_learner_validation SPLIT=test SEEDS=0,1,2,3,4 CONTROL_SEEDS=0 bash experiments/meta_learner/run.sh
 	$(BIN)/python experiments/meta_learner/summary.py docs/results/meta_learner_test/compare.json
+
+meta-learner-ablation: setup  ## the paper's lam (1, 0.5, 0.3, 0.2) and tau (0.5, 1, 2) ablation on validation prompts, 2 seeds, reusing the pilot's runs -> docs/results/meta_learner_validation/ablation/
+	SEEDS=0,1 bash experiments/meta_learner/ablation.sh
 
 clean:
 	rm -rf runs multirun outputs bench_out
