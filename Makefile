@@ -46,8 +46,8 @@ methods-experiment: setup  ## static, Meal, RiC, MORLHF, Rewarded Soups from one
 meta-learner-experiment: setup  ## the pilot: static, Meal and the net's controls, learning curves and fronts on validation prompts -> docs/results/meta_learner_validation/
 	SPLIT=validation SEEDS=0,1 CONTROL_SEEDS=0 METHODS="static meal" bash experiments/meta_learner/run.sh
 
-meta-learner-test: setup  ## the 5-seed test comparison: static, Meal, Rewarded Soups (+ the controls, 1 seed), reusing the pilot's runs -> docs/results/meta_learner_test/
-	REUSE=runs/meta_learner_validation SPLIT=test SEEDS=0,1,2,3,4 CONTROL_SEEDS=0 bash experiments/meta_learner/run.sh
+meta-learner-test: setup  ## the 5-seed test comparison: static, Meal, Rewarded Soups (+ the frozen and shuffled controls, 3 seeds; no net, 1), reusing the pilot's runs -> docs/results/meta_learner_test/
+	REUSE=runs/meta_learner_validation SPLIT=test SEEDS=0,1,2,3,4 CONTROL_SEEDS=0 CONTROLS="meal_frozen:0,1,2 meal_shuffled:0,1,2 meal_uniform:0" bash experiments/meta_learner/run.sh
 	$(BIN)/python experiments/meta_learner/summary.py docs/results/meta_learner_test/compare.json
 
 meta-learner-ablation: setup  ## the paper's lam (1, 0.5, 0.3, 0.2) and tau (0.5, 1, 2) ablation on validation prompts, 2 seeds, reusing the pilot's runs -> docs/results/meta_learner_validation/ablation/

@@ -35,7 +35,7 @@ for seed in ${SEEDS//,/ }; do
   done
 done
 mkdir -p "$DOCS"
-meta=$(printf '{"experiment": "lam and tau ablation", "split": "validation", "wall_seconds": %d, "seeds": "%s", "online_iterations": %d, "command": "SEEDS=%s ITERATIONS=%d bash experiments/meta_learner/ablation.sh (lam 1 = static, lam 0.5 tau 1 = meal)"}' \
-  "$(( $(date +%s) - start ))" "$SEEDS" "$ITERATIONS" "$SEEDS" "$ITERATIONS")
+meta=$(printf '{"experiment": "lam and tau ablation", "split": "validation", "wall_seconds": %d, "seeds": "%s", "online_iterations": %d, "command": "SEEDS=%s ITERATIONS=%d bash experiments/meta_learner/ablation.sh (lam 1 = static, lam 0.5 tau 1 = meal)", "code": "%s"}' \
+  "$(( $(date +%s) - start ))" "$SEEDS" "$ITERATIONS" "$SEEDS" "$ITERATIONS" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)")
 "$BIN/meal-compare" $runs --reference static --out "$DOCS" --meta "$meta" \
   --title "Assistant task, validation prompts: lam (1 = static, 0.5 = Meal, 0.3, 0.2) and tau (0.5, 1, 2) (labels: w1)"

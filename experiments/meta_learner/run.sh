@@ -13,7 +13,8 @@
 # checkpoint at ITERATIONS is copied and its front re-evaluated on SPLIT with meal-eval (the training is the
 # same command; only trainer.final_eval_split differs), so the learning-curve runs are the final comparison's.
 # Run from the repository root: `bash experiments/meta_learner/run.sh` (or `make meta-learner-experiment`);
-# e.g. `SEEDS=0,1,2 CONTROL_SEEDS=0 SPLIT=validation`.
+# e.g. `SEEDS=0,1,2 CONTROL_SEEDS=0 SPLIT=validation`; CONTROLS="meal_frozen:0,1,2 meal_uniform" gives a control
+# its own seeds. compare.json records the command and the commit of the code that ran.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
@@ -44,14 +45,19 @@ train() {  # method seed
     "trainer.out_dir=$run" "hydra.run.dir=$OUT/hydra/$1-s$2" $EXTRA
 }
 for seed in ${SEEDS//,/ }; do for m in $METHODS; do train "$m" "$seed"; done; done  # one after the other
-for seed in ${CONTROL_SEEDS//,/ }; do for m in $CONTROLS; do train "$m" "$seed"; done; done
+for c in $CONTROLS; do  # a control may carry its own seeds: meal_frozen:0,1,2
+  seeds=$CONTROL_SEEDS; [[ $c == *:* ]] && seeds=${c#*:}
+  for seed in ${seeds//,/ }; do train "${c%%:*}" "$seed"; done
+done
 runs=$(ls -d "$OUT"/*-s* | grep -v hydra)
 mkdir -p "$DOCS"
 cmd="SPLIT=$SPLIT SEEDS=$SEEDS CONTROL_SEEDS=$CONTROL_SEEDS ITERATIONS=$ITERATIONS EVAL_EVERY=$EVAL_EVERY"
 [ "$METHODS" != "static meal soups" ] && cmd="METHODS=\\\"$METHODS\\\" $cmd"
 [ -n "$REUSE" ] && cmd="REUSE=$REUSE $cmd"
-meta=$(printf '{"experiment": "%s", "split": "%s", "wall_seconds": %d, "seeds": "%s", "control_seeds": "%s", "online_iterations": %d, "command": "%s bash experiments/meta_learner/run.sh"}' \
-  "$(basename "$DOCS")" "$SPLIT" "$(( $(date +%s) - start ))" "$SEEDS" "$CONTROL_SEEDS" "$ITERATIONS" "$cmd")
+[ "$CONTROLS" != "meal_frozen meal_uniform meal_shuffled" ] && cmd="CONTROLS=\\\"$CONTROLS\\\" $cmd"
+meta=$(printf '{"experiment": "%s", "split": "%s", "wall_seconds": %d, "seeds": "%s", "control_seeds": "%s", "online_iterations": %d, "command": "%s bash experiments/meta_learner/run.sh", "code": "%s"}' \
+  "$(basename "$DOCS")" "$SPLIT" "$(( $(date +%s) - start ))" "$SEEDS" "$CONTROL_SEEDS" "$ITERATIONS" "$cmd" \
+  "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)")
 "$BIN/meal-compare" $runs --reference static --out "$DOCS" --meta "$meta" \
   --title "Assistant task, $SPLIT prompts: static, Meal, Rewarded Soups and the net's controls (labels: w1)"
 "$BIN/python" experiments/meta_learner/curves.py $runs --out "$DOCS"
