@@ -99,6 +99,13 @@ def _fmt(m, s, digits=2) -> str:
     return "n/a" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _generation(front: Front) -> str:
+    g = front.extra.get("generation")
+    if g is None:  # fronts before the record: one seed per generate call, responses depended on the batch
+        return "settings not recorded (an older front, sampled per batch)"
+    return ", ".join(f"{k}={v}" for k, v in g.items())
+
+
 def compare(paths: Sequence[str], out_dir: str, title: str | None = None, reference: str | None = None,
             meta: dict | None = None) -> dict:
     """Load the fronts, check they compare, write compare.{png,md,json} into ``out_dir``.
@@ -127,6 +134,10 @@ def compare(paths: Sequence[str], out_dir: str, title: str | None = None, refere
             raise CompareError(f"{f}: evaluated on the {front.extra.get('split', 'test')} prompts, {files[0]} on the "
                                f"{fronts[0].extra.get('split', 'test')} prompts: fronts over different splits do not "
                                f"compare (meal-eval split=...)")
+        if front.extra.get("generation") != fronts[0].extra.get("generation"):
+            raise CompareError(f"{f}: sampled with {_generation(front)}, {files[0]} with {_generation(fronts[0])}: "
+                               f"fronts sampled differently do not compare (re-evaluate both with this "
+                               f"version's meal-eval)")
         if norm0 is not None and front.extra.get("normalizer") not in (None, norm0):
             raise CompareError(f"{f}: reward normalisation differs from {files[0]}: hypervolumes would be in "
                                f"different units (use runs of one task with the same conditioning stage or "

@@ -7,6 +7,7 @@ prompt with a fixed seed (top_p 0.9, top_k 0, temperature 1); see :mod:`meal.eva
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -143,7 +144,7 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
     inside = os.path.commonpath([os.path.abspath(out_dir), os.path.abspath(run_dir)]) == os.path.abspath(run_dir)
     budgets = run_budgets(run_dir, folder, untrained, checkpoint == "conditioned", trust)  # reads state.pt (as data)
     net = None if untrained or checkpoint == "conditioned" else net_diagnostics(run_dir, folder, trust)
-    cfg.trainer.gen_batch_size = batch_size
+    settings = dataclasses.replace(generation_settings(cfg, eval_protocol=True), batch_size=batch_size)
     with run_lock(run_dir, "run_dir") if inside else contextlib.nullcontext():  # a run still training: refused
         model, tok = load_policy(cfg.policy, len(objectives))
         if folder is not None:
@@ -155,9 +156,8 @@ def evaluate_run(run_dir: str, checkpoint: str = "latest", untrained: bool = Fal
         else:
             responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)  # how the method answers under w
         grid = getattr(responder, "grid", None) or preference_grid(len(objectives))  # MORLHF: its own preferences
-        front = evaluate_front(responder, texts, reward_set, normalizer, grid,
-                               generation_settings(cfg, eval_protocol=True), list(cfg.task.hv_ref), seed=seed,
-                               label=name, csv_dir=os.path.join(out_dir, "responses"))
+        front = evaluate_front(responder, texts, reward_set, normalizer, grid, settings, list(cfg.task.hv_ref),
+                               seed=seed, label=name, csv_dir=os.path.join(out_dir, "responses"))
         front.extra.update(front_provenance(cfg, run_dir, normalizer, budgets, checkpoint=folder, split=split))
         if net:  # what the meta-learner had done by these weights (Meal), as meal-train records it with its front
             front.extra["meta_learner"] = net

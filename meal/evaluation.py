@@ -150,6 +150,7 @@ def evaluate_front(responder, texts: Sequence[str], reward_set: RewardSet, norma
     front = Front(list(responder.objectives), grid, points, raw_points, pareto_mask(pts).tolist(), hv,
                   list(map(float, hv_ref)), float(np.mean(alignment)), len(texts), seed, label,
                   degenerate=float(np.mean(degenerate)), **preference_following(grid, points))
+    front.extra["generation"] = settings.record()  # meal-compare compares only fronts sampled alike
     if hasattr(responder, "cost"):  # what answering cost per response (MetaAligner: policy + corrector)
         front.extra["inference"] = responder.cost()
     log.info("front %s: hypervolume %.4f (reference point %s), alignment %.4f; %s", label, hv, list(hv_ref),

@@ -76,7 +76,7 @@ class ConditionedPolicy:
         prompts = self.condition(texts, prefs)
         sample = settings.sampler or generate  # the Hugging Face path unless a backend was configured
         return sample(self.model, self.condition.tokenizer, [p for p in prompts for _ in range(n)], settings, seed,
-                      prefs=prefs.repeat_interleave(n, 0))
+                      prefs=prefs.repeat_interleave(n, 0), row_keys=[t for t in texts for _ in range(n)])
 
 
 @dataclass

@@ -40,10 +40,12 @@ def eval_texts(cfg, split, prompts: int = 0) -> list[str]:
 
 
 def generation_settings(cfg: DictConfig, eval_protocol: bool = False) -> GenerationSettings:
-    """Sampling settings of the run; ``eval_protocol`` fixes top_p 0.9, top_k 0, temperature 1."""
+    """Sampling settings of the run; ``eval_protocol`` fixes top_p 0.9, top_k 0, temperature 1 and draws
+    each response with its own seed (``seeding="row"``: a front does not depend on the batch size)."""
     t = cfg.trainer
     if eval_protocol:
-        return GenerationSettings(cfg.task.max_new_tokens, 0.9, 0, 1.0, t.gen_batch_size, t.max_prompt_tokens)
+        return GenerationSettings(cfg.task.max_new_tokens, 0.9, 0, 1.0, t.gen_batch_size, t.max_prompt_tokens,
+                                  seeding="row")
     return GenerationSettings(cfg.task.max_new_tokens, t.top_p, t.top_k, t.temperature, t.gen_batch_size,
                               t.max_prompt_tokens)
 

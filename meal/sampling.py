@@ -6,6 +6,8 @@ for each prompt, the top-m of its N responses by the scalarised score ``s_ij = w
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,6 +29,19 @@ class GenerationSettings:
     max_prompt_tokens: int = 512
     sampler: object = None  # a callable like generate() (e.g. meal.vllm_backend.VLLMSampler); None: generate()
     greedy: bool = False  # the most likely token at every step (meal-generate / meal-export checks), no sampling
+    # "row": a seeded call draws each response with its own generator, seeded by (seed, prompt, preference,
+    # repeat), so a response does not depend on the batch it is generated in (evaluation, meal-generate);
+    # "call": one seed for the whole call (training's seeded pools: the conditioning stage, the normaliser)
+    seeding: str = "call"
+
+    def record(self) -> dict:
+        """What a front's responses depend on (front.json ``extra["generation"]``; meal-compare refuses
+        to compare fronts whose records differ). The batch size is not in it: with ``seeding="row"``
+        it changes no response (up to floating-point reductions of the batch shape)."""
+        backend = "hf" if self.sampler is None else type(self.sampler).__name__
+        return {"max_new_tokens": self.max_new_tokens, "top_p": self.top_p, "top_k": self.top_k,
+                "temperature": self.temperature, "max_prompt_tokens": self.max_prompt_tokens,
+                "greedy": self.greedy, "seeding": self.seeding, "backend": backend}
 
 
 @dataclass
@@ -81,9 +96,53 @@ class SamplingWarper:
         return scores.masked_fill(removed, float("-inf"))
 
 
+def row_seeds(seed: int, keys: Sequence[str]) -> list[int]:
+    """One 63-bit seed per row, a hash of (seed, the row's key, how many times this key came before in
+    ``keys``): a response's randomness depends on what is asked and never on its position or batch;
+    repeats of a key get different samples. The key is the prompt before its preference is written
+    in (:meth:`meal.rollout.ConditionedPolicy.respond`), so the grid's preferences share one random
+    stream per prompt (common random numbers: differences between points come from the preference).
+
+    >>> a = row_seeds(0, ["x", "y", "x"]); b = row_seeds(0, ["y", "x"])
+    >>> a[1] == b[0], a[0] == b[1], a[0] != a[2], row_seeds(1, ["x"])[0] != a[0]
+    (True, True, True, True)
+    """
+    seen: Counter = Counter()
+    out = []
+    for key in keys:
+        repeat = seen[key]
+        seen[key] += 1
+        digest = hashlib.blake2b(f"{seed}\x1f{repeat}\x1f{key}".encode(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little") >> 1)
+    return out
+
+
+class RowDraw:
+    """Draws each row's next token with that row's own generator, by the Gumbel-max trick: the argmax
+    of the warped log-probabilities plus Gumbel noise (one draw per vocabulary entry from the row's
+    generator) is an exact sample of the warped distribution; it is returned as logits that are -inf
+    except at the drawn token, so greedy decoding emits it. Row b's t-th token uses the t-th draws of
+    ``generators[b]``, whatever else is in the batch. Gumbel-max rather than an inverse CDF: a
+    rounding difference of the batch shape (1e-7 in the logits) flips an inverse-CDF draw whenever
+    the uniform lands that close to any of the V cumulative boundaries, but a Gumbel-max draw only
+    when the two best perturbed scores are that close (their gap is Exp(1) distributed)."""
+
+    def __init__(self, warper: SamplingWarper, generators: Sequence[torch.Generator]):
+        self.warper, self.generators = warper, list(generators)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = self.warper(input_ids, scores).float().log_softmax(-1)  # (B, V), -inf outside the nucleus
+        v = scores.shape[-1]
+        u = torch.stack([torch.rand(v, generator=g) for g in self.generators]).to(logp.device)
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
+        token = (logp + gumbel).argmax(-1, keepdim=True)
+        return torch.full_like(scores, float("-inf")).scatter(1, token, 0.0)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
-             generator_seed: int | None = None, prefs: torch.Tensor | None = None) -> Generation:
+             generator_seed: int | None = None, prefs: torch.Tensor | None = None,
+             row_keys: Sequence[str] | None = None) -> Generation:
     """Sample one response per prompt string (repeat a prompt N times for N samples), with Hugging Face.
 
     ``prefs`` (P, K): the preference of each prompt, for a policy with preference-aware LoRA
@@ -92,13 +151,23 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSetti
     Prompts are left-padded in batches of ``settings.batch_size``. With ``generator_seed`` the call
     runs under its own seed inside ``fork_rng``: it returns the same responses every time
     (evaluation) and leaves the caller's RNG stream untouched (training is not perturbed by
-    periodic evaluations).
+    periodic evaluations). With ``settings.seeding == "row"`` as well, each response is drawn with
+    its own generator (:func:`row_seeds` of ``row_keys``, default the prompts; :class:`RowDraw`):
+    the same response in a batch of 1 or of 32.
     """
     if generator_seed is not None:
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(generator_seed)
-            return generate(model, tokenizer, prompts, settings, prefs=prefs)
+            gens = None
+            if settings.seeding == "row" and not settings.greedy:
+                gens = [torch.Generator().manual_seed(s) for s in row_seeds(generator_seed, row_keys or prompts)]
+            return _generate(model, tokenizer, prompts, settings, prefs, gens)
+    return _generate(model, tokenizer, prompts, settings, prefs, None)
+
+
+def _generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings, prefs: torch.Tensor | None,
+              generators: list[torch.Generator] | None) -> Generation:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -110,9 +179,14 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSetti
         enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
                         max_length=settings.max_prompt_tokens, add_special_tokens=False).to(device)
         with preference_weights(model, None if prefs is None else prefs[i:i + settings.batch_size]):
-            sampling = {} if settings.greedy else {"logits_processor": warper}
-            out = model.generate(**enc, do_sample=not settings.greedy, top_p=1.0, top_k=0, temperature=1.0,
-                                 max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            if generators is not None:  # each row draws with its own generator; greedy decoding emits the draw
+                sampling = {"do_sample": False, "logits_processor": LogitsProcessorList(
+                    [RowDraw(warper[0], generators[i:i + settings.batch_size])])}
+            elif settings.greedy:
+                sampling = {"do_sample": False}
+            else:  # Hugging Face's own warpers neutral: ours (the same, faster) in their place
+                sampling = {"do_sample": True, "top_p": 1.0, "top_k": 0, "temperature": 1.0, "logits_processor": warper}
+            out = model.generate(**enc, max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=eos, **sampling)
         new = out[:, enc["input_ids"].shape[1]:]  # (b, T_new)
         for row in new:

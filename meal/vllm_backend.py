@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from typing import Sequence
 
-from meal.sampling import Generation, GenerationSettings
+from meal.sampling import Generation, GenerationSettings, row_seeds
 
 
 class VLLMSampler:
@@ -53,13 +53,14 @@ class VLLMSampler:
         return LoRARequest(f"policy-v{self.version}", self.version, path)
 
     def __call__(self, model, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
-                 generator_seed: int | None = None, prefs=None) -> Generation:
+                 generator_seed: int | None = None, prefs=None, row_keys: Sequence[str] | None = None) -> Generation:
         """Sample one response per prompt, as :func:`meal.sampling.generate` does.
 
         Prompts are tokenised here exactly as the Hugging Face path does (no added special tokens,
         truncated to ``settings.max_prompt_tokens``) and passed as token ids, so both backends
         condition on the same tokens. With ``generator_seed`` request i gets seed ``generator_seed +
-        i``: repeated prompts still get different samples, and the call is reproducible.
+        i`` (``settings.seeding == "call"``) or :func:`meal.sampling.row_seeds`'s (``"row"``):
+        repeated prompts still get different samples, and the call is reproducible.
         """
         from vllm import SamplingParams
 
@@ -70,10 +71,14 @@ class VLLMSampler:
 
         ids = tokenizer(list(prompts), truncation=True, max_length=settings.max_prompt_tokens,
                         add_special_tokens=False)["input_ids"]
+        seeds = None
+        if generator_seed is not None:  # "row": as the Hugging Face path, a seed per (prompt, preference, repeat)
+            seeds = (row_seeds(generator_seed, row_keys or prompts) if settings.seeding == "row"
+                     else [generator_seed + i for i in range(len(ids))])
         params = [SamplingParams(n=1, temperature=settings.temperature, top_p=settings.top_p,
                                  top_k=settings.top_k if settings.top_k > 0 else -1,
                                  max_tokens=settings.max_new_tokens,
-                                 seed=None if generator_seed is None else generator_seed + i)
+                                 seed=None if seeds is None else seeds[i])
                   for i in range(len(ids))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, lora_request=self.sync(model),
                                  use_tqdm=False)

@@ -67,6 +67,10 @@ def test_meal_eval_on_a_tiny_run_and_compare_two_fronts(tiny_llama, tmp_path):
             area, top = area + (x - ref[0]) * (y - top), y
     assert front.hypervolume == pytest.approx(area)
     assert os.path.getsize(out["front_png"]) > 1000
+    # issue 25: the same checkpoint evaluated in batches of 3 (not 32): the same responses, the same front
+    again = Front.load(evaluate_run(str(run), batch_size=3, out_dir=str(tmp_path / "bs3"))["front_json"])
+    assert again.points == front.points and again.extra["generation"] == front.extra["generation"]
+    assert front.extra["generation"]["seeding"] == "row" and "batch_size" not in front.extra["generation"]
     base = evaluate_run(str(run), untrained=True)
     assert Front.load(base["front_json"]).label == "meal (base)" and Front.load(base["front_json"]).num_prompts == 3
     result = compare([str(run / "eval"), base["front_json"]], str(tmp_path / "cmp"))
@@ -175,6 +179,26 @@ def test_meal_compare_cli_stamps_date_and_machine_unless_given(tmp_path, capsys)
     with pytest.raises(SystemExit):
         compare_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "out"), "--meta", "{bad"])
     assert "--meta is not valid JSON" in capsys.readouterr().err
+
+
+def test_compare_refuses_fronts_sampled_differently(tmp_path):
+    """Issue 25: a front records how it was sampled; an older front (no record, sampled per batch) and a
+    row-seeded one, or two fronts of different top_p, do not compare; the batch size is not in the record."""
+    from meal.sampling import GenerationSettings
+
+    old, new, new_bs = _front("a", [[1, 1]], 0), _front("a", [[1, 2]], 1), _front("a", [[2, 1]], 2)
+    new.extra["generation"] = GenerationSettings(seeding="row", batch_size=8).record()
+    new_bs.extra["generation"] = GenerationSettings(seeding="row", batch_size=1).record()
+    other = _front("a", [[2, 2]], 3)
+    other.extra["generation"] = GenerationSettings(seeding="row", top_p=1.0).record()
+    for name, f in (("old", old), ("new", new), ("new_bs", new_bs), ("other", other)):
+        f.save(str(tmp_path / f"{name}.json"))
+    with pytest.raises(CompareError, match="new.json: sampled with .*seeding=row.*old.json with settings not recorded"):
+        compare([str(tmp_path / "old.json"), str(tmp_path / "new.json")], str(tmp_path / "out"))
+    with pytest.raises(CompareError, match="top_p=1.0.*top_p=0.9"):
+        compare([str(tmp_path / "new.json"), str(tmp_path / "other.json")], str(tmp_path / "out"))
+    result = compare([str(tmp_path / "new.json"), str(tmp_path / "new_bs.json")], str(tmp_path / "out"))
+    assert result["methods"][0]["runs"] == 2
 
 
 def test_compare_refuses_fronts_of_different_splits_and_keeps_each_runs_front_and_net(tmp_path):

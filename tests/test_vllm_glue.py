@@ -100,8 +100,15 @@ def test_prompts_seeds_and_counts_match_the_hf_path(fake_vllm, tiny_llama, tmp_p
     assert gen.texts[:2] == ["a short answer", "a longer answer that ran out"]
     assert gen.finished == [True, False, True, False]
     assert gen.num_tokens == 2 + 4 + 2 + 4  # eos not counted, as in the HF path
+    from dataclasses import replace
+
+    from meal.sampling import row_seeds
+
+    sampler(model, tok, prompts, replace(settings, seeding="row"), generator_seed=100)  # evaluation
+    seeds = [p.seed for p in fake_vllm[0].calls[1]["params"]]
+    assert seeds == row_seeds(100, prompts) and len(set(seeds)) == 4  # as the HF path: per prompt and repeat
     sampler(model, tok, prompts, settings)  # training rollouts: unseeded
-    assert [p.seed for p in fake_vllm[0].calls[1]["params"]] == [None] * 4
+    assert [p.seed for p in fake_vllm[0].calls[2]["params"]] == [None] * 4
     sampler.close()
 
 
