@@ -50,8 +50,8 @@ meta-learner-test: setup  ## the 5-seed test comparison: static, Meal, Rewarded 
 	REUSE=runs/meta_learner_validation SPLIT=test SEEDS=0,1,2,3,4 CONTROL_SEEDS=0 CONTROLS="meal_frozen:0,1,2 meal_shuffled:0,1,2 meal_uniform:0" bash experiments/meta_learner/run.sh
 	$(BIN)/python experiments/meta_learner/summary.py docs/results/meta_learner_test/compare.json
 
-meta-learner-ablation: setup  ## the paper's lam (1, 0.5, 0.3, 0.2) and tau (0.5, 1, 2) ablation on validation prompts, 2 seeds, reusing the pilot's runs -> docs/results/meta_learner_validation/ablation/
-	SEEDS=0,1 bash experiments/meta_learner/ablation.sh
+meta-learner-ablation: setup  ## the paper's lam (1, 0.5, 0.3, 0.2) and tau (0.5, 1, 2) ablation on validation prompts (lam 1 and 0.5: the pilot's 2 seeds; the others 1) -> docs/results/meta_learner_validation/ablation/
+	SEEDS=0,1 VARIANT_SEEDS=0 bash experiments/meta_learner/ablation.sh
 
 clean:
 	rm -rf runs multirun outputs bench_out

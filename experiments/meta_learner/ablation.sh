@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/meta_learner_validation}
-SEEDS=${SEEDS:-0,1}
+SEEDS=${SEEDS:-0,1}  # of lam 1 (static) and lam 0.5 (meal): the pilot's runs
+VARIANT_SEEDS=${VARIANT_SEEDS:-$SEEDS}  # of the other variants
 ITERATIONS=${ITERATIONS:-12}
 EVAL_EVERY=${EVAL_EVERY:-4}
 DOCS=${DOCS:-docs/results/meta_learner_validation/ablation}
@@ -29,13 +30,15 @@ runs=""
 for seed in ${SEEDS//,/ }; do
   train static "$seed"; train meal "$seed"
   runs="$runs $OUT/static-s$seed $OUT/meal-s$seed"
+done
+for seed in ${VARIANT_SEEDS//,/ }; do
   for v in $VARIANTS; do
     train "${v%%=*}" "$seed" "${v#*=}"
     runs="$runs $OUT/${v%%=*}-s$seed"
   done
 done
 mkdir -p "$DOCS"
-meta=$(printf '{"experiment": "lam and tau ablation", "split": "validation", "wall_seconds": %d, "seeds": "%s", "online_iterations": %d, "command": "SEEDS=%s ITERATIONS=%d bash experiments/meta_learner/ablation.sh (lam 1 = static, lam 0.5 tau 1 = meal)", "code": "%s"}' \
-  "$(( $(date +%s) - start ))" "$SEEDS" "$ITERATIONS" "$SEEDS" "$ITERATIONS" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)")
+meta=$(printf '{"experiment": "lam and tau ablation", "split": "validation", "wall_seconds": %d, "seeds": "%s", "online_iterations": %d, "command": "SEEDS=%s VARIANT_SEEDS=%s ITERATIONS=%d bash experiments/meta_learner/ablation.sh (lam 1 = static, lam 0.5 tau 1 = meal)", "code": "%s"}' \
+  "$(( $(date +%s) - start ))" "$SEEDS" "$ITERATIONS" "$SEEDS" "$VARIANT_SEEDS" "$ITERATIONS" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)")
 "$BIN/meal-compare" $runs --reference static --out "$DOCS" --meta "$meta" \
   --title "Assistant task, validation prompts: lam (1 = static, 0.5 = Meal, 0.3, 0.2) and tau (0.5, 1, 2) (labels: w1)"
