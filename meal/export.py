@@ -6,11 +6,15 @@ The folder loads with ``AutoModelForCausalLM.from_pretrained(out)`` and ``AutoTo
 (chat template included), with no meal import, and answers as meal does at that preference: the weights
 the run's method answers with at w are folded into plain linear layers (preference-aware LoRA: W + (alpha/r)
 (B_0 A_0 + sum_k w_k B_k A_k), exact up to float rounding; a peft LoRA: merged; Rewarded Soups: the experts'
-interpolation at w; MORLHF: the policy trained at w, one of its grid). The preference stays in the prompt as
+interpolation at w; MORLHF: the policy trained at w, one of its grid). ``format=adapter`` writes a standard
+peft LoRA adapter instead, for the base model: at a fixed w the preference-aware blocks are one ordinary LoRA
+of rank (K+1) r (A = [A_0; ...; A_K], B = [B_0, w_1 B_1, ..., w_K B_K]: exact), a peft LoRA is itself; load it
+with ``PeftModel.from_pretrained(base, out)``. The preference stays in the prompt as
 well, as in training: ``meal_prompt.json`` holds the prompt template with the preference written in, and
 the model card (README.md) says how to build a prompt, what the run was (method, objectives, reward
-statistics, the front's point at w, cost) and the base model. RiC (desired scores in the prompt) and
-MetaAligner (a policy and a corrector: two models) are refused, naming why.
+statistics, the front's point at w, cost) and the base model. RiC: its model, with the desired scores its map
+gives at w written into the prompt template (what it reads instead of weights). MetaAligner (a policy and a
+corrector: two models) is refused, naming why.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from meal.train import CONF_DIR, refuse_file_folder, user_errors
 
 log = logging.getLogger("meal")
 
-EXPORTABLE = ("meal", "soups", "morlhf")  # recipes whose answer at w is one model's weights and a prompt
+EXPORTABLE = ("meal", "soups", "morlhf", "ric")  # recipes whose answer at w is one model's weights and a prompt
 
 
 def fold_preference_lora(model: nn.Module, w: list[float]) -> nn.Module:
@@ -57,6 +61,49 @@ def fold_preference_lora(model: nn.Module, w: list[float]) -> nn.Module:
     return model
 
 
+def preference_lora_as_peft(model: nn.Module, w: list[float], base_id: str) -> nn.Module:
+    """The preference-aware adapters at ``w`` as one ordinary peft LoRA of rank (K+1) r on the base layers:
+    scale * sum_k c_k B_k A_k = (scale (K+1) r / ((K+1) r)) [c_0 B_0 | ... | c_K B_K] [A_0; ...; A_K], c = (1, w),
+    so ``lora_alpha = scale (K+1) r`` keeps peft's alpha / r at the adapter's scale. Exact, in float32."""
+    from peft import LoraConfig, get_peft_model
+
+    from meal.preference_lora import PreferenceLoRALinear
+
+    coef = torch.tensor([1.0] + list(w))
+    mats, scales = {}, set()
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, PreferenceLoRALinear):
+            continue
+        a, b = mod.pref_lora_A.detach().float(), mod.pref_lora_B.detach().float()  # (K+1, r, in), (K+1, out, r)
+        k1, r = a.shape[:2]
+        mats[name] = (a.reshape(k1 * r, -1), (b * coef.view(k1, 1, 1)).permute(1, 0, 2).reshape(b.shape[1], k1 * r))
+        scales.add((mod.scale, k1 * r))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, mod.base)
+    if hasattr(model, "meal_preference"):
+        del model.meal_preference
+    (scale, rank), = scales  # one adapter shape in every layer (attach_preference_lora)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=scale * rank, lora_dropout=0.0,
+                                                  target_modules=sorted(mats), bias="none"))
+    with torch.no_grad():
+        for name, (a, b) in mats.items():
+            layer = peft_model.base_model.model.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
+    peft_model.peft_config["default"].base_model_name_or_path = base_id
+    return peft_model
+
+
+def adapter_model(model: nn.Module, w: list[float], base_id: str) -> nn.Module:
+    """The policy at ``w`` as a peft model whose ``save_pretrained`` writes a standard LoRA adapter."""
+    from meal.preference_lora import has_preference_lora
+
+    if has_preference_lora(model):
+        return preference_lora_as_peft(model, w, base_id)
+    model.peft_config["default"].base_model_name_or_path = base_id  # a peft LoRA: itself
+    return model
+
+
 def plain_model(model: nn.Module, w: list[float]) -> nn.Module:
     """The policy as a plain transformers model at ``w``: preference-aware LoRA folded, peft LoRA merged."""
     from meal.preference_lora import has_preference_lora
@@ -68,29 +115,32 @@ def plain_model(model: nn.Module, w: list[float]) -> nn.Module:
     return model
 
 
-def prompt_template(cfg, w: list[float]) -> dict[str, Any]:
-    """How the exported model is prompted at ``w``: the task's template with the preference written in
-    (``{text}`` left for the user's prompt); chat models: the user turn (and system prompt) of the chat
-    template, with the generation prompt added."""
-    from meal.templates import format_preference
-
+def prompt_template(cfg, w: list[float], words: str) -> dict[str, Any]:
+    """How the exported model is prompted at ``w``: the task's template with ``words`` (the responder's
+    ``preference_text(w)``: the weights, or RiC's desired scores) written in (``{text}`` left for the user's
+    prompt); chat models: the user turn (and system prompt) of the chat template, with the generation prompt
+    added."""
     t = cfg.task.template
-    user = t.user.replace("{text}", "\x00").format(preference=format_preference(w, list(cfg.task.objectives)))
+    user = t.user.replace("{text}", "\x00").format(preference=words)
     return {"chat": bool(t.chat), "system": t.system, "user": user.replace("\x00", "{text}"),
-            "suffix": "" if t.chat else t.suffix, "preference": dict(zip(cfg.task.objectives, w))}
+            "suffix": "" if t.chat else t.suffix, "preference": dict(zip(cfg.task.objectives, w)), "written": words}
 
 
 def export_run(run_dir: str, w: list[float], out: str, checkpoint: str = "latest", overwrite: bool = False,
-               trust: bool = False) -> str:
-    """Write ``run_dir`` at preference ``w`` into ``out`` (a model folder, its tokenizer, meal_prompt.json and
-    a model card); returns ``out``. Everything is checked before the policy loads; nothing is written on error."""
+               trust: bool = False, fmt: str = "merged") -> str:
+    """Write ``run_dir`` at preference ``w`` into ``out`` (a model folder, or with ``fmt="adapter"`` a peft
+    LoRA adapter, with its tokenizer, meal_prompt.json and a model card); returns ``out``. Everything is
+    checked before the policy loads; nothing is written on error."""
     from meal.methods import recipe
 
+    if fmt not in ("merged", "adapter"):
+        raise ConfigError(f"format: merged | adapter, got {fmt!r}")
     cfg, folder = read_run(run_dir, checkpoint, trust=trust)
+    if fmt == "adapter" and not cfg.policy.lora.enabled:
+        raise ConfigError(f"format: {run_dir} trained every weight of its policy (policy.lora.enabled=false): "
+                          f"there is no adapter to write; export format=merged")
     if cfg.method.recipe not in EXPORTABLE:
-        why = {"ric": "RiC answers with desired scores written into the prompt, chosen per preference by its own "
-                      "mapping; export the model with its prompt by hand (docs)",
-               "metaaligner": "MetaAligner answers with two models (a policy and its corrector)"}
+        why = {"metaaligner": "MetaAligner answers with two models (a policy and its corrector)"}
         raise ConfigError(f"run_dir: {run_dir} is a {cfg.method.recipe} run: "
                           f"{why.get(cfg.method.recipe, 'not exportable')}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
@@ -101,7 +151,7 @@ def export_run(run_dir: str, w: list[float], out: str, checkpoint: str = "latest
     if grid is not None and not any(torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-4) for g in grid):
         raise ConfigError(f"preference: {w} is not one of this {cfg.method.name} run's policies: {grid}")
     responder.load_weights(w)  # the weights this method answers with at w (a soup's mix, MORLHF's policy)
-    model = plain_model(model, w)
+    model = plain_model(model, w) if fmt == "merged" else adapter_model(model, w, cfg.policy.name_or_path)
     if os.path.exists(out) and overwrite:
         import shutil
 
@@ -109,30 +159,40 @@ def export_run(run_dir: str, w: list[float], out: str, checkpoint: str = "latest
     tmp = out.rstrip("/") + ".partial"
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    prompt = prompt_template(cfg, w)
+    prompt = prompt_template(cfg, w, responder.preference_text(w))
     with open(os.path.join(tmp, "meal_prompt.json"), "w") as f:
         json.dump(prompt, f, indent=2)
     with open(os.path.join(tmp, "README.md"), "w") as f:
-        f.write(model_card(cfg, run_dir, folder, w, prompt))
+        f.write(model_card(cfg, run_dir, folder, w, prompt, fmt))
     os.replace(tmp, out)
     return out
 
 
-def model_card(cfg, run_dir: str, folder: str, w: list[float], prompt: dict[str, Any]) -> str:
+def model_card(cfg, run_dir: str, folder: str, w: list[float], prompt: dict[str, Any], fmt: str = "merged") -> str:
     """What the exported folder is: method, preference, objectives, reward statistics, the front's point at w
     (when the run's front holds it), the run's cost, the base model, and how to prompt it."""
     from meal.checkpoint import load_state
 
     objectives = list(cfg.task.objectives)
     pref = ", ".join(f"{o} {x:.2f}" for o, x in zip(objectives, w))
+    base = cfg.policy.name_or_path
+    gguf = f", gguf_file={cfg.policy.gguf_file!r}" if cfg.policy.get("gguf_file") else ""
+    what = (f"A plain transformers causal LM: the weights the method answers with at this preference, folded into "
+            f"the base model `{base}` (its licence applies)." if fmt == "merged" else
+            f"A peft LoRA adapter for the base model `{base}`{' (' + cfg.policy.gguf_file + ')' if gguf else ''} "
+            f"(its licence applies): the adapters the method answers with at this preference, as one ordinary "
+            f"LoRA (exact).")
+    load = (["tok, model = AutoTokenizer.from_pretrained(DIR), AutoModelForCausalLM.from_pretrained(DIR)"]
+            if fmt == "merged" else
+            ["from peft import PeftModel", "",
+             f"base = AutoModelForCausalLM.from_pretrained({base!r}{gguf})",
+             "tok, model = AutoTokenizer.from_pretrained(DIR), PeftModel.from_pretrained(base, DIR)"])
     lines = [f"# {cfg.method.name} on {cfg.task.name}, at preference {pref}", "",
-             f"Exported by `meal-export` from `{run_dir}` (checkpoint `{os.path.basename(folder)}`). A plain "
-             f"transformers causal LM: the weights the method answers with at this preference, folded into the "
-             f"base model `{cfg.policy.name_or_path}` (its licence applies).", "",
+             f"Exported by `meal-export` from `{run_dir}` (checkpoint `{os.path.basename(folder)}`). {what}", "",
              "## Prompt", "",
              "The preference is also written into every prompt, as in training (`meal_prompt.json`):", "",
              "```python", "import json", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-             "tok, model = AutoTokenizer.from_pretrained(DIR), AutoModelForCausalLM.from_pretrained(DIR)",
+             *load,
              "p = json.load(open(f\"{DIR}/meal_prompt.json\"))",
              "user = p[\"user\"].format(text=QUESTION)",
              "if p[\"chat\"]:",
@@ -141,6 +201,8 @@ def model_card(cfg, run_dir: str, folder: str, w: list[float], prompt: dict[str,
              "    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
              "else:", "    prompt = user + p[\"suffix\"]", "```", "",
              f"User turn: `{prompt['user']}`", ""]
+    lines += [f"Written into the prompt at this preference: `{prompt['written']}` (the weights; a "
+              f"rewards-in-context model such as RiC reads the desired normalised scores its map gives at w).", ""]
     stats = os.path.join(run_dir, "reward_stats.json")
     if os.path.exists(stats):
         s = json.load(open(stats))
@@ -173,9 +235,10 @@ def _main(cfg: DictConfig) -> None:
         prefs = parse_preferences(cfg.preference, list(run_cfg.task.objectives))
         if len(prefs) != 1:
             raise ConfigError(f"preference: export one preference at a time, got {len(prefs)}")
-        out = export_run(cfg.run_dir, prefs[0], cfg.out, cfg.checkpoint, cfg.overwrite, cfg.trust_run)
-    print(f"exported: {out} (AutoModelForCausalLM.from_pretrained({out!r}); prompt: {out}/meal_prompt.json, "
-          f"card: {out}/README.md)")
+        out = export_run(cfg.run_dir, prefs[0], cfg.out, cfg.checkpoint, cfg.overwrite, cfg.trust_run, cfg.format)
+    load = (f"AutoModelForCausalLM.from_pretrained({out!r})" if cfg.format == "merged" else
+            f"PeftModel.from_pretrained(base, {out!r}), base: {run_cfg.policy.name_or_path}")
+    print(f"exported: {out} ({load}; prompt: {out}/meal_prompt.json, card: {out}/README.md)")
 
 
 def main() -> None:

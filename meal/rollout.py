@@ -21,7 +21,7 @@ from meal.config import TemplateConfig
 from meal.profiling import NoMeter
 from meal.rewards import RewardNormalizer, RewardSet
 from meal.sampling import GenerationSettings, Generation, generate
-from meal.templates import build_prompt, format_scores, render_prompt
+from meal.templates import build_prompt, format_preference, format_scores, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ class Conditioner:
         return [build_prompt(self.template, t, p.tolist(), self.objectives, self.tokenizer)
                 for t, p in zip(texts, prefs)]
 
+    def preference_text(self, pref: Sequence[float]) -> str:
+        """What goes at the template's ``{preference}`` for ``pref`` (meal-export's prompt template)."""
+        return format_preference(list(pref), self.objectives)
+
 
 @dataclass
 class ScoreConditioner(Conditioner):
@@ -50,6 +54,9 @@ class ScoreConditioner(Conditioner):
     def __call__(self, texts: Sequence[str], scores: torch.Tensor) -> list[str]:
         return [render_prompt(self.template, t, format_scores(s.tolist(), self.objectives, self.decimals),
                               self.tokenizer) for t, s in zip(texts, scores)]
+
+    def preference_text(self, scores: Sequence[float]) -> str:
+        return format_scores(list(scores), self.objectives, self.decimals)
 
 
 @dataclass
@@ -69,6 +76,10 @@ class ConditionedPolicy:
     def load_weights(self, w: Sequence[float]) -> None:
         """Put the weights this responder answers with at ``w`` into its model (meal-export): one set of
         weights answers every preference here."""
+
+    def preference_text(self, w: Sequence[float]) -> str:
+        """The words written into the prompt at ``w`` (meal-export writes them into meal_prompt.json)."""
+        return self.condition.preference_text(w)
 
     def respond(self, texts: Sequence[str], prefs: torch.Tensor, settings: GenerationSettings,
                 seed: int | None = None, n: int = 1) -> Generation:

@@ -25,7 +25,11 @@ PLAIN = """
 import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 d = sys.argv[1]
-tok, model = AutoTokenizer.from_pretrained(d), AutoModelForCausalLM.from_pretrained(d)
+if len(sys.argv) > 3:  # format=adapter: plain peft on the base model
+    from peft import PeftModel
+    tok, model = AutoTokenizer.from_pretrained(d), PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sys.argv[3]), d)
+else:
+    tok, model = AutoTokenizer.from_pretrained(d), AutoModelForCausalLM.from_pretrained(d)
 p = json.load(open(d + "/meal_prompt.json"))
 for q in json.loads(sys.argv[2]):
     user = p["user"].format(text=q)
@@ -83,6 +87,27 @@ def test_the_export_loads_with_plain_transformers_and_answers_as_meal_does(run, 
     assert plain == meal  # token for token, greedy
 
 
+def test_the_adapter_export_loads_with_plain_peft_and_answers_as_meal_does(run, tiny_llama, tmp_path):
+    """format=adapter: the preference-aware blocks at w as one ordinary LoRA of rank (K+1) r (here 3 x 2)."""
+    out = export_run(str(run), [0.3, 0.7], str(tmp_path / "adapter"), fmt="adapter")
+    files = set(os.listdir(out))
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "meal_prompt.json",
+            "README.md"} <= files and "model.safetensors" not in files
+    config = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert config["r"] == 6 and config["lora_alpha"] == 12 and config["base_model_name_or_path"] == tiny_llama
+    assert "PeftModel.from_pretrained(base, DIR)" in open(os.path.join(out, "README.md")).read()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", PLAIN, out, json.dumps(PROMPTS), tiny_llama], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plain = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    meal = [r["response"] for r in answer(str(run), Ask(PROMPTS, [[0.3, 0.7]], greedy=True, max_new_tokens=8,
+                                                         batch_size=1))]
+    assert plain == meal
+    with pytest.raises(ConfigError, match="format: merged \\| adapter, got 'gguf'"):
+        export_run(str(run), [0.3, 0.7], str(tmp_path / "x"), fmt="gguf")
+
+
 def test_bad_export_input_is_named_and_nothing_is_written(run, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -97,20 +122,21 @@ def test_bad_export_input_is_named_and_nothing_is_written(run, tmp_path):
                           timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "preference: [0.5, 0.6] is not on the simplex" in proc.stderr and not (tmp_path / "new").exists()
-    ric = tmp_path / "ric"
-    os.makedirs(ric / "checkpoints" / "step_000001")
+    ma = tmp_path / "ma"
+    os.makedirs(ma / "checkpoints" / "step_000001")
     cfg = OmegaConf.load(run / "config.yaml")
-    cfg.method = {"recipe": "ric", "name": "ric"}
-    OmegaConf.save(cfg, ric / "config.yaml")
-    (ric / "checkpoints" / "latest").write_text("step_000001")
-    with pytest.raises(ConfigError, match="is a ric run: RiC answers with desired scores"):
-        export_run(str(ric), [0.5, 0.5], str(tmp_path / "ric-out"))
-    assert not (tmp_path / "ric-out").exists()
+    cfg.method = {"recipe": "metaaligner", "name": "metaaligner"}
+    OmegaConf.save(cfg, ma / "config.yaml")
+    (ma / "checkpoints" / "latest").write_text("step_000001")
+    with pytest.raises(ConfigError, match="is a metaaligner run: MetaAligner answers with two models"):
+        export_run(str(ma), [0.5, 0.5], str(tmp_path / "ma-out"))
+    assert not (tmp_path / "ma-out").exists()
 
 
 def assert_export_answers_as_the_run(run_dir, w, out) -> None:
     """Export ``run_dir`` at ``w`` and check that plain transformers' logits on a conditioned prompt equal the
-    run's own at w (its method's weights at w: a soup's mix, MORLHF's policy; the adapters at w)."""
+    run's own at w (its method's weights at w: a soup's mix, MORLHF's policy; the adapters at w), and so do
+    plain peft's on the base model with the ``format=adapter`` export."""
     from transformers import AutoModelForCausalLM
 
     from meal.evaluate import load_run
@@ -120,10 +146,20 @@ def assert_export_answers_as_the_run(run_dir, w, out) -> None:
     cfg, model, tok, _ = load_run(str(run_dir))
     responder = recipe(cfg.method.recipe).responder(cfg, model, tok, str(run_dir))
     responder.load_weights(w)
-    prompt = responder.policy.condition([PROMPTS[0]], torch.tensor([w]))[0]
+    from meal.templates import render_prompt
+
+    prompt = render_prompt(cfg.task.template, PROMPTS[0], responder.preference_text(w), tok)  # as meal_prompt.json
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad(), preference_weights(model, torch.tensor([w])):
         theirs = model(ids).logits
     plain = AutoModelForCausalLM.from_pretrained(export_run(str(run_dir), w, str(out)))
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, theirs, rtol=1e-4, atol=1e-4)
+    if not cfg.policy.lora.enabled:
+        return
+    from peft import PeftModel  # format=adapter: a standard LoRA adapter on the base model, the same logits
+
+    adapter = export_run(str(run_dir), w, f"{out}-adapter", fmt="adapter")
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.policy.name_or_path), adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(peft(ids).logits, theirs, rtol=1e-4, atol=1e-4)

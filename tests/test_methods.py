@@ -77,6 +77,15 @@ def test_ric_trains_two_steps_and_writes_its_front(tiny_llama, tmp_path):
     start = load_file(str(out / "conditioning" / "policy.safetensors"))  # the offline stage's policy
     trained = load_file(str(out / "checkpoints" / "step_000002" / "policy.safetensors"))
     assert start.keys() == trained.keys() and any(not torch.equal(start[n], trained[n]) for n in start)
+    # meal-export: the model, with the desired scores RiC's map gives at w written into its prompt template
+    from tests.test_export import assert_export_answers_as_the_run
+
+    assert_export_answers_as_the_run(out, [0.6, 0.4], tmp_path / "exported")
+    prompt = json.load(open(tmp_path / "exported" / "meal_prompt.json"))
+    from meal.methods.ric import ScoreRange
+
+    scores = ScoreRange.from_draws(50_000).from_preference(torch.tensor([[0.6, 0.4]]))[0]
+    assert prompt["written"] == f"coverage {scores[0]:.1f}, concise {scores[1]:.1f}" and "{text}" in prompt["user"]
 
 
 @pytest.mark.parametrize("over, msg", [

@@ -73,6 +73,9 @@ class MorlhfPolicies:
     def objectives(self) -> list[str]:
         return self.policy.objectives
 
+    def preference_text(self, w: Sequence[float]) -> str:
+        return self.policy.preference_text(w)
+
     def load_weights(self, w: Sequence[float]) -> None:
         """The policy trained at ``w`` (one of the grid) into the model's trainable tensors."""
         w = torch.tensor(list(w))

@@ -72,6 +72,13 @@ class RicPolicy:
     def objectives(self) -> list[str]:
         return self.policy.objectives
 
+    def load_weights(self, w) -> None:
+        """One model answers every preference (meal-export): nothing to load."""
+
+    def preference_text(self, w) -> str:
+        """The desired scores RiC writes into the prompt at ``w`` (its map), as text."""
+        return self.policy.preference_text(self.scores.from_preference(torch.tensor([list(w)]))[0].tolist())
+
     def respond(self, texts, prefs: torch.Tensor, settings: GenerationSettings, seed: int | None = None,
                 n: int = 1) -> Generation:
         return self.policy.respond(texts, self.scores.from_preference(prefs), settings, seed, n)

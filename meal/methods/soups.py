@@ -63,6 +63,9 @@ class Soup:
     def objectives(self) -> list[str]:
         return self.policy.objectives
 
+    def preference_text(self, w: Sequence[float]) -> str:
+        return self.policy.preference_text(w)
+
     def load_weights(self, w: Sequence[float]) -> None:
         """The soup at ``w`` into the model's trainable tensors (meal-export; the params rule only: the merged
         rule mixes full weight updates within a call)."""
