@@ -104,6 +104,15 @@ def adapter_model(model: nn.Module, w: list[float], base_id: str) -> nn.Module:
     return model
 
 
+def base_model_ref(policy) -> tuple[str, str | None]:
+    """Where plain transformers finds the run's base model: (folder or Hub id, GGUF file name or None); a
+    ``pkg://`` policy (the embedded default) is its installed package's folder."""
+    from meal.policy import package_folder
+
+    path = policy.name_or_path
+    return (package_folder(path) if path.startswith("pkg://") else path), policy.get("gguf_file")
+
+
 def plain_model(model: nn.Module, w: list[float]) -> nn.Module:
     """The policy as a plain transformers model at ``w``: preference-aware LoRA folded, peft LoRA merged."""
     from meal.preference_lora import has_preference_lora
@@ -151,7 +160,7 @@ def export_run(run_dir: str, w: list[float], out: str, checkpoint: str = "latest
     if grid is not None and not any(torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-4) for g in grid):
         raise ConfigError(f"preference: {w} is not one of this {cfg.method.name} run's policies: {grid}")
     responder.load_weights(w)  # the weights this method answers with at w (a soup's mix, MORLHF's policy)
-    model = plain_model(model, w) if fmt == "merged" else adapter_model(model, w, cfg.policy.name_or_path)
+    model = plain_model(model, w) if fmt == "merged" else adapter_model(model, w, base_model_ref(cfg.policy)[0])
     if os.path.exists(out) and overwrite:
         import shutil
 
@@ -175,11 +184,11 @@ def model_card(cfg, run_dir: str, folder: str, w: list[float], prompt: dict[str,
 
     objectives = list(cfg.task.objectives)
     pref = ", ".join(f"{o} {x:.2f}" for o, x in zip(objectives, w))
-    base = cfg.policy.name_or_path
-    gguf = f", gguf_file={cfg.policy.gguf_file!r}" if cfg.policy.get("gguf_file") else ""
+    base, gguf_file = base_model_ref(cfg.policy)
+    gguf = f", gguf_file={gguf_file!r}" if gguf_file else ""
     what = (f"A plain transformers causal LM: the weights the method answers with at this preference, folded into "
             f"the base model `{base}` (its licence applies)." if fmt == "merged" else
-            f"A peft LoRA adapter for the base model `{base}`{' (' + cfg.policy.gguf_file + ')' if gguf else ''} "
+            f"A peft LoRA adapter for the base model `{base}`{' (' + gguf_file + ')' if gguf else ''} "
             f"(its licence applies): the adapters the method answers with at this preference, as one ordinary "
             f"LoRA (exact).")
     load = (["tok, model = AutoTokenizer.from_pretrained(DIR), AutoModelForCausalLM.from_pretrained(DIR)"]
@@ -237,7 +246,7 @@ def _main(cfg: DictConfig) -> None:
             raise ConfigError(f"preference: export one preference at a time, got {len(prefs)}")
         out = export_run(cfg.run_dir, prefs[0], cfg.out, cfg.checkpoint, cfg.overwrite, cfg.trust_run, cfg.format)
     load = (f"AutoModelForCausalLM.from_pretrained({out!r})" if cfg.format == "merged" else
-            f"PeftModel.from_pretrained(base, {out!r}), base: {run_cfg.policy.name_or_path}")
+            f"PeftModel.from_pretrained(base, {out!r}), base: {base_model_ref(run_cfg.policy)})")
     print(f"exported: {out} ({load}; prompt: {out}/meal_prompt.json, card: {out}/README.md)")
 
 
