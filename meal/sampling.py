@@ -7,6 +7,7 @@ for each prompt, the top-m of its N responses by the scalarised score ``s_ij = w
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -199,8 +200,15 @@ def _generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSett
     return Generation(texts, finished, n_tokens)
 
 
+# the conditioning text echoed back: "(Preference weights: helpful 0.50, ...)", "Prefrence weight",
+# "Preference 0.30, concise 0.70", or a list of two-decimal weights "helpful 1.00, concise 0.00"
+TEMPLATE_ECHO = re.compile(r"(?i)\bpre?f\w*nces?\s+weights?\b|\bpreference\s+[0-2]\.\d\d\b"
+                           r"|\b[\w-]+\s+[0-2]\.\d\d,\s*[\w-]+\s+[0-2]\.\d\d\b")
+
+
 def is_degenerate(text: str, finished: bool, ngram: int = 3, min_distinct: float = 0.5) -> bool:
-    """A response that is no answer: empty, or cut at the token budget while looping.
+    """A response that is no answer: empty, echoing the preference template back (:data:`TEMPLATE_ECHO`),
+    or cut at the token budget while looping.
 
     Looping: fewer than ``min_distinct`` of its word ``ngram``-grams are distinct.
 
@@ -210,9 +218,13 @@ def is_degenerate(text: str, finished: bool, ngram: int = 3, min_distinct: float
     True
     >>> is_degenerate("the cat the cat the cat the cat the cat", True)  # it stopped: an answer, if a poor one
     False
+    >>> [is_degenerate(t, True) for t in ["Boil it. (Preference weights: helpful 0.50, concise 0.50)",
+    ...  "Premise: Prefrence weight: helpful", "Elevate your fund (Preference 0.30, concise 0.70)",
+    ...  "Set-up: Easy-to-use 1.00, concise 0.00.", "It costs 1.50 dollars, 2 cups of flour."]]
+    [True, True, True, True, False]
     """
     words = text.split()
-    if not words:
+    if not words or TEMPLATE_ECHO.search(text):
         return True
     if finished or len(words) < 2 * ngram:
         return False

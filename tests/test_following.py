@@ -46,6 +46,13 @@ def test_degenerate_responses_and_valid_selection():
     assert is_degenerate("go go go go go go go go go", False)
     assert not is_degenerate("go go go go go go go go go", True)
     assert not is_degenerate("Use a plunger, then hot water and baking soda.", False)
+    # issue 24: the conditioning text echoed back is no answer (the demo's evaluation had such responses)
+    for echo in ["Boil the water first. (Preference weights: helpful 0.50, concise 0.50)",
+                 "Premise: Prefrence weight: helpful", "Set-up: Easy-to-use 1.00, concise 0.00."]:
+        assert is_degenerate(echo, True), echo
+    assert not is_degenerate("Mix 2 cups of flour with 1.50 cups of water; bake 30 minutes.", True)
+    assert degenerate_mask([["(Preference weights: helpful 0.10, concise 0.90) Sure.", "Sure."]],
+                           [[True, True]]).tolist() == [[True, False]]  # never kept in training, counted in fronts
     mask = degenerate_mask([["", "fine answer here"], ["", ""]], [[True, True], [True, True]])
     assert mask.tolist() == [[True, False], [True, True]]
     keep, ok = select_valid_best(torch.tensor([[5.0, 1.0], [2.0, 3.0]]), ~mask)
