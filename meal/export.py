@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from meal.config import ConfigError, register_configs
-from meal.evaluate import load_run, read_run
+from meal.run_folder import load_run, read_run
 from meal.generate import parse_preferences
 from meal.train import CONF_DIR, refuse_file_folder, user_errors
 

@@ -28,7 +28,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from meal.config import ConfigError, register_configs
-from meal.evaluate import load_run, read_run
+from meal.run_folder import load_run, read_run
 from meal.train import CONF_DIR, refuse_file_folder, user_errors
 
 log = logging.getLogger("meal")

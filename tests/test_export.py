@@ -54,7 +54,7 @@ def run(tiny_llama, tmp_path_factory):
 
 
 def test_folding_the_preference_adapters_gives_the_same_logits(run):
-    from meal.evaluate import load_run
+    from meal.run_folder import load_run
     from meal.preference_lora import preference_weights
 
     _, model, tok, _ = load_run(str(run))
@@ -139,7 +139,7 @@ def assert_export_answers_as_the_run(run_dir, w, out) -> None:
     plain peft's on the base model with the ``format=adapter`` export."""
     from transformers import AutoModelForCausalLM
 
-    from meal.evaluate import load_run
+    from meal.run_folder import load_run
     from meal.methods import recipe
     from meal.preference_lora import preference_weights
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from meal.evaluate import read_run
+from meal.run_folder import read_run
 from meal.export import base_model_ref, export_run
 from meal.generate import Ask, answer
 from meal.harness import load_task_data

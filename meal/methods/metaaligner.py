@@ -312,7 +312,7 @@ def upstream_responder(cfg, model, tokenizer, stack_on: str):
                            base=True)
     if stack_on == "conditioned":
         return ConditionedPolicy(model, Conditioner(cfg.task.template, list(cfg.task.objectives), tokenizer))
-    from meal.evaluate import load_run_responder
+    from meal.run_folder import load_run_responder
 
     return load_run_responder(stack_on)
 
