@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 from collections import defaultdict
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -97,6 +97,24 @@ def _stage_cost(row: dict) -> str:
 
 def _fmt(m, s, digits=2) -> str:
     return "n/a" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def experiment_meta(**fields: Any) -> dict:
+    """What every results file records first: today's date and this machine, then ``fields`` (the command,
+    wall time ...; a given date or machine wins)."""
+    return {"date": datetime.date.today().isoformat(), "machine": machine(), **fields}
+
+
+def write_results(out_dir: str, result: dict, markdown: Sequence[str]) -> None:
+    """An experiment's ``result`` as ``out_dir``/compare.json and its ``markdown`` lines as README.md, closed by
+    the line naming the machine, the wall time and the command that regenerates it (from ``result``)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "compare.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    footer = (f"Machine: {result['machine']}. Wall time {result['wall_seconds']} s. "
+              f"Regenerate: `{result['command']}`.")
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write("\n".join([*markdown, footer, ""]))
 
 
 def _generation(front: Front) -> str:
@@ -262,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise ValueError(f"--meta is not valid JSON ({e}): {args.meta!r}") from None
         if not isinstance(meta, dict):
             raise ValueError(f"--meta must be a JSON object, got {args.meta!r}")
-        meta = {"date": datetime.date.today().isoformat(), "machine": machine(), **meta}
+        meta = experiment_meta(**meta)
         compare(args.paths, args.out, args.title, args.reference, meta)
     except (CompareError, ValueError) as e:
         print(f"meal-compare: {e}", file=sys.stderr)

@@ -13,12 +13,11 @@ import csv
 import glob
 import json
 import os
-import time
 
 import numpy as np
 
 from meal.evaluation import Front
-from meal.profiling import machine
+from meal.compare import experiment_meta, write_results
 
 
 def responses(folder: str) -> dict[tuple[str, int], str]:
@@ -59,16 +58,11 @@ def main() -> None:
     spread = json.load(open(args.spread_from))
     label = fronts[ref].label
     method = next(m for m in spread["methods"] if m["method"] == label)
-    result = {"experiment": "batch invariance of a front (issue 25)", "date": time.strftime("%Y-%m-%d"),
-              "machine": machine(),
-              "wall_seconds": args.wall, "command": args.command, "run": fronts[ref].extra.get("run_dir"),
-              "method": label, "reference_batch_size": ref, "batches": rows,
-              "hypervolume_range": float(hv.max() - hv.min()),
-              "seed_spread": {"from": args.spread_from, "method": label, "runs": method["runs"],
-                              "hypervolume_std": method["hypervolume_std"]}}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "compare.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    result = experiment_meta(experiment="batch invariance of a front (issue 25)", wall_seconds=args.wall,
+                             command=args.command, run=fronts[ref].extra.get("run_dir"), method=label,
+                             reference_batch_size=ref, batches=rows, hypervolume_range=float(hv.max() - hv.min()),
+                             seed_spread={"from": args.spread_from, "method": label, "runs": method["runs"],
+                                          "hypervolume_std": method["hypervolume_std"]})
     lines = [f"# Does a front depend on the generation batch size? ({result['date']})", "",
              f"One checkpoint ({label}, {result['run']}) evaluated by meal-eval at batch sizes "
              f"{', '.join(map(str, args.batches))}: {rows[0]['responses']} responses each (prompts x 11 preferences), "
@@ -78,11 +72,9 @@ def main() -> None:
     lines += [f"| {r['batch_size']} | {r['hypervolume']:.4f} | {r['differ_from_bs1']} of {r['responses']} | "
               f"{r['differ_from_first_word']} | {r['eval_seconds']} |" for r in rows]
     lines += ["", f"Hypervolume range over batch sizes: {result['hypervolume_range']:.4f}; seed-to-seed std of "
-              f"{label} in {args.spread_from}: {method['hypervolume_std']:.2f} ({method['runs']} runs).", "",
-              f"Machine: {result['machine']}. Wall time {args.wall} s. Regenerate: `{args.command}`.", ""]
-    with open(os.path.join(args.out, "README.md"), "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+              f"{label} in {args.spread_from}: {method['hypervolume_std']:.2f} ({method['runs']} runs).", ""]
+    write_results(args.out, result, lines)
+    print(open(os.path.join(args.out, "README.md")).read())
 
 
 if __name__ == "__main__":

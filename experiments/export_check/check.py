@@ -24,7 +24,7 @@ from meal.run_folder import read_run
 from meal.export import base_model_ref, export_run
 from meal.generate import Ask, answer
 from meal.harness import load_task_data
-from meal.profiling import machine
+from meal.compare import experiment_meta, write_results
 from meal.run import eval_texts
 
 
@@ -81,24 +81,19 @@ def main() -> None:
             rows.append({"preference": w, "format": fmt, "prompts": len(prompts), "identical": sum(same),
                          "pairs": [{"prompt": q, "meal": m, "exported": e} for q, m, e in zip(prompts, meal, plain)]})
             print(f"w={w} {fmt}: {sum(same)} of {len(same)} greedy answers identical to meal's")
-    result = {"experiment": "export check on the embedded policy (issue 24)", "date": time.strftime("%Y-%m-%d"),
-              "machine": machine(), "wall_seconds": round(time.time() - start), "run": args.run,
-              "policy": f"{base[0]} {base[1] or ''} ({cfg.policy.dtype})",
-              "command": f"python experiments/export_check/check.py --run {args.run} --prefs '{args.prefs}' "
-                         f"--prompts {args.prompts} --out {args.out}", "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "compare.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    result = experiment_meta(experiment="export check on the embedded policy (issue 24)",
+                             wall_seconds=round(time.time() - start), run=args.run,
+                             policy=f"{base[0]} {base[1] or ''} ({cfg.policy.dtype})",
+                             command=f"python experiments/export_check/check.py --run {args.run} --prefs "
+                                     f"'{args.prefs}' --prompts {args.prompts} --out {args.out}", rows=rows)
     lines = [f"# Does an exported folder answer as meal does? ({result['date']})", "",
              f"Run `{args.run}` ({result['policy']}), {len(prompts)} validation prompts, greedy, {max_new} new "
              f"tokens at most, batch 1. merged: `AutoModelForCausalLM.from_pretrained(DIR)`; adapter: "
              f"`PeftModel.from_pretrained(base, DIR)` over the GGUF base; both prompted from meal_prompt.json.", "",
              "| preference | format | greedy answers identical to meal's |", "|---|---|---|"]
     lines += [f"| {r['preference']} | {r['format']} | {r['identical']} of {r['prompts']} |" for r in rows]
-    lines += ["", "Every pair of answers is in compare.json.", "",
-              f"Machine: {result['machine']}. Wall time {result['wall_seconds']} s. Regenerate: `{result['command']}`.", ""]
-    with open(os.path.join(args.out, "README.md"), "w") as f:
-        f.write("\n".join(lines))
+    lines += ["", "Every pair of answers is in compare.json.", ""]
+    write_results(args.out, result, lines)
 
 
 if __name__ == "__main__":
