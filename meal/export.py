@@ -40,53 +40,50 @@ log = logging.getLogger("meal")
 EXPORTABLE = ("meal", "soups", "morlhf", "ric")  # recipes whose answer at w is one model's weights and a prompt
 
 
-def fold_preference_lora(model: nn.Module, w: list[float]) -> nn.Module:
-    """Replace every preference-aware LoRA layer by its base ``nn.Linear`` with the update at ``w`` folded
-    in: W + scale * sum_k c_k B_k A_k, c = (1, w_1, ..., w_K) (computed in float32, stored in W's dtype)."""
+def _unwrap_preference_lora(model: nn.Module, w: list[float]
+                            ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, nn.Linear]]:
+    """Put every preference-aware LoRA layer's base ``nn.Linear`` back in its place and return, per layer name,
+    its update at ``w`` as one ordinary LoRA (A ((K+1) r, in), B (out, (K+1) r), scale, base): scale * B A =
+    scale * sum_k c_k B_k A_k with A = [A_0; ...; A_K], B = [c_0 B_0 | ... | c_K B_K], c = (1, w), in float32."""
     from meal.preference_lora import PreferenceLoRALinear
 
     coef = torch.tensor([1.0] + list(w))
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, PreferenceLoRALinear):
-            continue
-        a, b = mod.pref_lora_A.detach().float(), mod.pref_lora_B.detach().float()  # (K+1, r, in), (K+1, out, r)
-        delta = torch.einsum("k,kor,kri->oi", coef.to(a.device), b, a) * mod.scale
-        base = mod.base
-        with torch.no_grad():
-            base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
-    if hasattr(model, "meal_preference"):
-        del model.meal_preference
-    return model
-
-
-def preference_lora_as_peft(model: nn.Module, w: list[float], base_id: str) -> nn.Module:
-    """The preference-aware adapters at ``w`` as one ordinary peft LoRA of rank (K+1) r on the base layers:
-    scale * sum_k c_k B_k A_k = (scale (K+1) r / ((K+1) r)) [c_0 B_0 | ... | c_K B_K] [A_0; ...; A_K], c = (1, w),
-    so ``lora_alpha = scale (K+1) r`` keeps peft's alpha / r at the adapter's scale. Exact, in float32."""
-    from peft import LoraConfig, get_peft_model
-
-    from meal.preference_lora import PreferenceLoRALinear
-
-    coef = torch.tensor([1.0] + list(w))
-    mats, scales = {}, set()
+    out = {}
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, PreferenceLoRALinear):
             continue
         a, b = mod.pref_lora_A.detach().float(), mod.pref_lora_B.detach().float()  # (K+1, r, in), (K+1, out, r)
         k1, r = a.shape[:2]
-        mats[name] = (a.reshape(k1 * r, -1), (b * coef.view(k1, 1, 1)).permute(1, 0, 2).reshape(b.shape[1], k1 * r))
-        scales.add((mod.scale, k1 * r))
+        out[name] = (a.reshape(k1 * r, -1), (b * coef.to(b.device).view(k1, 1, 1)).permute(1, 0, 2)
+                     .reshape(b.shape[1], k1 * r), mod.scale, mod.base)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, mod.base)
     if hasattr(model, "meal_preference"):
         del model.meal_preference
-    (scale, rank), = scales  # one adapter shape in every layer (attach_preference_lora)
+    return out
+
+
+def fold_preference_lora(model: nn.Module, w: list[float]) -> nn.Module:
+    """Replace every preference-aware LoRA layer by its base ``nn.Linear`` with the update at ``w`` folded
+    in: W + scale * sum_k c_k B_k A_k, c = (1, w_1, ..., w_K) (computed in float32, stored in W's dtype)."""
+    with torch.no_grad():
+        for a, b, scale, base in _unwrap_preference_lora(model, w).values():
+            base.weight.copy_((base.weight.float() + scale * (b @ a)).to(base.weight.dtype))
+    return model
+
+
+def preference_lora_as_peft(model: nn.Module, w: list[float], base_id: str) -> nn.Module:
+    """The preference-aware adapters at ``w`` as one ordinary peft LoRA of rank (K+1) r on the base layers
+    (:func:`_unwrap_preference_lora`); ``lora_alpha = scale (K+1) r`` keeps peft's alpha / r at the adapter's
+    scale. Exact, in float32."""
+    from peft import LoraConfig, get_peft_model
+
+    mats = _unwrap_preference_lora(model, w)
+    (scale, rank), = {(s, a.shape[0]) for a, _, s, _ in mats.values()}  # one shape everywhere (attach_preference_lora)
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=scale * rank, lora_dropout=0.0,
                                                   target_modules=sorted(mats), bias="none"))
     with torch.no_grad():
-        for name, (a, b) in mats.items():
+        for name, (a, b, _, _) in mats.items():
             layer = peft_model.base_model.model.get_submodule(name)
             layer.lora_A["default"].weight.copy_(a)
             layer.lora_B["default"].weight.copy_(b)
