@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import hydra
@@ -132,15 +133,33 @@ def prompt_template(cfg, w: list[float], words: str) -> dict[str, Any]:
             "suffix": "" if t.chat else t.suffix, "preference": dict(zip(cfg.task.objectives, w)), "written": words}
 
 
-def export_run(run_dir: str, w: list[float], out: str, checkpoint: str = "latest", overwrite: bool = False,
-               trust: bool = False, fmt: str = "merged") -> str:
-    """Write ``run_dir`` at preference ``w`` into ``out`` (a model folder, or with ``fmt="adapter"`` a peft
+@dataclass
+class Export:
+    """How a run is exported: ``fmt`` merged (a plain model folder) or adapter (a peft LoRA for the base
+    model); ``dtype`` the policy is loaded, folded and saved in (float32: the update at w kept whole; a bf16
+    fold rounds it into the base weights, which drops part of it); which checkpoint; whether an existing
+    ``out`` is replaced; whether a run folder naming code outside meal's own is opened."""
+
+    fmt: str = "merged"
+    dtype: str = "float32"
+    checkpoint: str = "latest"
+    overwrite: bool = False
+    trust: bool = False
+
+
+def export_run(run_dir: str, w: list[float], out: str, how: Export | None = None) -> str:
+    """Write ``run_dir`` at preference ``w`` into ``out`` (a model folder, or with ``how.fmt="adapter"`` a peft
     LoRA adapter, with its tokenizer, meal_prompt.json and a model card); returns ``out``. Everything is
     checked before the policy loads; nothing is written on error."""
     from meal.methods import recipe
 
+    from meal.run_folder import check_dtype
+
+    how = how or Export()
+    fmt, checkpoint, trust = how.fmt, how.checkpoint, how.trust
     if fmt not in ("merged", "adapter"):
         raise ConfigError(f"format: merged | adapter, got {fmt!r}")
+    check_dtype(how.dtype)
     cfg, folder = read_run(run_dir, checkpoint, trust=trust)
     if fmt == "adapter" and not cfg.policy.lora.enabled:
         raise ConfigError(f"format: {run_dir} trained every weight of its policy (policy.lora.enabled=false): "
@@ -149,16 +168,16 @@ def export_run(run_dir: str, w: list[float], out: str, checkpoint: str = "latest
         why = {"metaaligner": "MetaAligner answers with two models (a policy and its corrector)"}
         raise ConfigError(f"run_dir: {run_dir} is a {cfg.method.recipe} run: "
                           f"{why.get(cfg.method.recipe, 'not exportable')}")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not how.overwrite:
         raise ConfigError(f"out: {out} exists and is not empty (pass overwrite=true to replace it)")
-    cfg, model, tok, folder = load_run(run_dir, checkpoint, trust=trust)
+    cfg, model, tok, folder = load_run(run_dir, checkpoint, trust=trust, dtype=how.dtype)
     responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)
     grid = getattr(responder, "grid", None)
     if grid is not None and not any(torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-4) for g in grid):
         raise ConfigError(f"preference: {w} is not one of this {cfg.method.name} run's policies: {grid}")
     responder.load_weights(w)  # the weights this method answers with at w (a soup's mix, MORLHF's policy)
     model = plain_model(model, w) if fmt == "merged" else adapter_model(model, w, base_model_ref(cfg.policy)[0])
-    if os.path.exists(out) and overwrite:
+    if os.path.exists(out) and how.overwrite:
         import shutil
 
         shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
@@ -169,12 +188,12 @@ def export_run(run_dir: str, w: list[float], out: str, checkpoint: str = "latest
     with open(os.path.join(tmp, "meal_prompt.json"), "w") as f:
         json.dump(prompt, f, indent=2)
     with open(os.path.join(tmp, "README.md"), "w") as f:
-        f.write(model_card(cfg, run_dir, folder, w, prompt, fmt))
+        f.write(model_card(cfg, run_dir, folder, w, prompt, how))
     os.replace(tmp, out)
     return out
 
 
-def model_card(cfg, run_dir: str, folder: str, w: list[float], prompt: dict[str, Any], fmt: str = "merged") -> str:
+def model_card(cfg, run_dir: str, folder: str, w: list[float], prompt: dict[str, Any], how: Export) -> str:
     """What the exported folder is: method, preference, objectives, reward statistics, the front's point at w
     (when the run's front holds it), the run's cost, the base model, and how to prompt it."""
     from meal.checkpoint import load_state
@@ -183,8 +202,11 @@ def model_card(cfg, run_dir: str, folder: str, w: list[float], prompt: dict[str,
     pref = ", ".join(f"{o} {x:.2f}" for o, x in zip(objectives, w))
     base, gguf_file = base_model_ref(cfg.policy)
     gguf = f", gguf_file={gguf_file!r}" if gguf_file else ""
+    fmt = how.fmt
+    rounded = ("" if how.dtype == "float32" else " The fold was rounded to this dtype, which drops part of the "
+               "update (`meal-export dtype=float32` keeps it whole).")
     what = (f"A plain transformers causal LM: the weights the method answers with at this preference, folded into "
-            f"the base model `{base}` (its licence applies)." if fmt == "merged" else
+            f"the base model `{base}` in {how.dtype} (its licence applies).{rounded}" if fmt == "merged" else
             f"A peft LoRA adapter for the base model `{base}`{' (' + gguf_file + ')' if gguf else ''} "
             f"(its licence applies): the adapters the method answers with at this preference, as one ordinary "
             f"LoRA (exact).")
@@ -241,7 +263,8 @@ def _main(cfg: DictConfig) -> None:
         prefs = parse_preferences(cfg.preference, list(run_cfg.task.objectives))
         if len(prefs) != 1:
             raise ConfigError(f"preference: export one preference at a time, got {len(prefs)}")
-        out = export_run(cfg.run_dir, prefs[0], cfg.out, cfg.checkpoint, cfg.overwrite, cfg.trust_run, cfg.format)
+        out = export_run(cfg.run_dir, prefs[0], cfg.out, Export(cfg.format, cfg.dtype, cfg.checkpoint, cfg.overwrite,
+                                                                cfg.trust_run))
     load = (f"AutoModelForCausalLM.from_pretrained({out!r})" if cfg.format == "merged" else
             f"PeftModel.from_pretrained(base, {out!r}), base: {base_model_ref(run_cfg.policy)})")
     print(f"exported: {out} ({load}; prompt: {out}/meal_prompt.json, card: {out}/README.md)")

@@ -46,6 +46,7 @@ class Ask:
     score: bool = False
     max_new_tokens: int | None = None  # None: the run's task.max_new_tokens
     batch_size: int = 8
+    dtype: str | None = None  # the policy's dtype (float32, bfloat16, ...); None: the run's policy.dtype
 
 
 def parse_preferences(value: Any, objectives: Sequence[str]) -> list[list[float]]:
@@ -101,15 +102,19 @@ def answer(run_dir: str, ask: Ask, checkpoint: str = "latest", trust: bool = Fal
     from meal.rewards import RewardNormalizer
     from meal.run import generation_settings
 
+    from meal.run_folder import check_dtype
+
     cfg, folder = read_run(run_dir, checkpoint, trust=trust)
     objectives = list(cfg.task.objectives)
     if not ask.prompts:
         raise ConfigError("prompt: nothing to ask")
+    if ask.dtype is not None:
+        check_dtype(ask.dtype)
     reward_set = normalizer = None
     if ask.score:
         normalizer = RewardNormalizer.load(os.path.join(run_dir, "reward_stats.json"), objectives)
         reward_set = build_rewards(cfg)
-    cfg, model, tok, _ = load_run(run_dir, checkpoint, trust=trust)
+    cfg, model, tok, _ = load_run(run_dir, checkpoint, trust=trust, dtype=ask.dtype)
     responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)
     grid = getattr(responder, "grid", None)
     if grid is not None:  # MORLHF: one policy per grid preference
@@ -160,7 +165,7 @@ def _main(cfg: DictConfig) -> None:
         if cfg.out and os.path.exists(cfg.out) and not os.path.isfile(cfg.out):
             raise ConfigError(f"out: {cfg.out} is a folder, not a file")
         ask = Ask(read_prompts(cfg.prompt, cfg.prompts_file), prefs, cfg.greedy, cfg.seed, cfg.score,
-                  cfg.max_new_tokens, cfg.batch_size)
+                  cfg.max_new_tokens, cfg.batch_size, cfg.dtype)
         rows = answer(cfg.run_dir, ask, cfg.checkpoint, cfg.trust_run)
     print(table(rows))
     if cfg.out:

@@ -153,17 +153,30 @@ def read_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, 
     return cfg, folder
 
 
-def load_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, trust: bool = False):
+def load_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, trust: bool = False,
+             dtype: str | None = None):
     """(cfg, model, tokenizer, weights folder) of a run written by meal-train (:func:`read_run`), the policy
-    with the weights of ``checkpoint`` loaded, or none (``untrained``)."""
+    with the weights of ``checkpoint`` loaded, or none (``untrained``); ``dtype`` (float32, bfloat16, ...)
+    replaces the run's ``policy.dtype`` (None: the run's own)."""
     from meal.checkpoint import load_policy_weights
     from meal.policy import load_policy, trainable_parameters
 
     cfg, folder = read_run(run_dir, checkpoint, untrained, trust)
+    if dtype is not None:
+        check_dtype(dtype)
+        cfg.policy.dtype = dtype
     model, tok = load_policy(cfg.policy, len(cfg.task.objectives))
     if folder is not None:
         load_policy_weights(folder, trainable_parameters(model))
     return cfg, model, tok, folder
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype: {' | '.join(DTYPES)}, got {dtype!r}")
 
 
 def load_run_responder(run_dir: str, checkpoint: str = "latest"):

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from meal.config import ConfigError
-from meal.export import export_run, fold_preference_lora
+from meal.export import Export, export_run, fold_preference_lora
 from meal.generate import Ask, answer
 from meal.trainer import train
 from tests.conftest import tiny_config
@@ -89,7 +89,7 @@ def test_the_export_loads_with_plain_transformers_and_answers_as_meal_does(run, 
 
 def test_the_adapter_export_loads_with_plain_peft_and_answers_as_meal_does(run, tiny_llama, tmp_path):
     """format=adapter: the preference-aware blocks at w as one ordinary LoRA of rank (K+1) r (here 3 x 2)."""
-    out = export_run(str(run), [0.3, 0.7], str(tmp_path / "adapter"), fmt="adapter")
+    out = export_run(str(run), [0.3, 0.7], str(tmp_path / "adapter"), Export(fmt="adapter"))
     files = set(os.listdir(out))
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "meal_prompt.json",
             "README.md"} <= files and "model.safetensors" not in files
@@ -105,7 +105,16 @@ def test_the_adapter_export_loads_with_plain_peft_and_answers_as_meal_does(run, 
                                                          batch_size=1))]
     assert plain == meal
     with pytest.raises(ConfigError, match="format: merged \\| adapter, got 'gguf'"):
-        export_run(str(run), [0.3, 0.7], str(tmp_path / "x"), fmt="gguf")
+        export_run(str(run), [0.3, 0.7], str(tmp_path / "x"), Export(fmt="gguf"))
+
+
+def test_a_half_precision_export_is_saved_so_and_says_what_it_rounds(run, tmp_path):
+    from safetensors import safe_open
+
+    out = export_run(str(run), [0.3, 0.7], str(tmp_path / "bf16"), Export(dtype="bfloat16"))
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert "in bfloat16 (its licence applies). The fold was rounded" in open(os.path.join(out, "README.md")).read()
 
 
 def test_bad_export_input_is_named_and_nothing_is_written(run, tmp_path):
@@ -115,6 +124,9 @@ def test_bad_export_input_is_named_and_nothing_is_written(run, tmp_path):
     with pytest.raises(ConfigError, match="out: .*busy exists and is not empty .*overwrite=true"):
         export_run(str(run), [0.5, 0.5], str(busy))
     assert os.listdir(busy) == ["mine.txt"]
+    with pytest.raises(ConfigError, match="dtype: auto \\| float32 \\| bfloat16 \\| float16, got 'fp8'"):
+        export_run(str(run), [0.5, 0.5], str(tmp_path / "d"), Export(dtype="fp8"))
+    assert not (tmp_path / "d").exists()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run([sys.executable, "-m", "meal.export", f"run_dir={run}", "preference=[0.5,0.6]",
@@ -159,7 +171,7 @@ def assert_export_answers_as_the_run(run_dir, w, out) -> None:
         return
     from peft import PeftModel  # format=adapter: a standard LoRA adapter on the base model, the same logits
 
-    adapter = export_run(str(run_dir), w, f"{out}-adapter", fmt="adapter")
+    adapter = export_run(str(run_dir), w, f"{out}-adapter", Export(fmt="adapter"))
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.policy.name_or_path), adapter)
     with torch.no_grad():
         torch.testing.assert_close(peft(ids).logits, theirs, rtol=1e-4, atol=1e-4)

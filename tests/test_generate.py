@@ -44,6 +44,10 @@ def test_answers_per_prompt_and_preference_with_the_runs_scores(run):
         raw = torch.tensor([[r["raw"]["coverage"], r["raw"]["concise"]]])
         assert torch.allclose(norm(raw)[0], torch.tensor([r["normalised"]["coverage"], r["normalised"]["concise"]]))
     assert answer(str(run), ask) == rows  # greedy: the same answers every time
+    half = answer(str(run), Ask(ask.prompts, [[1.0, 0.0]], greedy=True, max_new_tokens=6, dtype="bfloat16"))
+    assert [r["prompt"] for r in half] == ask.prompts  # the policy loaded in another dtype than the run's
+    with pytest.raises(ConfigError, match="dtype: auto \\| float32 \\| bfloat16 \\| float16, got 'fp8'"):
+        answer(str(run), Ask(ask.prompts, [[1.0, 0.0]], dtype="fp8"))
     shown = table(rows)
     assert shown.count("\n> ") == 2 and "[coverage 0.30 concise 0.70] | coverage " in shown
 
