@@ -28,8 +28,9 @@ test: setup  ## the default test suite (CPU, no network)
 test-slow: setup  ## also the slow end-to-end tests on the embedded model
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-bench: setup  ## time and memory per phase, static vs Meal with each engine -> BENCHMARKS.md
+bench: setup  ## time and memory per phase, static vs Meal with each engine; each phase against the machine's limit -> BENCHMARKS.md
 	$(BIN)/python experiments/benchmark/bench.py
+	$(BIN)/python experiments/benchmark/phases.py
 
 reward-conflict: setup  ## correlations between the embedded objectives -> docs/reward_conflict.json
 	$(BIN)/python experiments/embedded/reward_conflict.py

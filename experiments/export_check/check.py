@@ -121,10 +121,11 @@ def main() -> None:
                                      f"'{args.prefs}' --prompts {args.prompts} --out {args.out}", rows=rows)
     lines = [f"# Does an exported folder answer as meal does? ({result['date']})", "",
              f"Run `{args.run}` ({result['policy']}), {len(prompts)} validation prompts, greedy, {max_new} new "
-             f"tokens at most, batch 1. Meal's answers: `meal-generate greedy=true` with the policy in float32 and in "
-             f"the run's dtype ({run_dtype}). Merged: `meal-export` (dtype float32, the default, and {run_dtype}) "
-             f"loaded by `AutoModelForCausalLM.from_pretrained(DIR)`; adapter: `PeftModel.from_pretrained(base, "
-             f"DIR)` over the GGUF base in each dtype; all prompted from meal_prompt.json.", "",
+             f"tokens at most, batch 1. Meal's answers: `meal-generate greedy=true` with the policy in "
+             f"{' and '.join(dict.fromkeys(['float32', run_dtype]))}. Merged: `meal-export` "
+             f"(dtype {' and '.join(dict.fromkeys(['float32', run_dtype]))}) loaded by "
+             f"`AutoModelForCausalLM.from_pretrained(DIR)`; adapter: `PeftModel.from_pretrained(base, DIR)` over the "
+             f"GGUF base; all prompted from meal_prompt.json.", "",
              "| preference | answers of | against | greedy answers identical |", "|---|---|---|---|"]
     lines += [f"| {r['preference']} | {r['answers']} | {r['against']} | {r['identical']} of {r['prompts']} |"
               for r in rows]
