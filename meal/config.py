@@ -21,6 +21,9 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # what policy.dtype (and meal-generate / meal-export dtype=) accept
+
+
 def _f(default: Any, help: str) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
@@ -335,7 +338,7 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
         _need(not cfg.policy.lora.preference_aware, "generation.backend",
               "vllm cannot sample from preference-aware LoRA (policy.lora.preference_aware=false, or backend=hf)")
     p = cfg.policy
-    _need(p.dtype in ("auto", "bfloat16", "float16", "float32"), "policy.dtype", f"unknown dtype {p.dtype!r}")
+    _need(p.dtype in DTYPES, "policy.dtype", f"unknown dtype {p.dtype!r}")
     _need(p.attn_implementation in ("sdpa", "eager", "flash_attention_2"), "policy.attn_implementation",
           f"sdpa | eager | flash_attention_2, got {p.attn_implementation!r}")
     _need(p.lora.r >= 1, "policy.lora.r", "must be >= 1")

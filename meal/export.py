@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from meal.config import ConfigError, register_configs
-from meal.run_folder import load_run, read_run
+from meal.run_folder import check_dtype, load_run, read_run
 from meal.generate import parse_preferences
 from meal.train import CONF_DIR, refuse_file_folder, user_errors
 
@@ -152,8 +152,6 @@ def export_run(run_dir: str, w: list[float], out: str, how: Export | None = None
     LoRA adapter, with its tokenizer, meal_prompt.json and a model card); returns ``out``. Everything is
     checked before the policy loads; nothing is written on error."""
     from meal.methods import recipe
-
-    from meal.run_folder import check_dtype
 
     how = how or Export()
     fmt, checkpoint, trust = how.fmt, how.checkpoint, how.trust

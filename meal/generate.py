@@ -28,7 +28,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from meal.config import ConfigError, register_configs
-from meal.run_folder import load_run, read_run
+from meal.run_folder import check_dtype, load_run, read_run
 from meal.train import CONF_DIR, refuse_file_folder, user_errors
 
 log = logging.getLogger("meal")
@@ -101,8 +101,6 @@ def answer(run_dir: str, ask: Ask, checkpoint: str = "latest", trust: bool = Fal
     from meal.methods import recipe
     from meal.rewards import RewardNormalizer
     from meal.run import generation_settings
-
-    from meal.run_folder import check_dtype
 
     cfg, folder = read_run(run_dir, checkpoint, trust=trust)
     objectives = list(cfg.task.objectives)

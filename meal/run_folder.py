@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from meal.config import ConfigError, TrainConfig, typed_method
+from meal.config import DTYPES, ConfigError, TrainConfig, typed_method
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +171,8 @@ def load_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, 
     return cfg, model, tok, folder
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
 def check_dtype(dtype: str) -> None:
+    """A ``dtype=`` option of meal-generate / meal-export: one of policy.dtype's values, else ConfigError."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype: {' | '.join(DTYPES)}, got {dtype!r}")
 

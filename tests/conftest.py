@@ -11,8 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-# one thread per pytest-xdist worker (`make test` runs two on this machine's two cores), else at most two
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
+torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def smollm2_tokenizer_source() -> tuple[str, str]:

@@ -27,13 +27,13 @@ table into BENCHMARKS.md (section "Per phase against the machine's limit").
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
 import statistics
 import time
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -116,11 +116,12 @@ def main() -> None:
     from meal.losses import build_batch, policy_step
     from meal.meta import dynamic_preference
     from meal.meta_learner import IterationBatch, PolicyHandle, build_learner, labelled_batch
-    from meal.methods.meal import keep_best, meta_settings
+    from meal.compare import experiment_meta
+    from meal.methods.meal import concat_batches, keep_best, meta_settings
     from meal.policy import load_policy, trainable_parameters
-    from meal.profiling import PhaseMeter, machine
+    from meal.profiling import PhaseMeter
     from meal.rewards import RewardNormalizer, RewardSet
-    from meal.rollout import ConditionedPolicy, Conditioner, draw_preferences, rollout
+    from meal.rollout import ConditionedPolicy, Conditioner, rollout
     from meal.run import generation_settings
     from meal.sampling import degenerate_mask, generate
     from meal.trainer import as_config
@@ -174,7 +175,7 @@ def main() -> None:
 
     # the stage's step: c.batch_size labelled rows (responses of the pool, labels as the stage draws them)
     rows, labels = achieved_labels(ro.rewards.view(-1, k), [i // t.n_samples for i in range(len(responses))], c.label,
-                                   __import__("numpy").random.default_rng(0), c.tau, c.labels_per_group)
+                                   np.random.default_rng(0), c.tau, c.labels_per_group)
     pick = rows[:c.batch_size].tolist()
     sft = build_batch(tok, cond([scored[i] for i in pick], labels[:c.batch_size]), [responses[i] for i in pick],
                       None, t.max_prompt_tokens, prefs=labels[:c.batch_size])
@@ -208,15 +209,13 @@ def main() -> None:
         for part in ("inner_step", "meta_step"):
             share = split[f"time/{part}"] / total
             results.append({**both, "phase": part, "seconds": both["seconds"] * share,
-                            "flops": float("nan"), "flops_per_s": float("nan"), "of_pair": share})
+                            "flops": None, "flops_per_s": None, "of_pair": share})
         results.append(both)
 
     # step 10: the kept responses and t.replay replayed stage rows (here: more of the generated rows)
     real = labelled_batch(handle, texts, ro.texts, ro.finished, kept, w_tilde[kept.src])
     extra = build_batch(tok, cond(scored[:t.replay], labels[:t.replay]), responses[:t.replay], None,
                         t.max_prompt_tokens, prefs=labels[:t.replay]) if t.replay else None
-    from meal.methods.meal import concat_batches
-
     real = concat_batches(real, extra, tok.pad_token_id) if extra is not None else real
     results.append(measure("real_step", lambda: (policy_step(model, optimizer, real, torch.ones(len(real)),
                                                              t.micro_batch_size), int(real.attention_mask.sum()))[1],
@@ -232,13 +231,14 @@ def main() -> None:
     results.append(measure("evaluate", eval_phase, args.repeat, calls, weight_bytes))
 
     for r in results:
+        if r["flops"] is None:  # the meter's split of the pair: its FLOPs are the pair's
+            continue
         r["share_of_matmul_peak"] = r["flops_per_s"] / limits["matmul_train_flops_per_s"]
         if "weight_bytes_per_s" in r:
             r["share_of_bandwidth"] = r["weight_bytes_per_s"] / limits["copy_bytes_per_s"]
-    out = {"date": datetime.date.today().isoformat(), "machine": machine(), "limits": limits, "phases": results,
-           "config": "experiment=demo " + " ".join(args.overrides), "repeat": args.repeat,
-           "command": "python experiments/benchmark/phases.py" + (f" --overrides {' '.join(args.overrides)}"
-                                                                   if args.overrides else "")}
+    out = experiment_meta(limits=limits, phases=results, config="experiment=demo " + " ".join(args.overrides),
+                          repeat=args.repeat, command="python experiments/benchmark/phases.py" + (f" --overrides {' '.join(args.overrides)}"
+                                                                  if args.overrides else ""))
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
     write_section(out, args.markdown)
