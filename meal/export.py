@@ -32,13 +32,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from meal.config import ConfigError, register_configs
-from meal.run_folder import check_dtype, load_run, read_run
-from meal.generate import parse_preferences
-from meal.train import CONF_DIR, refuse_file_folder, user_errors
+from meal.cli import CONF_DIR, parse_preferences, refuse_file_folder, user_errors
+from meal.saved_run import check_dtype, load_run, read_run
 
 log = logging.getLogger("meal")
 
-EXPORTABLE = ("meal", "soups", "morlhf", "ric")  # recipes whose answer at w is one model's weights and a prompt
 
 
 def _unwrap_preference_lora(model: nn.Module, w: list[float]
@@ -151,7 +149,7 @@ def export_run(run_dir: str, w: list[float], out: str, how: Export | None = None
     """Write ``run_dir`` at preference ``w`` into ``out`` (a model folder, or with ``how.fmt="adapter"`` a peft
     LoRA adapter, with its tokenizer, meal_prompt.json and a model card); returns ``out``. Everything is
     checked before the policy loads; nothing is written on error."""
-    from meal.methods import recipe
+    from meal.methods import get
 
     how = how or Export()
     fmt, checkpoint, trust = how.fmt, how.checkpoint, how.trust
@@ -162,15 +160,14 @@ def export_run(run_dir: str, w: list[float], out: str, how: Export | None = None
     if fmt == "adapter" and not cfg.policy.lora.enabled:
         raise ConfigError(f"format: {run_dir} trained every weight of its policy (policy.lora.enabled=false): "
                           f"there is no adapter to write; export format=merged")
-    if cfg.method.recipe not in EXPORTABLE:
-        why = {"metaaligner": "MetaAligner answers with two models (a policy and its corrector)"}
-        raise ConfigError(f"run_dir: {run_dir} is a {cfg.method.recipe} run: "
-                          f"{why.get(cfg.method.recipe, 'not exportable')}")
+    method = get(cfg.method.recipe)
+    if method.not_exportable:
+        raise ConfigError(f"run_dir: {run_dir} is a {cfg.method.recipe} run: {method.not_exportable}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not how.overwrite:
         raise ConfigError(f"out: {out} exists and is not empty (pass overwrite=true to replace it)")
     cfg, model, tok, folder = load_run(run_dir, checkpoint, trust=trust, dtype=how.dtype)
-    responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)
-    grid = getattr(responder, "grid", None)
+    responder = method.responder(cfg, model, tok, run_dir)
+    grid = responder.grid
     if grid is not None and not any(torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-4) for g in grid):
         raise ConfigError(f"preference: {w} is not one of this {cfg.method.name} run's policies: {grid}")
     responder.load_weights(w)  # the weights this method answers with at w (a soup's mix, MORLHF's policy)

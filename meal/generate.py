@@ -16,20 +16,20 @@ seeded), or ``greedy=true``. Nothing is written into the run folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import hydra
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
+from meal.cli import CONF_DIR, parse_preferences, refuse_file_folder, user_errors
 from meal.config import ConfigError, register_configs
-from meal.run_folder import check_dtype, load_run, read_run
-from meal.train import CONF_DIR, refuse_file_folder, user_errors
+from meal.saved_run import check_dtype, load_run, read_run
 
 log = logging.getLogger("meal")
 
@@ -47,28 +47,6 @@ class Ask:
     max_new_tokens: int | None = None  # None: the run's task.max_new_tokens
     batch_size: int = 8
     dtype: str | None = None  # the policy's dtype (float32, bfloat16, ...); None: the run's policy.dtype
-
-
-def parse_preferences(value: Any, objectives: Sequence[str]) -> list[list[float]]:
-    """``grid`` (the evaluation grid), one preference [w1, ..., wK] or a list of them; ConfigError naming
-    what is wrong (length, sign, sum)."""
-    from meal.evaluation import preference_grid
-
-    k = len(objectives)
-    if isinstance(value, str) and value == "grid":
-        return preference_grid(k)
-    if isinstance(value, (ListConfig, DictConfig)):
-        value = OmegaConf.to_container(value)
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"preference: give [w1, ..., w{k}] for {', '.join(objectives)}, a list of them, or grid; "
-                          f"got {value!r}")
-    prefs = [list(value)] if not isinstance(value[0], (list, tuple)) else [list(v) for v in value]
-    for w in prefs:
-        if len(w) != k or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in w):
-            raise ConfigError(f"preference: {w} has {len(w)} weight(s) for {k} objectives ({', '.join(objectives)})")
-        if min(w) < 0 or abs(sum(w) - 1) > 1e-6:
-            raise ConfigError(f"preference: {w} is not on the simplex (weights >= 0 summing to 1)")
-    return [[float(x) for x in w] for w in prefs]
 
 
 def read_prompts(prompt: str | None, prompts_file: str | None, stdin=None) -> list[str]:
@@ -98,7 +76,7 @@ def answer(run_dir: str, ask: Ask, checkpoint: str = "latest", trust: bool = Fal
     import torch
 
     from meal.harness import build_rewards
-    from meal.methods import recipe
+    from meal.methods import get
     from meal.rewards import RewardNormalizer
     from meal.run import generation_settings
 
@@ -113,17 +91,15 @@ def answer(run_dir: str, ask: Ask, checkpoint: str = "latest", trust: bool = Fal
         normalizer = RewardNormalizer.load(os.path.join(run_dir, "reward_stats.json"), objectives)
         reward_set = build_rewards(cfg)
     cfg, model, tok, _ = load_run(run_dir, checkpoint, trust=trust, dtype=ask.dtype)
-    responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)
-    grid = getattr(responder, "grid", None)
+    responder = get(cfg.method.recipe).responder(cfg, model, tok, run_dir)
+    grid = responder.grid
     if grid is not None:  # MORLHF: one policy per grid preference
         known = [[round(x, 4) for x in g] for g in grid]
         off = [w for w in ask.preferences if [round(x, 4) for x in w] not in known]
         if off:
             raise ConfigError(f"preference: {off[0]} is not one of this {cfg.method.name} run's policies: {known}")
-    settings = generation_settings(cfg, eval_protocol=True)
-    settings.batch_size, settings.greedy = ask.batch_size, ask.greedy
-    if ask.max_new_tokens:
-        settings.max_new_tokens = ask.max_new_tokens
+    settings = dataclasses.replace(generation_settings(cfg, eval_protocol=True), batch_size=ask.batch_size,
+                                   greedy=ask.greedy, max_new_tokens=ask.max_new_tokens or cfg.task.max_new_tokens)
     rows: list[list[dict[str, Any]]] = [[] for _ in ask.prompts]
     for w in ask.preferences:
         prefs = torch.tensor([w] * len(ask.prompts))

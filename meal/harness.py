@@ -28,7 +28,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import numpy as np
 import torch
@@ -38,9 +38,21 @@ from meal.budget import Budget
 from meal.checkpoint import (CheckpointError, UnsafeCheckpoint, checkpoint_folders, latest_checkpoint,
                              load_checkpoint, read_checkpoint_state, rng_state, save_checkpoint, set_rng_state)
 from meal.config import ConfigError
-from meal.run_folder import LOCK, move_leftovers, run_lock  # noqa: F401 - the run folder's writer rules
+from meal.run_folder import move_leftovers
 from meal.rewards import RewardError, RewardNormalizer, RewardSet
 from meal.tasks import DataError, TaskData
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from meal.conditioning import ConditionedStart
+    from meal.distributed import AdamWStep, DeepSpeedStep, Dist
+    from meal.rollout import Conditioner, PromptOrder
+    from meal.run import RunContext
+    from meal.sampling import GenerationSettings
+    from meal.tracking import NullLogger
+
+    PolicyOptimizer = Union[AdamWStep, DeepSpeedStep]
 
 log = logging.getLogger(__name__)
 
@@ -235,40 +247,44 @@ def log_cut_prompts(condition, texts: list[str], num_objectives: int, tokenizer,
     return cut
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
-    """An opened run, as every method's recipe starts it (:func:`start_run`). ``optimizer`` is the
-    policy's step-10 engine (AdamW, or DeepSpeed ZeRO under a DeepSpeed launch).
+    """An opened run, as every method's recipe starts it (:func:`start_run`), built by keyword.
 
-    ``state`` is the checkpoint's saved state when the run resumes (the policy's weights are already
-    restored, the random streams continue when :meth:`iterations` starts; the recipe restores what it
-    owns, e.g. its optimiser), else None. ``order`` and ``draws`` are the prompt order and the numpy
-    draws (preferences), ``budget`` the online stage's cost so far, ``start`` the iteration to start at.
+    What the recipe trains: ``model`` (its trainable tensors ``params``, by name), ``tokenizer``, how a
+    preference is written into a prompt (``condition``), how it samples (``settings``) and, where the
+    recipe asked for it, the policy's step-10 engine (``optimizer``: AdamW, or DeepSpeed ZeRO under a
+    DeepSpeed launch; None otherwise) and the frozen embeddings of the training prompts (``embeddings``).
+    What it is scored with: ``reward_set`` and ``normalizer``. Where it stands: ``state`` is the
+    checkpoint's saved state when the run resumes (the policy's weights are already restored, the random
+    streams continue when :meth:`iterations` starts; the recipe restores what it owns, e.g. its optimiser),
+    else None; ``order`` and ``draws`` the prompt order and the numpy draws (preferences), ``budget`` the
+    online stage's cost so far, ``start`` the iteration to start at.
     """
 
     cfg: DictConfig
-    dist: Any
+    dist: Dist
     run_dir: str
     data: TaskData
     objectives: list[str]
     reward_set: RewardSet
-    model: Any
-    tokenizer: Any
-    params: dict[str, torch.Tensor]
-    condition: Any
-    settings: Any
-    optimizer: Any
-    conditioning: Any
     normalizer: RewardNormalizer
-    ctx: Any
-    logger: Any
-    order: Any
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    params: dict[str, torch.Tensor]
+    condition: Conditioner
+    settings: GenerationSettings
+    conditioning: ConditionedStart | None
+    ctx: RunContext
+    logger: NullLogger  # or a subclass (WandbLogger)
+    order: PromptOrder
     draws: np.random.Generator
     budget: Budget
+    optimizer: PolicyOptimizer | None = None
+    embeddings: torch.Tensor | None = None
     checkpoint: str | None = None
     state: dict | None = None
     start: int = 0
-    embeddings: torch.Tensor | None = None
 
     def __enter__(self) -> "Run":
         return self
@@ -366,12 +382,15 @@ class Run:
         return out
 
 
-def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed: str | None = None) -> Run:
+def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed: str | None = None,
+              optimizer: bool = True) -> Run:
     """Open a run for a recipe: checks, data, rewards, policy, step 0 (or the checkpoint), normalisation,
-    logger. ``condition_factory(template, objectives, tokenizer)`` builds how preferences are written
-    into prompts (default: :class:`~meal.rollout.Conditioner`, the step-4 template). ``embed``
-    (policy | minilm): also the frozen embeddings of the training prompts (``run.embeddings``, (M, D)),
-    taken from the policy as loaded, before step 0 or a checkpoint changes its weights."""
+    logger; the :class:`Run` closes what it opened when the recipe's ``with`` block ends.
+    ``condition_factory(template, objectives, tokenizer)`` builds how preferences are written into prompts
+    (default: :class:`~meal.rollout.Conditioner`, the step-4 template). ``embed`` (policy | minilm): also the
+    frozen embeddings of the training prompts (``run.embeddings``, (M, D)), taken from the policy as loaded,
+    before step 0 or a checkpoint changes its weights. ``optimizer``: build the policy's step-10 engine
+    (``run.optimizer``); a recipe that trains with another trainer (TRL's) or another model asks for none."""
     from meal.conditioning import condition_policy, conditioning_budget, read_conditioning, record_conditioning
     from meal.distributed import Dist, deepspeed_config, make_policy_optimizer
     from meal.policy import load_policy, resolve_device, resolve_dtype, trainable_parameters
@@ -421,8 +440,8 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
         conditioning = condition_policy(cfg, data, model, params, condition, settings, reward_set, run_dir,
                                         lambda folder: open_logger(cfg, folder, False, stage=True), dist)
     # the policy's optimiser (step 10's engine; a collective under DeepSpeed), built before any sampling
-    # as a DeepSpeed launch needs it; recipes that train with another trainer (TRL's) leave it unused
-    optimizer = make_policy_optimizer(model, params, t, dist, ds_config)
+    # as a DeepSpeed launch needs it
+    policy_optimizer = make_policy_optimizer(model, params, t, dist, ds_config) if optimizer else None
     ctx = RunContext(run_dir, cfg, objectives)
     order = PromptOrder(len(train_texts), t.seed)
     draws = np.random.default_rng(t.seed)
@@ -458,5 +477,7 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
                                          "samples_per_prompt": t.norm_samples, "seed": t.norm_seed})
     ctx.budgets = {"online": budget, "conditioning": conditioning_budget(conditioning)}
     logger = open_logger(cfg, run_dir, resume=ckpt is not None) if dist.main else NullLogger()
-    return Run(cfg, dist, run_dir, data, objectives, reward_set, model, tok, params, condition, settings, optimizer,
-               conditioning, normalizer, ctx, logger, order, draws, budget, ckpt, state, start, embeddings)
+    return Run(cfg=cfg, dist=dist, run_dir=run_dir, data=data, objectives=objectives, reward_set=reward_set,
+               normalizer=normalizer, model=model, tokenizer=tok, params=params, condition=condition, settings=settings,
+               conditioning=conditioning, ctx=ctx, logger=logger, order=order, draws=draws, budget=budget,
+               optimizer=policy_optimizer, embeddings=embeddings, checkpoint=ckpt, state=state, start=start)

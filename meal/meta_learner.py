@@ -44,7 +44,7 @@ class Kept:
 
 @dataclass
 class MetaSettings:
-    """The meta-learner's settings, read from ``cfg.method`` at the edge (help: meal/method_configs.py)."""
+    """The meta-learner's settings, read from ``cfg.method`` at the edge (help: meal.methods.meal.MethodConfig)."""
 
     lam: float
     tau: float

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -59,8 +59,50 @@ class ScoreConditioner(Conditioner):
         return format_scores(list(scores), self.objectives, self.decimals)
 
 
+@runtime_checkable
+class Responder(Protocol):
+    """What training rollouts, the evaluation and meal-export ask of a method's answering policy (the
+    method's ``responder``). Its capabilities, which shared code reads instead of asking which method it is:
+    ``grid``, the only preferences it answers (MORLHF's policies; None: any); ``desired_scores(w)``, the
+    desired normalised scores it writes into its prompt at ``w`` (RiC; None: a preference); ``cost()``,
+    what answering cost per response (MetaAligner's policy + corrector; None: only the policy's sampling)."""
+
+    grid: list[list[float]] | None
+
+    @property
+    def objectives(self) -> list[str]: ...
+
+    def respond(self, texts: Sequence[str], prefs: torch.Tensor, settings: GenerationSettings,
+                seed: int | None = None, n: int = 1) -> Generation: ...
+
+    def preference_text(self, w: Sequence[float]) -> str: ...
+
+    def load_weights(self, w: Sequence[float]) -> None: ...
+
+    def desired_scores(self, w: Sequence[float]) -> list[float] | None: ...
+
+    def cost(self) -> dict[str, float] | None: ...
+
+
+class ResponderBase:
+    """The capabilities of :class:`Responder` a responder does not have: any preference, no desired scores,
+    no cost beyond sampling, one set of weights for every preference."""
+
+    grid: list[list[float]] | None = None
+
+    def load_weights(self, w: Sequence[float]) -> None:
+        """Put the weights this responder answers with at ``w`` into its model (meal-export): one set of
+        weights answers every preference here."""
+
+    def desired_scores(self, w: Sequence[float]) -> list[float] | None:
+        return None
+
+    def cost(self) -> dict[str, float] | None:
+        return None
+
+
 @dataclass
-class ConditionedPolicy:
+class ConditionedPolicy(ResponderBase):
     """The default responder: a policy that reads its preference from its prompt (and, with
     preference-aware LoRA, from its weights). A responder is what training rollouts and evaluation ask
     for responses: ``respond(texts, prefs, settings, seed, n) -> Generation``. Other methods bring
@@ -72,10 +114,6 @@ class ConditionedPolicy:
     @property
     def objectives(self) -> list[str]:
         return list(self.condition.objectives)
-
-    def load_weights(self, w: Sequence[float]) -> None:
-        """Put the weights this responder answers with at ``w`` into its model (meal-export): one set of
-        weights answers every preference here."""
 
     def preference_text(self, w: Sequence[float]) -> str:
         """The words written into the prompt at ``w`` (meal-export writes them into meal_prompt.json)."""

@@ -174,7 +174,7 @@ class RunContext:
         in the front); writes front.json, front.png and each preference's responses and scores
         (``responses/``, RiC's CSV layout) into the run folder."""
         texts = eval_texts(self.cfg, prompts)
-        grid = getattr(responder, "grid", None) or preference_grid(len(self.objectives))
+        grid = responder.grid or preference_grid(len(self.objectives))
         front = self._evaluate(responder, texts, reward_set, normalizer, grid,
                                csv_dir=os.path.join(self.run_dir, "responses"))
         front.extra["split"] = split

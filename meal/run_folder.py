@@ -1,8 +1,7 @@
-"""A run folder's rules: one process writes it at a time (:func:`run_lock`), a fresh start in a folder that a
-run left without a checkpoint moves the leftovers aside (:func:`move_leftovers`), and a finished run is read
-as data (:func:`read_run`: its config and checkpoint folder, refusing code it would import) and loaded
-(:func:`load_run`, :func:`load_run_responder`) by every command that opens one (meal-eval, meal-generate,
-meal-export, MetaAligner's stacking)."""
+"""A run folder's writer rules: one process writes it at a time (:func:`run_lock`), a fresh start in a folder
+that a run left without a checkpoint moves the leftovers aside (:func:`move_leftovers`), and a config naming
+code outside meal's own is found (:func:`foreign_targets`) before a folder is opened as data
+(:mod:`meal.saved_run`)."""
 
 from __future__ import annotations
 
@@ -16,9 +15,7 @@ import time
 
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from meal.config import DTYPES, ConfigError, TrainConfig, typed_method
+from meal.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -117,74 +114,3 @@ def foreign_targets(node: Any, path: str = "") -> list[tuple[str, str]]:
         for i, v in enumerate(node):
             found += foreign_targets(v, f"{path}[{i}]")
     return found
-
-
-def read_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, trust: bool = False):
-    """(cfg, weights folder) of a run written by meal-train, before any model loads: its config.yaml with
-    the method typed, and the folder of ``checkpoint`` (latest | conditioned | a checkpoint name; None
-    when ``untrained``). A run folder is data: a config that names a ``_target_`` outside meal's own (a
-    callable that opening the run would import and call) is refused, naming it, unless ``trust``."""
-    from meal.checkpoint import latest_checkpoint
-
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(cfg_path):
-        raise ConfigError(f"run_dir: {run_dir} has no config.yaml (not a folder written by meal-train)")
-    raw = OmegaConf.load(cfg_path)
-    foreign = foreign_targets(OmegaConf.to_container(raw, resolve=False))
-    if foreign and not trust:
-        field, target = foreign[0]
-        raise ConfigError(f"run_dir: {cfg_path} names _target_ {target!r} at {field}, outside meal's own: opening "
-                          f"the run would import and call it. If you trust the folder (your own reward module), "
-                          f"pass trust_run=true")
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
-    cfg.method = typed_method(cfg.method)
-    folder = None
-    if not untrained:
-        if checkpoint == "conditioned":  # the run's starting point: the conditioning stage's policy
-            folder = os.path.join(run_dir, "conditioning")
-            if not os.path.exists(os.path.join(folder, "policy.safetensors")):
-                raise ConfigError(f"checkpoint: {run_dir} ran no conditioning stage (no conditioning/)")
-        elif checkpoint == "latest":
-            folder = latest_checkpoint(run_dir)
-        else:
-            folder = os.path.join(run_dir, "checkpoints", checkpoint)
-        if folder is None or not os.path.isdir(folder):
-            raise ConfigError(f"checkpoint: {run_dir} has no checkpoint {checkpoint!r}")
-    return cfg, folder
-
-
-def load_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, trust: bool = False,
-             dtype: str | None = None):
-    """(cfg, model, tokenizer, weights folder) of a run written by meal-train (:func:`read_run`), the policy
-    with the weights of ``checkpoint`` loaded, or none (``untrained``); ``dtype`` (float32, bfloat16, ...)
-    replaces the run's ``policy.dtype`` (None: the run's own)."""
-    from meal.checkpoint import load_policy_weights
-    from meal.policy import load_policy, trainable_parameters
-
-    cfg, folder = read_run(run_dir, checkpoint, untrained, trust)
-    if dtype is not None:
-        check_dtype(dtype)
-        cfg.policy.dtype = dtype
-    model, tok = load_policy(cfg.policy, len(cfg.task.objectives))
-    if folder is not None:
-        load_policy_weights(folder, trainable_parameters(model))
-    return cfg, model, tok, folder
-
-
-def check_dtype(dtype: str) -> None:
-    """A ``dtype=`` option of meal-generate / meal-export: one of policy.dtype's values, else ConfigError."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype: {' | '.join(DTYPES)}, got {dtype!r}")
-
-
-def load_run_responder(run_dir: str, checkpoint: str = "latest"):
-    """How a trained run answers under a preference (its method's responder, its latest weights): what
-    another method (MetaAligner's corrector) can be stacked on."""
-    from meal.methods import recipe
-
-    cfg, model, tok, _ = load_run(run_dir, checkpoint)
-    responder = recipe(cfg.method.recipe).responder(cfg, model, tok, run_dir)
-    if getattr(responder, "grid", None) is not None:
-        raise ConfigError(f"stack_on: {run_dir} is a {cfg.method.recipe} run, whose policies answer only their own "
-                          f"grid preferences; stack on a run that answers any preference")
-    return responder

@@ -14,7 +14,7 @@ from meal.config import TemplateConfig
 from meal.losses import IGNORE, build_batch
 from meal.rollout import Conditioner
 from meal.templates import parse_preference
-from meal.trainer import train
+from meal.methods import train
 from tests.conftest import tiny_config
 
 # one prompt group of four responses: two extremes, a balanced one, and one dominated by all three

@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from meal.config import ConfigError, register_configs, validate
-from meal.trainer import train
+from meal.config import ConfigError, register_configs
+from meal.methods import train, typed_config
 from tests.conftest import tiny_config
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -25,11 +25,10 @@ def _compose(overrides):
 @pytest.mark.parametrize("exp", sorted(os.path.splitext(os.path.basename(p))[0]
                                        for p in glob.glob(os.path.join(CONF, "experiment", "*.yaml"))))
 def test_every_experiment_composes_and_validates(exp):
-    from meal.methods import RECIPES
+    from meal.methods import BUILTIN
 
-    cfg = _compose([f"experiment={exp}"])
-    validate(cfg)  # raises ConfigError naming the field otherwise
-    assert cfg.method.recipe in RECIPES and len(cfg.task.objectives) >= 2
+    cfg = typed_config(_compose([f"experiment={exp}"]))  # raises ConfigError naming the field otherwise
+    assert cfg.method.recipe in BUILTIN and len(cfg.task.objectives) >= 2
     assert set(cfg.task.objectives) <= set(cfg.rewards) and len(cfg.task.hv_ref) == len(cfg.task.objectives)
 
 
@@ -42,8 +41,7 @@ def test_every_group_option_composes(group):
                   # plain LoRA writes the preference as text: Meal's default label path needs the adapters to mix
                   # by preference (refused otherwise, tests/test_meta_learner.py)
                   "llama2_7b_lora": ["policy.lora.preference_aware=true"]}.get(name, [])
-        cfg = _compose([f"{group}={name}"] + extra)
-        validate(cfg)  # raises ConfigError naming the field otherwise
+        cfg = typed_config(_compose([f"{group}={name}"] + extra))  # raises ConfigError naming the field otherwise
         option = yaml.safe_load(open(path))
         option = option.get(group, option)  # a group file may nest its fields under the group's name
         key = {"logger": "_target_", "policy": "name_or_path"}.get(group, "name")
@@ -103,7 +101,7 @@ def test_cli_overrides_reach_the_config():
                     "task.objectives=[coverage,mine]"])
     assert cfg.method.lam == 1.0 and cfg.trainer.seed == 3
     assert OmegaConf.select(cfg, "rewards.mine") == "tests.test_rewards.my_length_reward"
-    validate(cfg)
+    typed_config(cfg)
 
 
 def test_slurm_launcher_config_composes():

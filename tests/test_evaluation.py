@@ -9,8 +9,8 @@ import pytest
 
 from meal.compare import CompareError, compare
 from meal.evaluation import Front, hypervolume, pareto_mask, preference_grid
-from meal.evaluate import evaluate_run
-from meal.trainer import train
+from meal.saved_run import EvalOptions, evaluate_run
+from meal.methods import train
 from tests.conftest import tiny_config
 
 
@@ -68,10 +68,10 @@ def test_meal_eval_on_a_tiny_run_and_compare_two_fronts(tiny_llama, tmp_path):
     assert front.hypervolume == pytest.approx(area)
     assert os.path.getsize(out["front_png"]) > 1000
     # issue 25: the same checkpoint evaluated in batches of 3 (not 32): the same responses, the same front
-    again = Front.load(evaluate_run(str(run), batch_size=3, out_dir=str(tmp_path / "bs3"))["front_json"])
+    again = Front.load(evaluate_run(str(run), EvalOptions(batch_size=3, out_dir=str(tmp_path / "bs3")))["front_json"])
     assert again.points == front.points and again.extra["generation"] == front.extra["generation"]
     assert front.extra["generation"]["seeding"] == "row" and "batch_size" not in front.extra["generation"]
-    base = evaluate_run(str(run), untrained=True)
+    base = evaluate_run(str(run), EvalOptions(untrained=True))
     assert Front.load(base["front_json"]).label == "meal (base)" and Front.load(base["front_json"]).num_prompts == 3
     result = compare([str(run / "eval"), base["front_json"]], str(tmp_path / "cmp"))
     assert [r["method"] for r in result["methods"]] == ["meal", "meal (base)"]

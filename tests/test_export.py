@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from meal.config import ConfigError
 from meal.export import Export, export_run, fold_preference_lora
 from meal.generate import Ask, answer
-from meal.trainer import train
+from meal.methods import train
 from tests.conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def run(tiny_llama, tmp_path_factory):
 
 
 def test_folding_the_preference_adapters_gives_the_same_logits(run):
-    from meal.run_folder import load_run
+    from meal.saved_run import load_run
     from meal.preference_lora import preference_weights
 
     _, model, tok, _ = load_run(str(run))
@@ -151,12 +151,12 @@ def assert_export_answers_as_the_run(run_dir, w, out) -> None:
     plain peft's on the base model with the ``format=adapter`` export."""
     from transformers import AutoModelForCausalLM
 
-    from meal.run_folder import load_run
-    from meal.methods import recipe
+    from meal.saved_run import load_run
+    from meal.methods import get
     from meal.preference_lora import preference_weights
 
     cfg, model, tok, _ = load_run(str(run_dir))
-    responder = recipe(cfg.method.recipe).responder(cfg, model, tok, str(run_dir))
+    responder = get(cfg.method.recipe).responder(cfg, model, tok, str(run_dir))
     responder.load_weights(w)
     from meal.templates import render_prompt
 

@@ -13,7 +13,7 @@ import torch
 from meal.config import ConfigError
 from meal.generate import Ask, answer, parse_preferences, table
 from meal.rewards import RewardNormalizer
-from meal.trainer import train
+from meal.methods import train
 from tests.conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

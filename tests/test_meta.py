@@ -10,7 +10,7 @@ from meal.losses import SFTBatch, build_batch, per_example_nll
 from meal.meta import (InnerLoss, MetaGradSettings, PreferenceWeightNet, PromptFeatures, achieved_preference,
                        adam_preconditioner, dynamic_preference, label_preference, meta_gradient, sample_weights,
                        virtual_step)
-from meal.trainer import train
+from meal.methods import train
 from tests.conftest import tiny_config
 
 ALPHA = 0.5
@@ -319,11 +319,10 @@ def test_higher_reference_on_a_plain_module():
 def test_lambda_one_reproduces_static_exactly(tiny_llama, tmp_path, monkeypatch):
     """Meal with lam = 1 (net built, embeddings computed) == the static method: same weights after 2 steps.
     (Validation refuses that configuration, whose net never learns; it is built here past it.)"""
-    import meal.config
+    import meal.methods.meal as recipe
 
-    real_need = meal.config._need
-    monkeypatch.setattr(meal.config, "_need", lambda cond, name, msg: real_need(cond or name == "method.lam",
-                                                                              name, msg))
+    real_need = recipe.need
+    monkeypatch.setattr(recipe, "need", lambda cond, name, msg: real_need(cond or name == "method.lam", name, msg))
     lora = {"policy.lora": {"enabled": True, "preference_aware": True, "r": 2, "alpha": 4}}
     static = tiny_config(tiny_llama, str(tmp_path / "static"), **{"method.name": "static", "method.lam": 1.0,
                                                                      "method.meta_learner": False}, **lora)

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from meal.config import ConfigError
-from meal.evaluate import evaluate_run
+from meal.saved_run import EvalOptions, evaluate_run
 from meal.meta_learner import DIAGNOSTIC_KEYS, Kept, MetaSettings, NetLearner, build_learner
-from meal.trainer import train
+from meal.methods import train
 from tests.conftest import tiny_config
 
 LORA = {"enabled": True, "preference_aware": True, "r": 2, "alpha": 4}
@@ -51,7 +51,8 @@ def test_default_meal_moves_its_net_by_the_label_path_and_reports_it(tiny_llama,
     assert front["extra"]["meta_learner"]["meta/param_distance"] == pytest.approx(dist[-1])
     assert set(front["extra"]["meta_learner"]) == set(DIAGNOSTIC_KEYS)
     # meal-eval's front of any checkpoint carries what the net had done by then (another split, no retraining)
-    again = json.load(open(evaluate_run(run, checkpoint="step_000002", prompts=1, split="validation")["front_json"]))
+    options = EvalOptions(checkpoint="step_000002", prompts=1, split="validation")
+    again = json.load(open(evaluate_run(run, options)["front_json"]))
     assert again["extra"]["split"] == "validation"
     assert again["extra"]["meta_learner"]["meta/param_distance"] == pytest.approx(dist[1])
     # every net parameter moved between the last two checkpoints

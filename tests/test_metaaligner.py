@@ -10,7 +10,7 @@ import torch
 from meal.config import ConfigError
 from meal.methods import metaaligner as ma
 from meal.sampling import Generation, GenerationSettings
-from meal.trainer import train
+from meal.methods import train
 from tests.conftest import tiny_config
 
 DESCRIPTIONS = {"coverage": "the summary should cover the post", "concise": "the summary should be brief",
@@ -130,7 +130,7 @@ def _config(tiny_llama, out, cache, **method):
 def test_metaaligner_trains_three_stages_evaluates_stacked_and_zero_shot(tiny_llama, tmp_path):
     from safetensors.torch import load_file
 
-    from meal.evaluate import evaluate_run
+    from meal.saved_run import EvalOptions, evaluate_run
 
     out = tmp_path / "ma"
     summary = train(_config(tiny_llama, str(out), str(tmp_path / "cache"), zero_shot=["positive"]))
@@ -149,7 +149,7 @@ def test_metaaligner_trains_three_stages_evaluates_stacked_and_zero_shot(tiny_ll
                                   "trained + positive"}
     assert set(table["rows"]["positive only"]["mean_raw"]) == {"coverage", "concise", "positive"}
     # meal-eval: the same corrector stacked on the base policy
-    res = evaluate_run(str(out), stack_on="base", prompts=2)
+    res = evaluate_run(str(out), EvalOptions(stack_on="base", prompts=2))
     stacked = json.load(open(out / "eval-on-base" / "front.json"))
     assert stacked["extra"]["stacked_on"] == "base" and res["hypervolume"] == pytest.approx(stacked["hypervolume"])
     assert len(stacked["points"]) == 11 and stacked["num_prompts"] == 2
@@ -158,7 +158,7 @@ def test_metaaligner_trains_three_stages_evaluates_stacked_and_zero_shot(tiny_ll
 
     (out / "checkpoints" / "step_000004" / "net.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(CheckpointError, match="corrector's weights"):
-        evaluate_run(str(out), stack_on="base", prompts=1)
+        evaluate_run(str(out), EvalOptions(stack_on="base", prompts=1))
 
 
 @pytest.mark.parametrize("method, over, msg", [

@@ -11,7 +11,7 @@ import torch
 from meal.config import ConfigError
 from meal.methods.ric import ScoreRange, quantile_filter
 from meal.templates import format_scores
-from meal.trainer import train
+from meal.methods import train
 from tests.conftest import tiny_config
 
 
@@ -241,7 +241,7 @@ def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_l
 
 
     # meal-eval at the run's start (conditioned or base weights) asks the start, not the soup of its experts
-    from meal.evaluate import evaluate_run
+    from meal.saved_run import EvalOptions, evaluate_run
     from meal.methods.soups import Soup
 
     def refuse(*a, **k):
@@ -249,5 +249,5 @@ def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_l
 
     monkeypatch.setattr(Soup, "respond", refuse)
     for kw in ({"checkpoint": "conditioned"}, {"untrained": True}):
-        start = json.load(open(evaluate_run(str(out), prompts=1, **kw)["front_json"]))
+        start = json.load(open(evaluate_run(str(out), EvalOptions(prompts=1, **kw))["front_json"]))
         assert len(start["points"]) == 11 and start["extra"]["budget"]["responses"] == 0

@@ -11,7 +11,7 @@ from meal.checkpoint import CheckpointError, save_checkpoint
 from meal.config import ConfigError
 from meal.rewards import RewardError
 from meal.tasks import DataError, load_jsonl
-from meal.trainer import train
+from meal.methods import train
 from tests.conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,13 +65,14 @@ def test_resume_cuts_metrics_back_to_the_checkpoint(tiny_llama, trained, tmp_pat
 def test_a_typo_fails_naming_the_nearest_field():
     from hydra import compose, initialize_config_dir
 
-    from meal.config import register_configs, validate
+    from meal.config import register_configs
+    from meal.methods import typed_config
 
     register_configs()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["+trainer.iteratons=3"])
     with pytest.raises(ConfigError, match="trainer.iteratons: unknown setting; did you mean trainer.iterations"):
-        validate(cfg)
+        typed_config(cfg)
 
 
 @pytest.mark.parametrize("over,msg", [
@@ -191,7 +192,7 @@ def test_a_bad_split_or_control_is_named_before_any_model_loads(tmp_path, over, 
 
 
 def test_meal_eval_names_a_bad_split_before_loading_anything(tmp_path):
-    from meal.evaluate import evaluate_run
+    from meal.saved_run import EvalOptions, evaluate_run
 
     with pytest.raises(ConfigError, match="split: test | validation, got 'dev'"):
-        evaluate_run(str(tmp_path / "no-run"), split="dev")
+        evaluate_run(str(tmp_path / "no-run"), EvalOptions(split="dev"))

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from meal.checkpoint import StorageError, UnsafeCheckpoint, read_checkpoint_state, save_checkpoint
 from meal.config import ConfigError
-from meal.evaluate import evaluate_run
-from meal.harness import LOCK
+from meal.saved_run import EvalOptions, evaluate_run
+from meal.run_folder import LOCK
 from meal.tasks import DataError, read_jsonl
-from meal.trainer import train
+from meal.methods import train
 from tests.conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +58,7 @@ def test_a_second_writer_is_refused_and_the_first_runs_files_stay_byte_identical
         with pytest.raises(ConfigError, match=rf"trainer.out_dir: .*run is in use by process {holder.pid} on "):
             train(tiny_config(tiny_llama, str(run), **RESUME))
         with pytest.raises(ConfigError, match=rf"run_dir: .*run is in use by process {holder.pid}"):
-            evaluate_run(str(run), prompts=1)  # meal-eval writing into a run that is still training
+            evaluate_run(str(run), EvalOptions(prompts=1))  # meal-eval writing into a run that is still training
         assert _snapshot(run) == before  # the holder's lock included
     finally:
         holder.kill()
@@ -160,7 +160,7 @@ def test_a_state_pt_whose_pickle_would_run_code_is_refused_without_running_it(ti
     with pytest.raises(UnsafeCheckpoint, match="posix.mkdir"):  # a resume
         train(tiny_config(tiny_llama, str(run), **RESUME))
     with pytest.raises(UnsafeCheckpoint, match="posix.mkdir"):  # meal-eval
-        evaluate_run(str(run), prompts=1, out_dir=str(tmp_path / "eval"))
+        evaluate_run(str(run), EvalOptions(prompts=1, out_dir=str(tmp_path / "eval")))
     assert not marker.exists()
     read_checkpoint_state(str(state.parent), trust=True)  # the explicit opt-in loads it (and runs it)
     assert marker.exists()
@@ -196,9 +196,9 @@ def test_meal_eval_refuses_a_run_config_naming_foreign_code_unless_trusted(tiny_
     (run / "config.yaml").write_text(cfg.replace("meal.rewards.embedded.Brevity", "my_rewards.MyBrevity"))
     with pytest.raises(ConfigError, match=r"names _target_ 'my_rewards.MyBrevity' at rewards.concise, outside "
                                           r"meal's own.*trust_run=true"):
-        evaluate_run(str(run), prompts=1)
+        evaluate_run(str(run), EvalOptions(prompts=1))
     assert not (run / "eval").exists()
-    out = evaluate_run(str(run), prompts=1, batch_size=8, trust=True)  # the user's own reward module, trusted
+    out = evaluate_run(str(run), EvalOptions(prompts=1, batch_size=8, trust=True))  # the user's own reward module
     mine = json.load(open(out["front_json"]))
     theirs = json.load(open(run / "front.json"))
     assert mine["points"] == theirs["points"]  # the same reward under another name: the same front
@@ -227,6 +227,6 @@ def test_the_run_closes_its_logger_and_sampler_however_the_recipe_ends():
 
     import meal.methods as methods
 
-    for name in methods.RECIPES:
-        source = inspect.getsource(methods.recipe(name).train)
+    for name in methods.BUILTIN:
+        source = inspect.getsource(methods.get(name).train)
         assert "with start_run(" in source and "logger.finish" not in source, name

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from meal.config import register_configs
 from meal.evaluation import Front
-from meal.trainer import train
+from meal.methods import train
 from tests.test_config import CONF
 
 

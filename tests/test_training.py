@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from meal.checkpoint import CheckpointError
 from meal.config import ConfigError
-from meal.trainer import train
+from meal.methods import train
 from tests.conftest import tiny_config
 
 

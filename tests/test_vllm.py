@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM need
 
 
 def test_training_with_vllm_sampling(tiny_llama, tmp_path):
-    from meal.trainer import train
+    from meal.methods import train
 
     cfg = tiny_config(tiny_llama, str(tmp_path / "run"), **{
         "policy.lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},

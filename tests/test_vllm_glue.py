@@ -115,7 +115,7 @@ def test_prompts_seeds_and_counts_match_the_hf_path(fake_vllm, tiny_llama, tmp_p
 def test_training_hands_vllm_the_current_adapter_each_rollout(fake_vllm, tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 
-    from meal.trainer import train
+    from meal.methods import train
 
     FakeLLM.eos = AutoTokenizer.from_pretrained(tiny_llama).eos_token_id
     cfg = tiny_config(tiny_llama, str(tmp_path / "run"), **{
@@ -141,9 +141,9 @@ def test_each_data_parallel_rank_gets_its_own_engine_in_the_launchers_process_gr
     from omegaconf import OmegaConf
 
     from meal.run import training_sampler
-    from meal.trainer import as_config
+    from meal.methods import typed_config
 
-    cfg = as_config(tiny_config(tiny_llama, "unused", **{"generation.backend": "vllm", "trainer.seed": 7,
+    cfg = typed_config(tiny_config(tiny_llama, "unused", **{"generation.backend": "vllm", "trainer.seed": 7,
                                                         "policy.lora": {"enabled": True, "r": 8}}))
     assert training_sampler(OmegaConf.merge(cfg, {"generation": {"backend": "hf"}})) is None
     for sampler in (training_sampler(cfg), training_sampler(cfg, rank=1, world=2)):

@@ -72,7 +72,7 @@ def engine_agreement() -> dict:
 import json, torch, numpy as np
 from hydra import compose, initialize_config_dir
 from meal.config import register_configs
-from meal.trainer import as_config
+from meal.methods import typed_config
 from meal.policy import load_policy, trainable_parameters
 from meal.losses import build_batch, per_example_nll
 from meal.meta import (InnerLoss, MetaGradSettings, PreferenceWeightNet, PromptFeatures, dynamic_preference,
@@ -84,7 +84,7 @@ from meal.run import generation_settings
 from meal.embeddings import policy_embeddings
 register_configs()
 with initialize_config_dir(config_dir=ROOT + "/conf", version_base="1.3"):
-    cfg = as_config(compose(config_name="config", overrides=["experiment=demo"]))
+    cfg = typed_config(compose(config_name="config", overrides=["experiment=demo"]))
 torch.manual_seed(0)
 model, tok = load_policy(cfg.policy, len(cfg.task.objectives))
 params = trainable_parameters(model)

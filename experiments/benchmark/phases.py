@@ -124,11 +124,11 @@ def main() -> None:
     from meal.rollout import ConditionedPolicy, Conditioner, rollout
     from meal.run import generation_settings
     from meal.sampling import degenerate_mask, generate
-    from meal.trainer import as_config
+    from meal.methods import typed_config
 
     register_configs()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
-        cfg = as_config(compose(config_name="config", overrides=["experiment=demo", *args.overrides]))
+        cfg = typed_config(compose(config_name="config", overrides=["experiment=demo", *args.overrides]))
     t, c, m = cfg.trainer, cfg.conditioning, cfg.method
     k = len(cfg.task.objectives)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from meal.run_folder import read_run
+from meal.saved_run import read_run
 from meal.export import Export, base_model_ref, export_run
 from meal.generate import Ask, answer
 from meal.harness import load_task_data
@@ -64,7 +64,7 @@ def fold_loss(run: str, w: list[float], dtype: torch.dtype) -> float:
     """How much of the update at w a fold stored in ``dtype`` loses: ||round(W + D) - W - D|| / ||D|| over every
     adapted layer, W the base weights as meal runs them (in ``dtype``), D the update in float32."""
     from meal.export import _unwrap_preference_lora
-    from meal.run_folder import load_run
+    from meal.saved_run import load_run
 
     _, model, _, _ = load_run(run, dtype=str(dtype).removeprefix("torch."))
     err = norm = 0.0

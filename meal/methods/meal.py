@@ -18,21 +18,108 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
-from meal.config import ConfigError
+from meal.config import ConfigError, knob, need
 from meal.distributed import AdamWStep
 from meal.harness import Run, start_run
 from meal.losses import SFTBatch, build_batch, policy_step
 from meal.meta import dynamic_preference
 from meal.meta_learner import IterationBatch, Kept, MetaSettings, PolicyHandle, build_learner, labelled_batch
+from meal.methods import Method
 from meal.profiling import PhaseMeter
 from meal.rollout import ConditionedPolicy, Conditioner, PromptOrder, Rollout, draw_preferences, rollout
 from meal.sampling import degenerate_mask, scalarise, select_valid_best
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class WeightNetConfig:
+    """The preference-weight-net (meta-learner), method.md steps 2, 5 and 9."""
+
+    hidden: int = knob(128, "Hidden units of each head's one-hidden-layer MLP.")
+    embedding: str = knob("policy", "policy (mean-pooled last hidden state of the frozen base policy) | minilm.")
+    features: int = knob(32, "Principal directions of the centred prompt embeddings the net sees, whitened (PCA fitted "
+                         "on the training prompts before training; 0: all).")
+    lr: float = knob(1e-3, "Adam learning rate beta of the outer update (step 9).")
+    adam_eps: float = knob(1e-16, "Adam's eps, far below the meta-gradient's scale (1e-10 and less): the outer update "
+                           "is scale-free, so the size of the hypergradient (alpha_in, (1 - lam) factors) does not "
+                           "decide whether the net moves.")
+
+
+@dataclass
+class MethodConfig:
+    """Meal and its static special case (lam = 1): the recipe meal/methods/meal.py."""
+
+    recipe: str = knob("meal", "Which recipe of meal/methods trains the run (meal: Meal and static).")
+    name: str = knob("meal", "Label of the method in run names and comparisons.")
+    meta_learner: bool = knob(True, "Build the preference-weight-net (False: the static method, no net at all).")
+    lam: float = knob(0.5, "lambda: mix of target and net preference (1 = static rejection sampling).")
+    tau: float = knob(1.0, "Temperature of the achieved preference softmax(R / tau) (step 5).")
+    label_path: bool = knob(True, "phi reaches the inner loss through the label each kept response is trained under "
+                            "(needs preference-aware LoRA; with the preference in the prompt only it carries nothing).")
+    weight_path: bool = knob(False, "phi reaches the inner loss through the sample weight c_i = lam + (1 - lam) "
+                             "w_phi . sigmoid(R_i) / mean (the earlier Meal's only path).")
+    control: str = knob("none", "A control that isolates the net: none | frozen (the net at its initialisation, never "
+                        "updated) | uniform (w_phi = the uniform preference, labels the fixed hindsight rule, no net) "
+                        "| shuffled (the net learns; the policy sees its outputs permuted across the batch's prompts).")
+    alpha_in: Optional[float] = knob(None, "Step size of the one-step virtual update (step 7); None: the real step's "
+                                     "trainer.lr.")
+    precondition: str = knob("adam", "P of the virtual step: adam (AdamW's current 1 / (sqrt(v^) + eps), detached, as "
+                             "the real step) | none (plain SGD, as Meta-Weight-Net).")
+    engine: str = knob("directional", "Meta-gradient engine: directional | autograd (same answer, see BENCHMARKS.md).")
+    directional_mode: str = knob("per_example", "How the directional engine gets grad l_i . P v: per_example "
+                                 "(kept gradients) | jvp (forward mode) | fd (central difference).")
+    fd_eps: float = knob(3e-2, "Finite-difference step, relative to the norm of the parameters along P v.")
+    meta_objective: str = knob("best", "best (NLL of the best-of-N under the target) | advantage.")
+    meta_interval: int = knob(1, "Run the meta step (7-9) every this many iterations.")
+    meta_updates: int = knob(1, "Repeat steps 7-9 this many times on the same sampled batch (no extra generation).")
+    first_order: bool = knob(False, "Approximation: take the meta-loss gradient at theta instead of theta'.")
+    weight_net: WeightNetConfig = field(default_factory=WeightNetConfig, metadata={"help": "Meta-learner."})
+
+
+def check_config(tr, cfg) -> None:
+    t = cfg.trainer
+    need(0.0 <= tr.lam <= 1.0, "method.lam", f"lambda must be in [0, 1], got {tr.lam}")
+    need(tr.tau > 0, "method.tau", f"must be > 0, got {tr.tau}")
+    need(tr.alpha_in is None or tr.alpha_in > 0, "method.alpha_in", f"must be > 0, got {tr.alpha_in}")
+    need(tr.precondition in ("adam", "none"), "method.precondition", f"adam | none, got {tr.precondition!r}")
+    need(tr.control in ("none", "frozen", "uniform", "shuffled"), "method.control",
+         f"none | frozen | uniform | shuffled, got {tr.control!r}")
+    need(tr.engine in ("directional", "autograd"), "method.engine", f"directional | autograd, got {tr.engine!r}")
+    need(tr.directional_mode in ("fd", "jvp", "per_example"), "method.directional_mode",
+         f"fd | jvp | per_example, got {tr.directional_mode!r}")
+    need(tr.meta_objective in ("best", "advantage"), "method.meta_objective",
+         f"best | advantage, got {tr.meta_objective!r}")
+    need(tr.meta_interval >= 1, "method.meta_interval", f"must be >= 1, got {tr.meta_interval}")
+    need(tr.meta_updates >= 1, "method.meta_updates", f"must be >= 1, got {tr.meta_updates}")
+    need(tr.weight_net.embedding in ("policy", "minilm"), "method.weight_net.embedding",
+         f"policy | minilm, got {tr.weight_net.embedding!r}")
+    need(tr.weight_net.features >= 0, "method.weight_net.features", f"must be >= 0, got {tr.weight_net.features}")
+    need(tr.weight_net.adam_eps > 0, "method.weight_net.adam_eps", f"must be > 0, got {tr.weight_net.adam_eps}")
+    if not tr.meta_learner:
+        need(tr.lam == 1, "method.lam", f"lambda = {tr.lam} needs the preference-weight-net (method=meal); the static "
+             f"method is lambda = 1 (the net's controls: method.control=frozen | uniform | shuffled)")
+        return
+    need(tr.lam < 1, "method.lam", "with lambda = 1 the preference-weight-net never receives a gradient (every "
+         "sample weight is 1): that is the static method, method=static")
+    if tr.control in ("frozen", "uniform"):
+        return  # nothing learns: no gradient path is needed
+    label = tr.label_path and cfg.policy.lora.preference_aware
+    need(label or tr.weight_path, "method.label_path", "no path carries the meta-gradient: the label path needs "
+         "preference-aware LoRA (policy.lora.preference_aware=true; with the preference in the prompt only, a label "
+         "is text), else turn on method.weight_path=true")
+    if tr.weight_path and not label:
+        # the sample weights are normalised to mean 1 over the inner half of the batch: with one inner
+        # example they are constant in phi and the meta-gradient is exactly 0
+        inner = (t.batch_size // 2) * t.top_m
+        need(inner >= 2, "trainer.batch_size", f"Meal splits each batch into an inner and a meta half; the inner "
+             f"half holds batch_size // 2 * top_m = {inner} kept response(s), and weights normalised over fewer "
+             f"than 2 give the net no gradient: needs batch_size >= 4 (or top_m >= 2)")
 
 
 def responder(cfg, model, tokenizer, run_dir: str | None = None) -> ConditionedPolicy:
@@ -174,3 +261,6 @@ def concat_batches(a: SFTBatch, b: SFTBatch, pad_id: int) -> SFTBatch:
     return SFTBatch(torch.cat([widen(a.input_ids, pad_id), widen(b.input_ids, pad_id)]),
                     torch.cat([widen(a.attention_mask, 0), widen(b.attention_mask, 0)]),
                     torch.cat([widen(a.labels, IGNORE), widen(b.labels, IGNORE)]), prefs)
+
+
+METHOD = Method("meal", MethodConfig, train, responder, check_config)

@@ -34,20 +34,74 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, List, Sequence
 
 import numpy as np
 import torch
 
-from meal.config import ConfigError
+from meal.config import ConfigError, PolicyConfig, knob, need
 from meal.harness import start_run
 from meal.losses import build_batch, policy_step
+from meal.methods import Method
 from meal.preference_lora import base_only
-from meal.rollout import ConditionedPolicy, Conditioner
+from meal.rollout import ConditionedPolicy, Conditioner, ResponderBase
 from meal.sampling import Generation, GenerationSettings, generate
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class MetaAlignerConfig:
+    """MetaAligner (Yang et al. 2024; the recipe meal/methods/metaaligner.py): a corrector LM trained on pairs
+    of the conditioning corpus (Algorithm 1) in three SFT stages, stacked on any policy at inference."""
+
+    recipe: str = knob("metaaligner", "The recipe meal/methods/metaaligner.py.")
+    name: str = knob("metaaligner", "Label of the method in run names and comparisons.")
+    corrector: PolicyConfig = field(default_factory=PolicyConfig, metadata={
+        "help": "The corrector model (conf/method/metaaligner.yaml: the policy's base model, plain LoRA)."})
+    tolerance: float = knob(0.25, "Two responses are equal on an objective when their normalised rewards differ by "
+                            "at most this (Algorithm 1's '=').")
+    warmup_steps: int = knob(10, "Stage 1: steps on equal-subset rows with the target set to the input (identity).")
+    equal_steps: int = knob(20, "Stage 2: steps on the equal-preference subset.")
+    preference_steps: int = knob(60, "Stage 3: steps on the preference subset (weak-to-strong correction).")
+    batch_size: int = knob(8, "Rows per corrector step.")
+    micro_batch_size: int = knob(8, "Rows per forward/backward; divides batch_size.")
+    lr: float = knob(5e-4, "AdamW learning rate of the corrector (constant).")
+    weights_in_markers: bool = knob(True, "Write each objective's weight into its marker ('helpful (weight 0.70): "
+                                    "...'); False: the paper's template, and the grid's front is the objective "
+                                    "subsets {k: w_k > 0}.")
+    stack_on: str = knob("conditioned", "What the run's own evaluation rewrites: base (the policy without preference, "
+                         "adapters off) | conditioned (the conditioned policy at w) | a run folder (its responder).")
+    zero_shot: List[str] = knob([], "Rewards never trained, asked for by their description after training "
+                                "(zero_shot/zero_shot.md); each must be a key of `rewards` with a task description.")
+
+
+def check_config(r, cfg) -> None:
+    from meal.rewards import reward_names_known
+
+    known = reward_names_known(cfg.rewards)
+    for name in r.zero_shot:
+        need(name in known, "method.zero_shot", f"unknown reward {name!r}; defined rewards: {sorted(known)}")
+    descriptions = cfg.task.descriptions
+    for name in list(cfg.task.objectives) + list(r.zero_shot):
+        need(name in descriptions, "task.descriptions", f"objective {name!r} has no description (MetaAligner asks "
+             f"for objectives in text; add task.descriptions.{name})")
+    need(r.tolerance >= 0, "method.tolerance", f"must be >= 0, got {r.tolerance}")
+    for f in ("warmup_steps", "equal_steps", "preference_steps"):
+        need(getattr(r, f) >= 0, f"method.{f}", f"must be >= 0, got {getattr(r, f)}")
+    need(r.warmup_steps + r.equal_steps + r.preference_steps > 0, "method.preference_steps",
+         "the three stages have no step at all")
+    need(r.batch_size >= 1 and r.batch_size % r.micro_batch_size == 0, "method.micro_batch_size",
+         f"must divide method.batch_size ({r.batch_size}), got {r.micro_batch_size}")
+    need(r.lr > 0, "method.lr", f"must be > 0, got {r.lr}")
+    need(not r.corrector.lora.preference_aware, "method.corrector.lora.preference_aware",
+         "the corrector reads its objectives as text: plain LoRA (false)")
+    need(cfg.conditioning.enabled, "conditioning.enabled", "MetaAligner builds its pairs from the conditioning "
+         "stage's scored corpus")
+    need(r.stack_on in ("base", "conditioned") or os.path.isdir(r.stack_on), "method.stack_on",
+         f"base | conditioned | a run folder, got {r.stack_on!r}")
+
 
 TEMPLATE = ("Edit the following Question-Answer pair to make it {target} considering the following objectives: "
             "{objectives} | Question: {question} | Answer: {answer} | Edit:")
@@ -228,7 +282,7 @@ class CorrectorSettings:
                               row.weights if self.weights_in_markers else None)
 
 
-class PlainPolicy:
+class PlainPolicy(ResponderBase):
     """A policy asked without any preference (the task text alone in the chat template); ``base``: with
     its adapters off. What the corrector is stacked on as "the base policy"."""
 
@@ -250,7 +304,7 @@ class PlainPolicy:
                                                   prefs=prefs.repeat_interleave(n, 0))
 
 
-class Corrected:
+class Corrected(ResponderBase):
     """MetaAligner's responder (the paper's Eqn. 4): ``upstream`` answers (any responder: the base policy,
     a conditioned policy, a Meal run), the corrector rewrites each answer for O(w). Keeps what the
     rewriting cost (:meth:`cost`)."""
@@ -312,7 +366,7 @@ def upstream_responder(cfg, model, tokenizer, stack_on: str):
                            base=True)
     if stack_on == "conditioned":
         return ConditionedPolicy(model, Conditioner(cfg.task.template, list(cfg.task.objectives), tokenizer))
-    from meal.run_folder import load_run_responder
+    from meal.saved_run import load_run_responder
 
     return load_run_responder(stack_on)
 
@@ -348,7 +402,7 @@ def responder(cfg, model, tokenizer, run_dir: str | None = None, stack_on: str |
 def train(cfg) -> dict[str, Any]:
     """Train the corrector: Algorithm 1 on the conditioning corpus, then the three SFT stages."""
     t, m = cfg.trainer, cfg.method
-    with start_run(cfg) as run:  # 0. the corpus, its normalisation and the conditioned policy (cached)
+    with start_run(cfg, optimizer=False) as run:  # 0. the corpus, its normalisation, the conditioned policy (cached)
         dist, objectives = run.dist, run.objectives
         if dist.world > 1:
             raise ConfigError("method=metaaligner trains its corrector in one process; launch without torchrun")
@@ -470,3 +524,7 @@ def zero_shot_markdown(result: dict[str, Any]) -> str:
                                                   f" ({row['mean_raw'][x] - base[x]:+.3f})") for x in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+METHOD = Method("metaaligner", MetaAlignerConfig, train, responder, check_config,
+                not_exportable="MetaAligner answers with two models (a policy and its corrector)", stacks=True)

@@ -27,13 +27,44 @@ from typing import Any
 import numpy as np
 import torch
 
-from meal.config import ConfigError
+from meal.config import ConfigError, knob, need
 from meal.harness import start_run
 from meal.losses import build_batch, policy_step
-from meal.rollout import ConditionedPolicy, ScoreConditioner, rollout
+from meal.methods import Method
+from meal.rollout import ConditionedPolicy, ResponderBase, ScoreConditioner, rollout
 from meal.sampling import Generation, GenerationSettings, degenerate_mask
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RicConfig:
+    """Rewards-in-context (Yang et al. 2024; the recipe meal/methods/ric.py): the prompt holds desired
+    normalised scores instead of weights; online, samples that reach a quantile are relabelled with
+    the scores they obtained (MORS)."""
+
+    recipe: str = knob("ric", "The recipe meal/methods/ric.py.")
+    name: str = knob("ric", "Label of the method in run names and comparisons.")
+    quantile: float = knob(0.7, "Keep an online sample when any objective reaches this quantile of the iteration's "
+                           "samples (RiC: 0.7).")
+    replay_filtered: bool = knob(True, "Mix into each step as many rows of the conditioning corpus passing the same "
+                                 "filter as samples were kept (RiC adds as many original samples).")
+    score_draws: int = knob(50000, "N(0, 1) draws whose min and max bound the desired scores (RiC: 50,000).")
+    decimals: int = knob(1, "Decimals of the scores written into the prompt (RiC: 0.1).")
+    sample_temperature: float = knob(0.7, "Temperature of the online samples (RiC: 0.7; evaluation keeps 1.0).")
+
+
+def check_config(r, cfg) -> None:
+    need(0.0 < r.quantile < 1.0, "method.quantile", f"must be in (0, 1), got {r.quantile}")
+    need(r.score_draws >= 2, "method.score_draws", f"must be >= 2, got {r.score_draws}")
+    need(0 <= r.decimals <= 3, "method.decimals", f"must be in 0..3, got {r.decimals}")
+    need(r.sample_temperature > 0, "method.sample_temperature", f"must be > 0, got {r.sample_temperature}")
+    need(not cfg.policy.lora.preference_aware, "policy.lora.preference_aware",
+         "RiC writes desired scores, not a preference on the simplex, into the prompt: its adapters cannot mix by "
+         "preference (policy.lora.preference_aware=false)")
+    need(cfg.conditioning.enabled, "conditioning.enabled", "RiC starts from its offline stage (the conditioning "
+         "stage with conditioning.label=scores)")
+    need(cfg.trainer.replay == 0, "trainer.replay", "RiC replays filtered corpus rows itself (method.replay_filtered)")
 
 
 @dataclass
@@ -62,7 +93,7 @@ class ScoreRange:
 
 
 @dataclass
-class RicPolicy:
+class RicPolicy(ResponderBase):
     """RiC's responder: a preference becomes desired scores, which the policy reads from its prompt."""
 
     policy: ConditionedPolicy
@@ -72,12 +103,13 @@ class RicPolicy:
     def objectives(self) -> list[str]:
         return self.policy.objectives
 
-    def load_weights(self, w) -> None:
-        """One model answers every preference (meal-export): nothing to load."""
+    def desired_scores(self, w) -> list[float]:
+        """The desired normalised scores RiC writes into the prompt at ``w`` (its map)."""
+        return self.scores.from_preference(torch.tensor([list(map(float, w))]))[0].tolist()
 
     def preference_text(self, w) -> str:
         """The desired scores RiC writes into the prompt at ``w`` (its map), as text."""
-        return self.policy.preference_text(self.scores.from_preference(torch.tensor([list(w)]))[0].tolist())
+        return self.policy.preference_text(self.desired_scores(w))
 
     def respond(self, texts, prefs: torch.Tensor, settings: GenerationSettings, seed: int | None = None,
                 n: int = 1) -> Generation:
@@ -175,3 +207,6 @@ def train(cfg) -> dict[str, Any]:
         if t.final_eval:
             summary.update(run.evaluate(evaluated))
         return summary
+
+
+METHOD = Method("ric", RicConfig, train, responder, check_config, start_responder=start_responder, desired_scores=True)

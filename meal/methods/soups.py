@@ -2,7 +2,7 @@
 
     0  the common start (the conditioning stage, in start_run)
     1  for each objective k: GRPO on R_k alone from the start, conditioned on w = e_k
-       (MORLHF's per-policy routine at the K one-hot preferences: ``policies/<k>.safetensors``)
+       (:func:`meal.methods.grpo.train_policies` at the K one-hot preferences: ``policies/<k>.safetensors``)
     front: at preference w the soup sum_k w_k theta_k answers, with w in its prompt (Soup), by
     ``method.rule``:
        params  every trainable tensor interpolated, LoRA A and B separately (the default)
@@ -20,11 +20,31 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file
 
+from meal.config import knob, need
 from meal.harness import start_run
-from meal.methods.morlhf import load_into, policy_file, train_policies
+from meal.methods import Method
+from meal.methods.grpo import check_grpo, load_into, policy_file, train_policies
 from meal.preference_lora import PreferenceLoRALinear, base_only
-from meal.rollout import ConditionedPolicy, Conditioner
+from meal.rollout import ConditionedPolicy, Conditioner, ResponderBase
 from meal.sampling import Generation, GenerationSettings
+
+
+@dataclass
+class SoupsConfig:
+    """Rewarded Soups (the recipe meal/methods/soups.py): one GRPO policy per objective from the common start,
+    interpolated over the grid; ``trainer.iterations`` GRPO steps per policy."""
+
+    recipe: str = knob("soups", "The recipe meal/methods/soups.py.")
+    name: str = knob("soups", "Label of the method in run names and comparisons.")
+    rule: str = knob("params", "params (every trainable tensor interpolated, LoRA A and B separately) | merged (each "
+                     "adapted layer's full weight update interpolated).")
+    beta: float = knob(0.0, "KL coefficient of GRPO against the starting policy (TRL's default 0).")
+
+
+def check_config(r, cfg) -> None:
+    need(r.rule in ("params", "merged"), "method.rule", f"params | merged, got {r.rule!r}")
+    need(cfg.policy.lora.enabled, "policy.lora.enabled", "a soup interpolates adapters: needs LoRA")
+    check_grpo(r, cfg)
 
 
 def one_hot(k: int) -> list[list[float]]:
@@ -51,7 +71,7 @@ def layer_deltas(model, w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @dataclass
-class Soup:
+class Soup(ResponderBase):
     """Rewarded Soups' responder: the experts' weights mixed by the preference w of each call."""
 
     policy: ConditionedPolicy
@@ -124,9 +144,12 @@ def responder(cfg, model, tokenizer, run_dir: str | None = None) -> Soup:
 def train(cfg) -> dict[str, Any]:
     """One GRPO expert per objective from the common start; the soup's front over the whole grid."""
     t = cfg.trainer
-    with start_run(cfg) as run:
+    with start_run(cfg, optimizer=False) as run:  # GRPO brings its own
         train_policies(run, one_hot(len(run.objectives)))  # 1. the experts, w = e_k
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, "experts": len(run.objectives)}
         if t.final_eval:
             summary.update(run.evaluate(responder(cfg, run.model, run.tokenizer, run.run_dir)))
         return summary
+
+
+METHOD = Method("soups", SoupsConfig, train, responder, check_config)

@@ -1,0 +1,126 @@
+"""GRPO (TRL) on a scalarised reward, one policy per preference from a common start: the routine MORLHF and
+Rewarded Soups share (MORLHF at the preferences of a grid, Rewarded Soups at the K one-hot ones).
+
+    0  the common start's trainable weights kept (``policies/start.safetensors``)
+    for each preference w:
+    1  the policy restarts from the common start, conditioned on w (prompt and, with preference-aware
+       LoRA, the adapters' mix)
+    2  GRPO: ``trainer.iterations`` steps of ``trainer.batch_size`` prompts x ``trainer.n_samples``
+       completions; the objectives are its reward functions (normalised rewards), ``reward_weights`` = w
+    3  the policy's trainable weights saved (``policies/<i>.safetensors``), the run checkpointed
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from meal.config import ConfigError, need
+from meal.harness import Run
+from meal.preference_lora import preference_weights
+from meal.rewards import RewardNormalizer, RewardSet
+
+log = logging.getLogger(__name__)
+
+
+def check_grpo(method, cfg) -> None:
+    """What GRPO asks of any method that trains with it."""
+    need(method.beta >= 0, "method.beta", f"must be >= 0, got {method.beta}")
+    need(cfg.trainer.replay == 0, "trainer.replay", f"{method.name} trains with GRPO on its own samples only")
+    need(cfg.trainer.n_samples >= 2, "trainer.n_samples", "GRPO compares the completions of a prompt: needs >= 2")
+
+
+class ScoreCache:
+    """The reward set on normalised units, scored once per batch of completions for all K reward functions;
+    counts what it scored (responses, tokens, reward calls) into the run's budget."""
+
+    def __init__(self, reward_set: RewardSet, normalizer: RewardNormalizer, run: Run):
+        self.reward_set, self.normalizer, self.run = reward_set, normalizer, run
+        self._key: tuple | None = None
+        self._value: torch.Tensor | None = None
+
+    def __call__(self, texts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        key = (tuple(texts), tuple(completions))
+        if key != self._key:
+            raw = self.reward_set.score(list(texts), list(completions))  # (B, K)
+            tokens = sum(len(self.run.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions)
+            self.run.budget.add_sampling(len(completions), tokens, raw.shape[1])
+            self._key, self._value = key, self.normalizer(raw)
+        return self._value
+
+    def reward_function(self, k: int, name: str):
+        """TRL's reward function for objective k: the normalised reward of each completion."""
+        def fn(prompts, completions, text, **_) -> list[float]:
+            return self(text, completions)[:, k].tolist()
+
+        fn.__name__ = name
+        return fn
+
+
+def policy_file(folder: str, i: int) -> str:
+    return os.path.join(folder, "policies", f"{i:02d}.safetensors")
+
+
+def load_into(params: dict[str, torch.Tensor], path: str, saved: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy the weights saved at ``path`` (or ``saved``, already read) into ``params``."""
+    saved = saved if saved is not None else load_file(path)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n].to(p.dtype))
+
+
+def train_policies(run: Run, prefs: list[list[float]]) -> None:
+    """Steps 0-3 for each preference of ``prefs``: GRPO on w . R from the common start, one saved policy
+    each (``policies/<i>.safetensors``); policies already saved (a resumed run) are kept. Shared with
+    Rewarded Soups, whose policies are the ones at the K one-hot preferences."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    cfg = run.cfg
+    t, m = cfg.trainer, cfg.method
+    if run.dist.world > 1:
+        raise ConfigError(f"method={m.recipe}: one process only (launch without accelerate's data parallelism); "
+                          f"TRL's trainer would bring its own, which meal does not wire in")
+    start_file = os.path.join(run.run_dir, "policies", "start.safetensors")
+    if not os.path.exists(start_file):  # 0. the common start, kept for every policy (and a resume)
+        os.makedirs(os.path.dirname(start_file), exist_ok=True)
+        save_file({n: p.detach().contiguous().cpu() for n, p in run.params.items()}, start_file)
+    start = load_file(start_file)
+    scores = ScoreCache(run.reward_set, run.normalizer, run)
+    texts = run.train_texts
+    for i, w in enumerate(prefs):
+        if os.path.exists(policy_file(run.run_dir, i)):
+            log.info("policy %d (w = %s) already trained (resume)", i, w)
+            continue
+        tic = time.perf_counter()
+        # 1. from the common start, conditioned on w
+        load_into(run.params, start_file, start)
+        data = Dataset.from_dict({"prompt": run.condition(texts, torch.tensor([w] * len(texts))), "text": texts})
+        # 2. GRPO on w . R
+        args = GRPOConfig(
+            output_dir=os.path.join(run.run_dir, "grpo", f"{i:02d}"), max_steps=t.iterations,
+            per_device_train_batch_size=t.batch_size * t.n_samples, num_generations=t.n_samples,
+            max_completion_length=cfg.task.max_new_tokens, learning_rate=t.lr, weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
+            beta=m.beta, reward_weights=list(w), seed=t.seed + i, data_seed=t.seed, logging_steps=1,
+            save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
+            disable_tqdm=not run.dist.main)
+        trainer = GRPOTrainer(model=run.model, args=args, train_dataset=data, processing_class=run.tokenizer,
+                              reward_funcs=[scores.reward_function(k, name) for k, name in enumerate(run.objectives)])
+        with preference_weights(run.model, torch.tensor([w])):
+            trainer.train()
+        run.budget.steps += trainer.state.global_step
+        run.budget.seconds += time.perf_counter() - tic
+        # 3. keep the policy, record its training, checkpoint
+        save_file({n: p.detach().contiguous().cpu() for n, p in run.params.items()}, policy_file(run.run_dir, i))
+        for entry in trainer.state.log_history:
+            if "loss" in entry or "reward" in entry:
+                metrics = {f"grpo/{k}": v for k, v in entry.items() if isinstance(v, (int, float))}
+                metrics["grpo/policy"] = i
+                run.ctx.record(run.logger, metrics, i * t.iterations + int(entry.get("step", 0)))
+        run.save(i + 1, trainer.optimizer, policies_done=i + 1)
