@@ -54,8 +54,13 @@ class MorlhfPolicies(ResponderBase):
 
     policy: ConditionedPolicy
     params: dict[str, torch.Tensor]
-    grid: list[list[float]]
+    trained: list[list[float]]  # the preferences it trained a policy at
     folder: str
+
+    @property
+    def grid(self) -> list[list[float]]:
+        """The only preferences it answers: those it trained a policy at."""
+        return self.trained
 
     @property
     def objectives(self) -> list[str]:
