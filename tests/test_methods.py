@@ -104,7 +104,7 @@ def test_a_method_config_that_contradicts_itself_names_the_field(tiny_llama, tmp
 def test_morlhf_reward_functions_give_w_dot_r_on_hand_made_scores():
     """TRL sums reward_weights[k] * reward_k: with MORLHF's reward functions that is w . R of the normalised
     rewards, and the reward set is scored once for all K functions."""
-    from meal.methods.morlhf import ScoreCache
+    from meal.methods.grpo import ScoreCache
     from meal.rewards import RewardNormalizer
 
     calls = []
