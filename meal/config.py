@@ -33,7 +33,7 @@ def knob(default: Any, help: str) -> Any:
 
 @dataclass
 class TemplateConfig:
-    """How the task text and the preference are written into the prompt (see meal/templates.py)."""
+    """How the task text and the preference are written into the prompt (see meal/policy/templates.py)."""
 
     user: str = knob("{preference}\n\n{text}", "Format string of the user turn; must contain {preference} and {text}.")
     system: Optional[str] = knob(None, "System message for chat templates (None: the tokenizer's default).")
@@ -73,8 +73,8 @@ class LoraConfig:
     target_modules: List[str] = knob(["q_proj", "v_proj"], "Module names to adapt.")
     layers_from: int = knob(0, "Adapt only the decoder layers with this index and above (0: all). The backward "
                             "pass then stops at the lowest adapted layer.")
-    preference_aware: bool = knob(False, "Preference-aware LoRA (meal/preference_lora.py): one shared adapter plus one "
-                                  "per objective, mixed by each example's preference w; the preference enters the "
+    preference_aware: bool = knob(False, "Preference-aware LoRA (meal/policy/preference_lora.py): one shared adapter "
+                                  "plus one per objective, mixed by each example's preference w; the preference enters the "
                                   "weights as well as the prompt.")
 
 
@@ -98,7 +98,7 @@ class PolicyConfig:
 @dataclass
 class ConditioningConfig:
     """Step 0 of method.md: teach the policy to follow the preference in its prompt before any online
-    iteration (meal/conditioning.py). Its result is cached and shared by every run of a task."""
+    iteration (meal/harness/conditioning.py). Its result is cached and shared by every run of a task."""
 
     enabled: bool = knob(True, "Run the conditioning stage (False: the online stage starts from the base policy).")
     source: str = knob("auto", "auto (the dataset's own responses where the task has them, else a pool) | pool | "
@@ -178,7 +178,8 @@ class GenerationConfig:
 class LoggerConfig:
     """Where metrics go besides metrics.jsonl (always written)."""
 
-    _target_: str = knob("meal.tracking.WandbLogger", "meal.tracking.WandbLogger | meal.tracking.NullLogger.")
+    _target_: str = knob("meal.harness.tracking.WandbLogger", "meal.harness.tracking.WandbLogger | "
+                         "meal.harness.tracking.NullLogger.")
     project: str = knob("meal", "W&B project.")
     mode: str = knob("auto", "W&B mode: auto (offline when no API key is set) | online | offline | disabled.")
     name: Optional[str] = knob(None, "Run name (default: derived from task, method and seed).")

@@ -73,7 +73,7 @@ def tiny_config(model_dir: str, out_dir: str, **over) -> dict:
         "trainer": {"iterations": 2, "batch_size": 4, "n_samples": 2, "micro_batch_size": 2, "gen_batch_size": 8,
                     "norm_prompts": 4, "norm_samples": 2, "out_dir": out_dir, "table_every": 1, "save_every": 1,
                     "final_eval": False, "stats_cache": None},
-        "logger": {"_target_": "meal.tracking.NullLogger"},
+        "logger": {"_target_": "meal.harness.tracking.NullLogger"},
     }
     for key, value in over.items():
         section, _, name = key.partition(".")

@@ -30,7 +30,7 @@ def tiny_overrides(model_dir, out_dir):
 
 def test_meal_train_cli_runs_and_ends_with_a_front(tiny_llama, tmp_path):
     out = tmp_path / "run"
-    proc = _run(["meal.train", "method=meal", *tiny_overrides(tiny_llama, out)], cwd=tmp_path)
+    proc = _run(["meal.cli.train", "method=meal", *tiny_overrides(tiny_llama, out)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "hypervolume" in proc.stdout and "front.png" in proc.stdout
     front = json.load(open(out / "front.json"))
@@ -40,7 +40,7 @@ def test_meal_train_cli_runs_and_ends_with_a_front(tiny_llama, tmp_path):
 
 
 def test_meal_train_cli_rejects_bad_value_with_the_field_name(tmp_path):
-    proc = _run(["meal.train", "trainer.n_samples=0", "logger=none", f"trainer.out_dir={tmp_path / 'r'}"],
+    proc = _run(["meal.cli.train", "trainer.n_samples=0", "logger=none", f"trainer.out_dir={tmp_path / 'r'}"],
                 cwd=tmp_path)
     assert proc.returncode == 2
     assert "trainer.n_samples: N must be >= 1" in proc.stderr + proc.stdout
@@ -88,7 +88,7 @@ def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_
 
     def launch(config, out, port):
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                _accelerate_config(tmp_path, config), "--main_process_port", port, "-m", "meal.train",
+                _accelerate_config(tmp_path, config), "--main_process_port", port, "-m", "meal.cli.train",
                 *tiny_overrides(tiny_llama, out), *common]  # later overrides win
 
     dp = tmp_path / "dp"

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from meal.conditioning import ScoredCorpus, achieved_labels
-from meal.budget import Budget
-from meal.config import TemplateConfig
-from meal.losses import IGNORE, build_batch
-from meal.rollout import Conditioner
-from meal.templates import parse_preference
-from meal.methods import train
 from tests.conftest import tiny_config
+
+from meal.config import TemplateConfig
+from meal.harness.budget import Budget
+from meal.harness.conditioning import ScoredCorpus, achieved_labels
+from meal.methods import train
+from meal.policy.losses import IGNORE, build_batch
+from meal.policy.rollout import Conditioner
+from meal.policy.templates import parse_preference
 
 # one prompt group of four responses: two extremes, a balanced one, and one dominated by all three
 GROUP = torch.tensor([[2.0, -2.0], [0.0, 0.0], [-2.0, 2.0], [-3.0, -3.0]])
@@ -134,7 +135,7 @@ def test_stage_resumes_from_its_checkpoint(tiny_llama, tmp_path):
     """A stage stopped after its step-2 checkpoint continues from it: same weights as an uninterrupted stage."""
     from safetensors.torch import load_file
 
-    from meal import conditioning
+    from meal.harness import conditioning
 
     full = _stage_config(tiny_llama, str(tmp_path / "full"), str(tmp_path / "c1"))
     train(full)
@@ -199,7 +200,7 @@ def test_replay_mixes_the_stage_rows_into_each_step_and_resumes_exactly(tiny_lla
     replays the same rows as an uninterrupted one (same weights)."""
     from safetensors.torch import load_file
 
-    from meal.conditioning import ReplaySet
+    from meal.harness.conditioning import ReplaySet
 
     cache = str(tmp_path / "cache")
     over = {"trainer.iterations": 3, "trainer.replay": 2, "method.name": "static", "method.meta_learner": False,

@@ -9,9 +9,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from tests.conftest import tiny_config
+
 from meal.config import ConfigError, register_configs
 from meal.methods import train, typed_config
-from tests.conftest import tiny_config
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 

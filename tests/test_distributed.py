@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from meal.config import ConfigError
-from meal.distributed import AdamWStep, Dist, resolve_deepspeed_config
+from meal.harness.distributed import AdamWStep, Dist, resolve_deepspeed_config
 
 SIZES = dict(micro_batch_size=2, accumulation=3, world=4, max_grad_norm=1.0)
 
@@ -56,7 +56,7 @@ def test_the_launchers_deepspeed_settings_are_read_and_checked_before_the_policy
     from omegaconf import OmegaConf
 
     from meal.config import TrainerConfig
-    from meal.distributed import deepspeed_config
+    from meal.harness.distributed import deepspeed_config
 
     t = OmegaConf.structured(TrainerConfig(batch_size=8, top_m=1, micro_batch_size=2))
     assert deepspeed_config(t, Dist(), torch.float32) is None  # not launched with DeepSpeed

@@ -4,14 +4,15 @@ import json
 import os
 
 import numpy as np
-import torch
 import pytest
+import torch
 
-from meal.compare import CompareError, compare
-from meal.evaluation import Front, hypervolume, pareto_mask, preference_grid
-from meal.saved_run import EvalOptions, evaluate_run
-from meal.methods import train
 from tests.conftest import tiny_config
+
+from meal.cli.compare import CompareError, compare
+from meal.evaluation.front import Front, hypervolume, pareto_mask, preference_grid
+from meal.harness.saved_run import EvalOptions, evaluate_run
+from meal.methods import train
 
 
 def test_hypervolume_2d_by_hand():
@@ -126,7 +127,7 @@ def test_compare_reports_a_shared_conditioning_stage_once_and_different_ones_per
 
 
 def test_compare_gives_a_bootstrap_interval_with_two_runs_a_side():
-    from meal.compare import hypervolume_difference
+    from meal.cli.compare import hypervolume_difference
 
     d = hypervolume_difference([5.0, 7.0], [1.0, 3.0])
     assert d["difference"] == pytest.approx(4.0) and d["welch_p"] is not None
@@ -150,7 +151,7 @@ def test_compare_refuses_fronts_in_different_units_or_over_different_prompts(tmp
 def test_responses_are_written_in_rics_csv_layout(tmp_path):
     import csv
 
-    from meal.evaluation import write_ric_csv
+    from meal.evaluation.front import write_ric_csv
 
     path = write_ric_csv(str(tmp_path), [0.3, 0.7], ["q1", "q2"], ["a1", "a2"], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     assert os.path.basename(path) == "eval_data_pref0.3_0.7.csv"
@@ -164,7 +165,7 @@ def test_responses_are_written_in_rics_csv_layout(tmp_path):
 
 
 def test_meal_compare_cli_stamps_date_and_machine_unless_given(tmp_path, capsys):
-    from meal.compare import main as compare_main
+    from meal.cli.compare import main as compare_main
 
     _front("a", [[1, 1]], 0).save(str(tmp_path / "a.json"))
     compare_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "out"), "--meta", '{"wall_seconds": 5}'])
@@ -184,7 +185,7 @@ def test_meal_compare_cli_stamps_date_and_machine_unless_given(tmp_path, capsys)
 def test_compare_refuses_fronts_sampled_differently(tmp_path):
     """Issue 25: a front records how it was sampled; an older front (no record, sampled per batch) and a
     row-seeded one, or two fronts of different top_p, do not compare; the batch size is not in the record."""
-    from meal.sampling import GenerationSettings
+    from meal.policy.sampling import GenerationSettings
 
     old, new, new_bs = _front("a", [[1, 1]], 0), _front("a", [[1, 2]], 1), _front("a", [[2, 1]], 2)
     new.extra["generation"] = GenerationSettings(seeding="row", batch_size=8).record()
@@ -219,7 +220,7 @@ def test_compare_refuses_fronts_of_different_splits_and_keeps_each_runs_front_an
             f.extra["meta_learner"] = {"meta/param_distance": 0.2 + i, "meta/w_phi_spread_range": 0.1}
         paths.append(str(tmp_path / f"r{i}.json"))
         f.save(paths[-1])
-    from meal.compare import hypervolume_difference
+    from meal.cli.compare import hypervolume_difference
 
     result = compare(paths, str(tmp_path / "out2"), reference="static")
     assert result["runs"][0]["front_points"] == [[1, 2], [2, 1]] and result["runs"][0]["split"] == "test"
@@ -236,7 +237,7 @@ def test_a_figure_of_several_seeds_draws_each_methods_mean_point_per_preference(
     out of the mean, not of the hypervolumes); the figure holds an overlay and one panel per method."""
     import matplotlib.image
 
-    from meal.plotting import method_fronts, plot_fronts
+    from meal.evaluation.plotting import method_fronts, plot_fronts
 
     fronts = [_front("meal", [[1, 2], [3, 0]], 0), _front("meal", [[3, 2], [1, 0]], 1),
               _front("static", [[2, 2], [2, 1]], 0), _front("static", [[1, 1], [0, 0]], 1)]

@@ -10,11 +10,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from meal.config import ConfigError
-from meal.export import Export, export_run, fold_preference_lora
-from meal.generate import Ask, answer
-from meal.methods import train
 from tests.conftest import tiny_config
+
+from meal.cli.export import Export, export_run, fold_preference_lora
+from meal.cli.generate import Ask, answer
+from meal.config import ConfigError
+from meal.methods import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA = {"enabled": True, "preference_aware": True, "r": 2, "alpha": 4}
@@ -54,8 +55,8 @@ def run(tiny_llama, tmp_path_factory):
 
 
 def test_folding_the_preference_adapters_gives_the_same_logits(run):
-    from meal.saved_run import load_run
-    from meal.preference_lora import preference_weights
+    from meal.harness.saved_run import load_run
+    from meal.policy.preference_lora import preference_weights
 
     _, model, tok, _ = load_run(str(run))
     ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"]
@@ -129,7 +130,7 @@ def test_bad_export_input_is_named_and_nothing_is_written(run, tmp_path):
     assert not (tmp_path / "d").exists()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, "-m", "meal.export", f"run_dir={run}", "preference=[0.5,0.6]",
+    proc = subprocess.run([sys.executable, "-m", "meal.cli.export", f"run_dir={run}", "preference=[0.5,0.6]",
                            f"out={tmp_path / 'new'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -151,14 +152,14 @@ def assert_export_answers_as_the_run(run_dir, w, out) -> None:
     plain peft's on the base model with the ``format=adapter`` export."""
     from transformers import AutoModelForCausalLM
 
-    from meal.saved_run import load_run
+    from meal.harness.saved_run import load_run
     from meal.methods import get
-    from meal.preference_lora import preference_weights
+    from meal.policy.preference_lora import preference_weights
 
     cfg, model, tok, _ = load_run(str(run_dir))
     responder = get(cfg.method.recipe).responder(cfg, model, tok, str(run_dir))
     responder.load_weights(w)
-    from meal.templates import render_prompt
+    from meal.policy.templates import render_prompt
 
     prompt = render_prompt(cfg.task.template, PROMPTS[0], responder.preference_text(w), tok)  # as meal_prompt.json
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]

@@ -5,8 +5,8 @@ import doctest
 import pytest
 import torch
 
-from meal.evaluation import preference_following, preference_grid
-from meal.sampling import SamplingWarper, degenerate_mask, is_degenerate, select_valid_best
+from meal.evaluation.front import preference_following, preference_grid
+from meal.policy.sampling import SamplingWarper, degenerate_mask, is_degenerate, select_valid_best
 
 GRID = preference_grid(2, points=5)  # w1 = 0, .25, .5, .75, 1
 
@@ -62,8 +62,7 @@ def test_degenerate_responses_and_valid_selection():
 def test_sampling_warper_keeps_the_nucleus_hugging_face_keeps():
     """Same kept set as temperature -> top-k -> top-p of transformers, except where the mass above the
     boundary token equals top_p to float precision (the sums run in another order)."""
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     torch.manual_seed(0)
     for trial in range(60):
@@ -81,8 +80,8 @@ def test_sampling_warper_keeps_the_nucleus_hugging_face_keeps():
             torch.testing.assert_close(ref[row][a & b], mine[row][a & b])
 
 
-@pytest.mark.parametrize("module", ["meal.sampling", "meal.rewards.embedded", "meal.rewards.base", "meal.templates",
-                                    "meal.budget"])
+@pytest.mark.parametrize("module", ["meal.policy.sampling", "meal.rewards.embedded", "meal.rewards.base",
+                                    "meal.policy.templates", "meal.harness.budget"])
 def test_doctests(module):
     import importlib
 

@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 
-from meal.config import ConfigError
-from meal.generate import Ask, answer, parse_preferences, table
-from meal.rewards import RewardNormalizer
-from meal.methods import train
 from tests.conftest import tiny_config
+
+from meal.cli.generate import Ask, answer, parse_preferences, table
+from meal.config import ConfigError
+from meal.methods import train
+from meal.rewards import RewardNormalizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA = {"enabled": True, "preference_aware": True, "r": 2, "alpha": 4}
@@ -75,7 +76,7 @@ def test_cli_sweeps_the_grid_writes_jsonl_and_leaves_the_run_folder_alone(run, t
     env.pop("HYDRA_FULL_ERROR", None)
     before = _files(run)
     out = tmp_path / "answers.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "meal.generate", f"run_dir={run}", "preference=grid",
+    proc = subprocess.run([sys.executable, "-m", "meal.cli.generate", f"run_dir={run}", "preference=grid",
                            "prompt=Post: the bus was late again.", "max_new_tokens=4", f"out={out}"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -83,7 +84,7 @@ def test_cli_sweeps_the_grid_writes_jsonl_and_leaves_the_run_folder_alone(run, t
     rows = [json.loads(line) for line in open(out)]
     assert len(rows) == 11 and rows[-1]["preference"] == {"coverage": 1.0, "concise": 0.0}
     assert _files(run) == before and not os.path.exists(tmp_path / "outputs")
-    bad = subprocess.run([sys.executable, "-m", "meal.generate", f"run_dir={run}", "preference=[0.5,0.6]", "prompt=x"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run([sys.executable, "-m", "meal.cli.generate", f"run_dir={run}", "preference=[0.5,0.6]",
+                          "prompt=x"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "meal: invalid configuration: preference: [0.5, 0.6] is not on the simplex" in bad.stderr

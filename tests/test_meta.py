@@ -6,12 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meal.losses import SFTBatch, build_batch, per_example_nll
-from meal.meta import (InnerLoss, MetaGradSettings, PreferenceWeightNet, PromptFeatures, achieved_preference,
-                       adam_preconditioner, dynamic_preference, label_preference, meta_gradient, sample_weights,
-                       virtual_step)
-from meal.methods import train
 from tests.conftest import tiny_config
+
+from meal.methods import train
+from meal.methods.bilevel import (InnerLoss, MetaGradSettings, PreferenceWeightNet, PromptFeatures, achieved_preference,
+                                  adam_preconditioner, dynamic_preference, label_preference, meta_gradient,
+                                  sample_weights, virtual_step)
+from meal.policy.losses import SFTBatch, build_batch, per_example_nll
 
 ALPHA = 0.5
 
@@ -32,7 +33,7 @@ def bilevel(tiny_llama):
 def _build_bilevel(tiny_llama, seed):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from meal.preference_lora import attach_preference_lora
+    from meal.policy.preference_lora import attach_preference_lora
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64, attn_implementation="eager")

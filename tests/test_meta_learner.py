@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meal.config import ConfigError
-from meal.saved_run import EvalOptions, evaluate_run
-from meal.meta_learner import DIAGNOSTIC_KEYS, Kept, MetaSettings, NetLearner, build_learner
-from meal.methods import train
 from tests.conftest import tiny_config
+
+from meal.config import ConfigError
+from meal.harness.saved_run import EvalOptions, evaluate_run
+from meal.methods import train
+from meal.methods.meta_learner import DIAGNOSTIC_KEYS, Kept, MetaSettings, NetLearner, NetShape, build_learner
 
 LORA = {"enabled": True, "preference_aware": True, "r": 2, "alpha": 4}
 
@@ -88,7 +89,7 @@ def test_shuffled_control_permutes_the_learned_residuals_across_the_batch():
     torch.manual_seed(0)
     emb = torch.randn(10, 6)
     s = MetaSettings(lam=0.5, tau=1.0, alpha_in=1e-3, control="shuffled", seed=5)
-    learner = build_learner(s, 2, emb, hidden=8, feature_dims=4, lr=1e-2, adam_eps=1e-16, init_seed=0)
+    learner = build_learner(s, 2, emb, NetShape(hidden=8, features=4, lr=1e-2, adam_eps=1e-16), init_seed=0)
     assert isinstance(learner, NetLearner)
     with torch.no_grad():
         learner.net.proposal[2].weight.normal_()

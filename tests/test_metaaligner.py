@@ -7,11 +7,12 @@ import random
 import pytest
 import torch
 
+from tests.conftest import tiny_config
+
 from meal.config import ConfigError
 from meal.methods import metaaligner as ma
-from meal.sampling import Generation, GenerationSettings
 from meal.methods import train
-from tests.conftest import tiny_config
+from meal.policy.sampling import Generation, GenerationSettings
 
 DESCRIPTIONS = {"coverage": "the summary should cover the post", "concise": "the summary should be brief",
                 "positive": "the summary should be cheerful"}
@@ -70,8 +71,8 @@ class _Fixed:
 
 
 def test_the_corrector_stacked_on_a_stand_in_policy_rewrites_its_answers_in_one_call(tiny_llama, monkeypatch):
-    from meal.policy import load_policy
-    from meal.config import PolicyConfig, LoraConfig
+    from meal.config import LoraConfig, PolicyConfig
+    from meal.policy.model import load_policy
 
     model, tok = load_policy(PolicyConfig(name_or_path=tiny_llama, dtype="float32", lora=LoraConfig(enabled=False)))
     seen = []
@@ -98,7 +99,7 @@ def test_the_base_policy_answers_without_preference_and_with_its_adapters_off(ti
     """Stacked on "base": the policy (here with preference-aware LoRA, adapters moved off zero) answers the
     plain task text as the model without adapters does."""
     from meal.config import LoraConfig, PolicyConfig
-    from meal.policy import load_policy
+    from meal.policy.model import load_policy
 
     model, tok = load_policy(PolicyConfig(name_or_path=tiny_llama, dtype="float32", lora=LoraConfig(
         enabled=True, preference_aware=True, r=2, alpha=4)), 2)
@@ -130,7 +131,7 @@ def _config(tiny_llama, out, cache, **method):
 def test_metaaligner_trains_three_stages_evaluates_stacked_and_zero_shot(tiny_llama, tmp_path):
     from safetensors.torch import load_file
 
-    from meal.saved_run import EvalOptions, evaluate_run
+    from meal.harness.saved_run import EvalOptions, evaluate_run
 
     out = tmp_path / "ma"
     summary = train(_config(tiny_llama, str(out), str(tmp_path / "cache"), zero_shot=["positive"]))
@@ -154,7 +155,7 @@ def test_metaaligner_trains_three_stages_evaluates_stacked_and_zero_shot(tiny_ll
     assert stacked["extra"]["stacked_on"] == "base" and res["hypervolume"] == pytest.approx(stacked["hypervolume"])
     assert len(stacked["points"]) == 11 and stacked["num_prompts"] == 2
     # a corrupt corrector checkpoint is named, not a raw safetensors error
-    from meal.checkpoint import CheckpointError
+    from meal.harness.checkpoint import CheckpointError
 
     (out / "checkpoints" / "step_000004" / "net.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(CheckpointError, match="corrector's weights"):

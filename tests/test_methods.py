@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from meal.config import ConfigError
-from meal.methods.ric import ScoreRange, quantile_filter
-from meal.templates import format_scores
-from meal.methods import train
 from tests.conftest import tiny_config
+
+from meal.config import ConfigError
+from meal.methods import train
+from meal.methods.ric import ScoreRange, quantile_filter
+from meal.policy.templates import format_scores
 
 
 def test_ric_quantile_filter_keeps_a_sample_when_any_objective_reaches_its_threshold():
@@ -57,7 +58,7 @@ def test_ric_trains_two_steps_and_writes_its_front(tiny_llama, tmp_path):
     """The offline stage labels every corpus row with its own scores; two MORS iterations keep the samples
     past the 0.7 quantile (plus as many filtered corpus rows), step, and the front is evaluated through
     RiC's map from preferences to desired scores."""
-    from meal.conditioning import ReplaySet
+    from meal.harness.conditioning import ReplaySet
 
     out = tmp_path / "ric"
     summary = train(_ric_config(tiny_llama, str(out), str(tmp_path / "cache")))
@@ -117,7 +118,7 @@ def test_morlhf_reward_functions_give_w_dot_r_on_hand_made_scores():
             return torch.tensor([[1.0, 4.0], [3.0, 0.0]])
 
     class FakeRun:
-        budget = __import__("meal.budget", fromlist=["Budget"]).Budget()
+        budget = __import__("meal.harness.budget", fromlist=["Budget"]).Budget()
 
         @staticmethod
         def tokenizer(text, add_special_tokens=False):
@@ -159,7 +160,7 @@ def test_morlhf_trains_one_grpo_policy_per_preference_and_evaluates_each_at_its_
     from tests.test_export import assert_export_answers_as_the_run
 
     assert_export_answers_as_the_run(out, [1.0, 0.0], tmp_path / "exported")
-    from meal.export import export_run
+    from meal.cli.export import export_run
 
     with pytest.raises(ConfigError, match=r"preference: \[0.5, 0.5\] is not one of this morlhf run's policies"):
         export_run(str(out), [0.5, 0.5], str(tmp_path / "other"))
@@ -184,8 +185,8 @@ def test_merged_soup_interpolates_full_weight_updates_and_restores_the_base(tiny
 
     from meal.config import PolicyConfig
     from meal.methods.soups import Soup, layer_deltas
-    from meal.policy import load_policy, trainable_parameters
-    from meal.rollout import ConditionedPolicy
+    from meal.policy.model import load_policy, trainable_parameters
+    from meal.policy.rollout import ConditionedPolicy
 
     cfg = OmegaConf.merge(OmegaConf.structured(PolicyConfig), {"name_or_path": tiny_llama, "dtype": "float32",
                           "lora": {"enabled": True, "preference_aware": True, "r": 2, "alpha": 4}})
@@ -241,7 +242,7 @@ def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_l
 
 
     # meal-eval at the run's start (conditioned or base weights) asks the start, not the soup of its experts
-    from meal.saved_run import EvalOptions, evaluate_run
+    from meal.harness.saved_run import EvalOptions, evaluate_run
     from meal.methods.soups import Soup
 
     def refuse(*a, **k):

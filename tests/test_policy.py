@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from meal.config import LoraConfig, PolicyConfig
-from meal.policy import load_policy, package_folder, resolve_dtype, trainable_parameters
+from meal.policy.model import load_policy, package_folder, resolve_dtype, trainable_parameters
 
 
 def test_dtype_resolution():
@@ -40,7 +40,7 @@ def test_flash_attention_needs_cuda(tiny_llama):
 @pytest.mark.slow
 def test_embedded_smollm2_loads_and_answers(tmp_path):
     """The embedded default, from the installed package, de-quantised into a cache folder (about 15 s)."""
-    from meal.sampling import GenerationSettings, generate
+    from meal.policy.sampling import GenerationSettings, generate
 
     cfg = PolicyConfig(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir=str(tmp_path))
     model, tok = load_policy(cfg)

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from meal.config import LoraConfig, PolicyConfig
-from meal.losses import build_batch, per_example_nll
-from meal.policy import load_policy, trainable_parameters
-from meal.preference_lora import preference_weights
+from meal.policy.losses import build_batch, per_example_nll
+from meal.policy.model import load_policy, trainable_parameters
+from meal.policy.preference_lora import preference_weights
 
 
 def _policy(tiny_llama, targets=("q_proj", "v_proj")):
@@ -50,7 +50,7 @@ def test_update_is_shared_plus_preference_weighted_blocks(tiny_llama):
 
 
 def test_functional_call_and_generation_see_the_preference(tiny_llama):
-    from meal.sampling import GenerationSettings, generate
+    from meal.policy.sampling import GenerationSettings, generate
 
     model, tok = _policy(tiny_llama)
     params = trainable_parameters(model)

@@ -7,12 +7,13 @@ import sys
 
 import pytest
 
-from meal.checkpoint import CheckpointError, save_checkpoint
+from tests.conftest import tiny_config
+
 from meal.config import ConfigError
+from meal.harness.checkpoint import CheckpointError, save_checkpoint
+from meal.methods import train
 from meal.rewards import RewardError
 from meal.tasks import DataError, load_jsonl
-from meal.methods import train
-from tests.conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,12 +102,12 @@ def short_reward(prompts, responses):
 
 
 def test_a_broken_reward_fails_before_the_policy_loads(tiny_llama, tmp_path, monkeypatch):
-    import meal.policy
+    import meal.policy.model
 
     def no_policy(*a, **k):
         raise AssertionError("the policy was loaded")
 
-    monkeypatch.setattr(meal.policy, "load_policy", no_policy)
+    monkeypatch.setattr(meal.policy.model, "load_policy", no_policy)
     for fn, msg in [("nan_reward", "reward 'broken' returned nan"), ("short_reward", "returned 1 values for 2")]:
         cfg = tiny_config(tiny_llama, str(tmp_path / fn), **{"task.objectives": ["coverage", "broken"]})
         cfg["rewards"]["broken"] = f"tests.test_reliability.{fn}"
@@ -171,7 +172,7 @@ def test_cli_prints_one_line_for_bad_data(tmp_path):
     bad.write_text('{"text": 3}\n')
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, "-m", "meal.train", "task=jsonl", f"task.data.train_file={bad}",
+    proc = subprocess.run([sys.executable, "-m", "meal.cli.train", "task=jsonl", f"task.data.train_file={bad}",
                            f"trainer.out_dir={tmp_path / 'run'}", "logger=none"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
@@ -192,7 +193,7 @@ def test_a_bad_split_or_control_is_named_before_any_model_loads(tmp_path, over, 
 
 
 def test_meal_eval_names_a_bad_split_before_loading_anything(tmp_path):
-    from meal.saved_run import EvalOptions, evaluate_run
+    from meal.harness.saved_run import EvalOptions, evaluate_run
 
     with pytest.raises(ConfigError, match="split: test | validation, got 'dev'"):
         evaluate_run(str(tmp_path / "no-run"), EvalOptions(split="dev"))

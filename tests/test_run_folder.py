@@ -14,13 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meal.checkpoint import StorageError, UnsafeCheckpoint, read_checkpoint_state, save_checkpoint
-from meal.config import ConfigError
-from meal.saved_run import EvalOptions, evaluate_run
-from meal.run_folder import LOCK
-from meal.tasks import DataError, read_jsonl
-from meal.methods import train
 from tests.conftest import tiny_config
+
+from meal.config import ConfigError
+from meal.harness.checkpoint import StorageError, UnsafeCheckpoint, read_checkpoint_state, save_checkpoint
+from meal.harness.run_folder import LOCK
+from meal.harness.saved_run import EvalOptions, evaluate_run
+from meal.methods import train
+from meal.tasks import DataError, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESUME = {"trainer.resume": True, "trainer.iterations": 3}
@@ -102,7 +103,7 @@ def test_out_dir_that_is_a_file_is_named_in_one_line(tiny_llama, tmp_path):
         train(tiny_config(tiny_llama, str(afile)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, "-m", "meal.train", f"trainer.out_dir={afile}", "logger=none"],
+    proc = subprocess.run([sys.executable, "-m", "meal.cli.train", f"trainer.out_dir={afile}", "logger=none"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"meal: invalid configuration: trainer.out_dir: {afile} is a file, not a folder"
@@ -113,7 +114,7 @@ def test_out_dir_that_is_a_file_is_named_in_one_line(tiny_llama, tmp_path):
                                      RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64")])
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_the_last_checkpoint_stays(tmp_path, monkeypatch,
                                                                                          failure):
-    import meal.checkpoint as ckpt
+    import meal.harness.checkpoint as ckpt
 
     run = str(tmp_path / "run")
     save_checkpoint(run, 1, {"w": torch.ones(2)}, None, {})
@@ -209,7 +210,7 @@ def test_the_run_closes_its_logger_and_sampler_however_the_recipe_ends():
     success, 1 on an error or an interrupt) and the vLLM sampler's adapter folder, for every method."""
     from types import SimpleNamespace
 
-    from meal.harness import Run
+    from meal.harness.run import Run
 
     calls = []
     rec = SimpleNamespace(finish=lambda code: calls.append(("finish", code)), close=lambda: calls.append("close"))

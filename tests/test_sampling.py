@@ -2,7 +2,7 @@
 
 import torch
 
-from meal.sampling import scalarise, select_best
+from meal.policy.sampling import scalarise, select_best
 
 
 def test_best_of_n_picks_the_argmax_of_hand_made_scores():
@@ -27,7 +27,7 @@ def test_selection_under_different_preferences_differs():
 def test_seeded_generation_is_repeatable_and_leaves_the_rng_alone(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from meal.sampling import GenerationSettings, generate
+    from meal.policy.sampling import GenerationSettings, generate
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     tok.padding_side = "left"
@@ -46,7 +46,7 @@ def test_row_seeded_responses_do_not_depend_on_the_batch_size(tiny_llama):
     prompt, when each response draws with its own seed; the same call seeded per call does not."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from meal.sampling import GenerationSettings, generate
+    from meal.policy.sampling import GenerationSettings, generate
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     tok.padding_side = "left"
@@ -75,7 +75,7 @@ def test_row_seeded_responses_do_not_depend_on_the_batch_size(tiny_llama):
 
 def test_row_draw_samples_the_warped_distribution():
     """RowDraw's inverse-CDF draw follows the top-p distribution: masked tokens never, the rest in proportion."""
-    from meal.sampling import RowDraw, SamplingWarper
+    from meal.policy.sampling import RowDraw, SamplingWarper
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
     gens = [torch.Generator().manual_seed(i) for i in range(4000)]

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # the commands' modules (console scripts of setup.cfg, and what they share): nothing below them imports them
-COMMANDS = {"meal.cli", "meal.train", "meal.evaluate", "meal.generate", "meal.export", "meal.compare"}
+COMMANDS = {"meal.cli", "meal.cli.train", "meal.cli.evaluate", "meal.cli.generate", "meal.cli.export",
+            "meal.cli.compare"}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -95,8 +96,8 @@ def toy_method():
 
     from meal import methods
     from meal.config import knob, need
-    from meal.harness import start_run
-    from meal.rollout import ConditionedPolicy, Conditioner
+    from meal.harness.run import start_run
+    from meal.policy.rollout import ConditionedPolicy, Conditioner
 
     @dataclass
     class ToyConfig:
@@ -124,9 +125,10 @@ def toy_method():
 
 
 def test_a_method_registers_from_a_test_file_alone(toy_method, tiny_llama, tmp_path):
+    from tests.conftest import tiny_config
+
     from meal.config import ConfigError
     from meal.methods import names, train
-    from tests.conftest import tiny_config
 
     assert "toy" in names()
     cfg = {**tiny_config(tiny_llama, str(tmp_path / "run"), **{"trainer.iterations": 1,
@@ -143,7 +145,7 @@ def test_a_method_registers_from_a_test_file_alone(toy_method, tiny_llama, tmp_p
     start = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
     moved = [(saved[n] - start[n]).abs().max().item() for n in saved if n in start]
     assert moved and all(m == pytest.approx(0.25) for m in moved)  # the toy's train ran, on the weights saved
-    from meal.saved_run import EvalOptions, evaluate_run
+    from meal.harness.saved_run import EvalOptions, evaluate_run
 
     again = evaluate_run(summary["run_dir"], EvalOptions(prompts=1, out_dir=str(tmp_path / "eval")))  # meal-eval too
     assert os.path.exists(again["front_json"])

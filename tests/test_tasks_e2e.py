@@ -11,10 +11,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from meal.config import register_configs
-from meal.evaluation import Front
-from meal.methods import train
 from tests.test_config import CONF
+
+from meal.config import register_configs
+from meal.evaluation.front import Front
+from meal.methods import train
 
 
 @pytest.fixture(scope="module")

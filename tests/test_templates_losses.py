@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from meal.config import TemplateConfig
-from meal.losses import IGNORE, build_batch, per_example_nll
-from meal.templates import build_prompt, format_preference, parse_preference
+from meal.policy.losses import IGNORE, build_batch, per_example_nll
+from meal.policy.templates import build_prompt, format_preference, parse_preference
 
 
 def test_preference_format_and_parse_round_trip(tokenizer_dir):

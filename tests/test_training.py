@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meal.checkpoint import CheckpointError
-from meal.config import ConfigError
-from meal.methods import train
 from tests.conftest import tiny_config
+
+from meal.config import ConfigError
+from meal.harness.checkpoint import CheckpointError
+from meal.methods import train
 
 
 def _ckpt(run_dir, step):

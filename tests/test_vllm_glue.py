@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meal.sampling import GenerationSettings
 from tests.conftest import tiny_config
+
+from meal.policy.sampling import GenerationSettings
 
 
 @dataclass
@@ -78,7 +79,7 @@ def test_prompts_seeds_and_counts_match_the_hf_path(fake_vllm, tiny_llama, tmp_p
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from meal.vllm_backend import VLLMSampler
+    from meal.policy.vllm_backend import VLLMSampler
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     FakeLLM.eos = tok.eos_token_id
@@ -102,7 +103,7 @@ def test_prompts_seeds_and_counts_match_the_hf_path(fake_vllm, tiny_llama, tmp_p
     assert gen.num_tokens == 2 + 4 + 2 + 4  # eos not counted, as in the HF path
     from dataclasses import replace
 
-    from meal.sampling import row_seeds
+    from meal.policy.sampling import row_seeds
 
     sampler(model, tok, prompts, replace(settings, seeding="row"), generator_seed=100)  # evaluation
     seeds = [p.seed for p in fake_vllm[0].calls[1]["params"]]
@@ -140,7 +141,7 @@ def test_training_hands_vllm_the_current_adapter_each_rollout(fake_vllm, tiny_ll
 def test_each_data_parallel_rank_gets_its_own_engine_in_the_launchers_process_group(fake_vllm, tiny_llama):
     from omegaconf import OmegaConf
 
-    from meal.run import training_sampler
+    from meal.harness.report import training_sampler
     from meal.methods import typed_config
 
     cfg = typed_config(tiny_config(tiny_llama, "unused", **{"generation.backend": "vllm", "trainer.seed": 7,

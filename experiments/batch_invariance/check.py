@@ -16,8 +16,8 @@ import os
 
 import numpy as np
 
-from meal.evaluation import Front
-from meal.compare import experiment_meta, write_results
+from meal.cli.compare import experiment_meta, write_results
+from meal.evaluation.front import Front
 
 
 def responses(folder: str) -> dict[tuple[str, int], str]:

@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 
-from meal.profiling import machine
+from meal.harness.profiling import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VARIANTS = {
@@ -44,7 +44,7 @@ def run_variant(name: str, overrides: list[str], iterations: int, out_root: str,
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if memory:  # glibc returns freed blocks >= 64 KiB to the OS, so RSS follows live memory (but runs slower)
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    cmd = [sys.executable, "-m", "meal.train", "experiment=demo", *overrides, f"trainer.iterations={iterations}",
+    cmd = [sys.executable, "-m", "meal.cli.train", "experiment=demo", *overrides, f"trainer.iterations={iterations}",
            "trainer.final_eval=false", "trainer.eval_every=0", "trainer.save_every=0", "trainer.table_every=0",
            "logger=none", f"trainer.out_dir={out}", "hydra.run.dir=" + os.path.join(out, "hydra")]
     shutil.rmtree(out, ignore_errors=True)
@@ -73,15 +73,15 @@ import json, torch, numpy as np
 from hydra import compose, initialize_config_dir
 from meal.config import register_configs
 from meal.methods import typed_config
-from meal.policy import load_policy, trainable_parameters
-from meal.losses import build_batch, per_example_nll
-from meal.meta import (InnerLoss, MetaGradSettings, PreferenceWeightNet, PromptFeatures, dynamic_preference,
+from meal.policy.model import load_policy, trainable_parameters
+from meal.policy.losses import build_batch, per_example_nll
+from meal.methods.bilevel import (InnerLoss, MetaGradSettings, PreferenceWeightNet, PromptFeatures, dynamic_preference,
                        label_preference, sample_weights, meta_gradient)
 from meal.tasks import load_embedded
-from meal.rollout import ConditionedPolicy, Conditioner, rollout
+from meal.policy.rollout import ConditionedPolicy, Conditioner, Queries, Scoring, rollout
 from meal.rewards import RewardSet
-from meal.run import generation_settings
-from meal.embeddings import policy_embeddings
+from meal.harness.report import generation_settings
+from meal.policy.embeddings import policy_embeddings
 register_configs()
 with initialize_config_dir(config_dir=ROOT + "/conf", version_base="1.3"):
     cfg = typed_config(compose(config_name="config", overrides=["experiment=demo"]))
@@ -93,7 +93,7 @@ texts = [e.text for e in data.train[:8]]
 cond = Conditioner(cfg.task.template, list(cfg.task.objectives), tok)
 rs = RewardSet.from_config(dict(cfg.rewards), list(cfg.task.objectives))
 w = torch.distributions.Dirichlet(torch.ones(2)).sample((8,))
-ro = rollout(ConditionedPolicy(model, cond), texts, w, 1, generation_settings(cfg), rs, None, seed=0)
+ro = rollout(ConditionedPolicy(model, cond), Queries(texts, w, 1, seed=0), generation_settings(cfg), Scoring(rs))
 resp = [r[0] for r in ro.texts]
 inner = build_batch(tok, cond(texts[:4], w[:4]), resp[:4], prefs=w[:4])
 meta = build_batch(tok, cond(texts[4:], w[4:]), resp[4:], prefs=w[4:])

@@ -108,23 +108,23 @@ def main() -> None:
     args = ap.parse_args()
     from hydra import compose, initialize_config_dir
 
+    from meal.cli.compare import experiment_meta
     from meal.config import register_configs
-    from meal.conditioning import achieved_labels
-    from meal.distributed import AdamWStep, Dist
-    from meal.embeddings import embed_prompts
-    from meal.harness import load_task_data
-    from meal.losses import build_batch, policy_step
-    from meal.meta import dynamic_preference
-    from meal.meta_learner import IterationBatch, PolicyHandle, build_learner, labelled_batch
-    from meal.compare import experiment_meta
-    from meal.methods.meal import concat_batches, keep_best, meta_settings
-    from meal.policy import load_policy, trainable_parameters
-    from meal.profiling import PhaseMeter
-    from meal.rewards import RewardNormalizer, RewardSet
-    from meal.rollout import ConditionedPolicy, Conditioner, rollout
-    from meal.run import generation_settings
-    from meal.sampling import degenerate_mask, generate
+    from meal.harness.conditioning import achieved_labels
+    from meal.harness.distributed import AdamWStep, Dist
+    from meal.harness.profiling import PhaseMeter
+    from meal.harness.report import generation_settings
+    from meal.harness.run import load_task_data
     from meal.methods import typed_config
+    from meal.methods.bilevel import dynamic_preference
+    from meal.methods.meal import concat_batches, keep_best, meta_settings, net_shape
+    from meal.methods.meta_learner import IterationBatch, PolicyHandle, build_learner, labelled_batch
+    from meal.policy.embeddings import embed_prompts
+    from meal.policy.losses import build_batch, policy_step
+    from meal.policy.model import load_policy, trainable_parameters
+    from meal.policy.rollout import ConditionedPolicy, Conditioner, Queries, Scoring, rollout
+    from meal.policy.sampling import degenerate_mask, generate
+    from meal.rewards import RewardNormalizer, RewardSet
 
     register_configs()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
@@ -159,7 +159,7 @@ def main() -> None:
     ro_box = {}
 
     def gen_phase() -> int:
-        ro = rollout(policy, texts, w_star, t.n_samples, settings, rewards, None, seed=0)
+        ro = rollout(policy, Queries(texts, w_star, t.n_samples, seed=0), settings, Scoring(rewards))
         ro_box["ro"] = ro
         return prompt_tokens(cond(texts, w_star), t.n_samples) + ro.num_tokens
 
@@ -185,8 +185,7 @@ def main() -> None:
 
     # Meal's steps 2-9 through its learner, as the recipe calls them
     embeddings = embed_prompts(m.weight_net.embedding, model, tok, train) if m.lam < 1 else None
-    learner = build_learner(meta_settings(cfg), k, embeddings, m.weight_net.hidden, m.weight_net.features,
-                            m.weight_net.lr, m.weight_net.adam_eps, t.seed + 1)
+    learner = build_learner(meta_settings(cfg), k, embeddings, net_shape(cfg), t.seed + 1)
     handle = PolicyHandle(model, params, tok, cond, optimizer, t.max_prompt_tokens)
     idx = list(range(t.batch_size))
     learner.begin(0, len(idx))

@@ -19,11 +19,11 @@ import torch
 from omegaconf import OmegaConf
 
 from meal.config import PolicyConfig, TemplateConfig
-from meal.evaluation import pareto_mask
-from meal.policy import load_policy
+from meal.evaluation.front import pareto_mask
+from meal.policy.model import load_policy
+from meal.policy.rollout import ConditionedPolicy, Conditioner, Queries, Scoring, draw_preferences, rollout
+from meal.policy.sampling import GenerationSettings
 from meal.rewards import RewardSet
-from meal.rollout import ConditionedPolicy, Conditioner, draw_preferences, rollout
-from meal.sampling import GenerationSettings
 from meal.tasks import load_embedded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,8 +54,8 @@ def main() -> None:
         texts = [e.text for e in load_embedded(tcfg.data.name).train[:args.prompts]]
         prefs = draw_preferences(len(texts), len(tcfg.objectives), 1.0, np.random.default_rng(0))
         t0 = time.time()
-        ro = rollout(ConditionedPolicy(model, cond), texts, prefs, args.samples,
-                     GenerationSettings(tcfg.max_new_tokens), RewardSet.from_config(specs, objectives), None)
+        ro = rollout(ConditionedPolicy(model, cond), Queries(texts, prefs, args.samples),
+                     GenerationSettings(tcfg.max_new_tokens), Scoring(RewardSet.from_config(specs, objectives)))
         raw = ro.raw.reshape(-1, len(objectives)).numpy()  # (M, K)
         pairs = {}
         for a, b in itertools.combinations(range(len(objectives)), 2):

@@ -21,13 +21,13 @@ import time
 
 import torch
 
-from meal.saved_run import read_run
-from meal.export import Export, base_model_ref, export_run
-from meal.generate import Ask, answer
-from meal.harness import load_task_data
-from meal.compare import experiment_meta, write_results
-from meal.policy import resolve_dtype
-from meal.run import eval_texts
+from meal.cli.compare import experiment_meta, write_results
+from meal.cli.export import Export, base_model_ref, export_run
+from meal.cli.generate import Ask, answer
+from meal.harness.report import eval_texts
+from meal.harness.run import load_task_data
+from meal.harness.saved_run import read_run
+from meal.policy.model import resolve_dtype
 
 
 def plain_answers(folder: str, prompts: list[str], max_new_tokens: int, base: tuple[str, str | None] | None,
@@ -63,8 +63,8 @@ def plain_answers(folder: str, prompts: list[str], max_new_tokens: int, base: tu
 def fold_loss(run: str, w: list[float], dtype: torch.dtype) -> float:
     """How much of the update at w a fold stored in ``dtype`` loses: ||round(W + D) - W - D|| / ||D|| over every
     adapted layer, W the base weights as meal runs them (in ``dtype``), D the update in float32."""
-    from meal.export import _unwrap_preference_lora
-    from meal.saved_run import load_run
+    from meal.cli.export import _unwrap_preference_lora
+    from meal.harness.saved_run import load_run
 
     _, model, _, _ = load_run(run, dtype=str(dtype).removeprefix("torch."))
     err = norm = 0.0

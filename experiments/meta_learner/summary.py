@@ -18,7 +18,7 @@ import os
 import numpy as np
 from scipy.stats import norm
 
-from meal.compare import hypervolume_difference
+from meal.cli.compare import hypervolume_difference
 
 
 def seeds_needed(delta: float, sigma: float, alpha: float = 0.05, power: float = 0.8) -> float | None:

@@ -2,9 +2,9 @@
 
 A method is one module of this package that ends with ``METHOD = Method(...)``: its name (the ``method.recipe``
 value), the dataclass its ``method`` config node follows, its own validation, ``train(cfg) -> summary`` (a
-recipe over the shared harness, :mod:`meal.harness`) and ``responder(cfg, model, tokenizer, run_dir)``: how
+recipe over the shared harness, :mod:`meal.harness.run`) and ``responder(cfg, model, tokenizer, run_dir)``: how
 a trained run answers under a preference (what ``meal-eval`` and the final evaluation ask, a
-:class:`~meal.rollout.Responder`). The modules of :data:`BUILTIN` are found by name; any other method
+:class:`~meal.policy.rollout.Responder`). The modules of :data:`BUILTIN` are found by name; any other method
 (a user's, or a test's toy) is :func:`register`-ed from where it is defined.
 
 Adding a method: one module (its ``METHOD``), one YAML in ``conf/method/`` (``recipe: <name>``), one test.
@@ -110,7 +110,7 @@ def typed_config(cfg: Any) -> DictConfig:
 
 def train(cfg: Any) -> dict[str, Any]:
     """Train as configured (``method.recipe`` names the method); returns a summary of the run."""
-    from meal.run_folder import run_lock
+    from meal.harness.run_folder import run_lock
 
     cfg = typed_config(cfg)
     with run_lock(cfg.trainer.out_dir):  # one writer per run folder, released however the run ends
@@ -124,6 +124,6 @@ def start_responder(cfg, model, tokenizer):
     method = get(cfg.method.recipe)
     if method.start_responder is not None:
         return method.start_responder(cfg, model, tokenizer)
-    from meal.rollout import ConditionedPolicy, Conditioner
+    from meal.policy.rollout import ConditionedPolicy, Conditioner
 
     return ConditionedPolicy(model, Conditioner(cfg.task.template, list(cfg.task.objectives), tokenizer))

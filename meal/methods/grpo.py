@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from meal.config import ConfigError, need
-from meal.harness import Run
-from meal.preference_lora import preference_weights
+from meal.harness.run import Run
+from meal.policy.preference_lora import preference_weights
 from meal.rewards import RewardNormalizer, RewardSet
 
 log = logging.getLogger(__name__)
@@ -122,5 +122,5 @@ def train_policies(run: Run, prefs: list[list[float]]) -> None:
             if "loss" in entry or "reward" in entry:
                 metrics = {f"grpo/{k}": v for k, v in entry.items() if isinstance(v, (int, float))}
                 metrics["grpo/policy"] = i
-                run.ctx.record(run.logger, metrics, i * t.iterations + int(entry.get("step", 0)))
+                run.report.record(run.logger, metrics, i * t.iterations + int(entry.get("step", 0)))
         run.save(i + 1, trainer.optimizer, policies_done=i + 1)

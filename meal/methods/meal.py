@@ -1,7 +1,7 @@
 """Meal and its static special case (lam = 1), read top to bottom.
 
 One iteration (numbers are the steps of ``method.md``; step 0, the conditioning stage, ran in
-:func:`meal.harness.start_run`); the learner is :mod:`meal.meta_learner`::
+:func:`meal.harness.run.start_run`); the learner is :mod:`meal.methods.meta_learner`::
 
     1  w*  ~ Dirichlet(alpha)                           target preferences        (B, K)
     2  w_phi = learner.propose(x, w*)                   meta-learner proposal     (B, K)
@@ -24,15 +24,17 @@ from typing import Any, Optional
 import torch
 
 from meal.config import ConfigError, knob, need
-from meal.distributed import AdamWStep
-from meal.harness import Run, start_run
-from meal.losses import SFTBatch, build_batch, policy_step
-from meal.meta import dynamic_preference
-from meal.meta_learner import IterationBatch, Kept, MetaSettings, PolicyHandle, build_learner, labelled_batch
+from meal.harness.distributed import AdamWStep
+from meal.harness.profiling import PhaseMeter
+from meal.harness.run import Run, start_run
 from meal.methods import Method
-from meal.profiling import PhaseMeter
-from meal.rollout import ConditionedPolicy, Conditioner, PromptOrder, Rollout, draw_preferences, rollout
-from meal.sampling import degenerate_mask, scalarise, select_valid_best
+from meal.methods.bilevel import dynamic_preference
+from meal.methods.meta_learner import (IterationBatch, Kept, MetaSettings, NetShape, PolicyHandle, build_learner,
+                                       labelled_batch)
+from meal.policy.losses import SFTBatch, build_batch, policy_step
+from meal.policy.rollout import (ConditionedPolicy, Conditioner, PromptOrder, Queries, Rollout, draw_preferences,
+                                 rollout)
+from meal.policy.sampling import degenerate_mask, scalarise, select_valid_best
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,12 @@ def meta_settings(cfg) -> MetaSettings:
                         seed=t.seed + 3)
 
 
+def net_shape(cfg) -> NetShape:
+    """The net's size and outer optimiser from ``cfg.method.weight_net``."""
+    n = cfg.method.weight_net
+    return NetShape(n.hidden, n.features, n.lr, n.adam_eps)
+
+
 def train(cfg) -> dict[str, Any]:
     """Train a preference-conditioned policy with Meal (or static rejection sampling, lam = 1)."""
     t, m = cfg.trainer, cfg.method
@@ -148,8 +156,7 @@ def train(cfg) -> dict[str, Any]:
                               f"{dist.world}")
         policy = responder(cfg, run.model, run.tokenizer)
         optimizer = run.optimizer
-        learner = build_learner(meta_settings(cfg), k, run.embeddings, m.weight_net.hidden, m.weight_net.features,
-                                m.weight_net.lr, m.weight_net.adam_eps, t.seed + 1)
+        learner = build_learner(meta_settings(cfg), k, run.embeddings, net_shape(cfg), t.seed + 1)
         handle = PolicyHandle(run.model, run.params, run.tokenizer, run.condition, optimizer, t.max_prompt_tokens)
         if learner.learns and m.precondition == "adam" and not isinstance(optimizer, AdamWStep):
             log.warning("method.precondition=adam: the %s keeps AdamW's moments partitioned, so the virtual step is "
@@ -179,8 +186,7 @@ def train(cfg) -> dict[str, Any]:
             w_phi = learner.propose(idx, w_star)
             w_tilde = dynamic_preference(w_star, w_phi, m.lam)
             # 4. rejection sampling: N responses each, scored, best valid one by w~ . R
-            ro = rollout(policy, texts, w_tilde, t.n_samples, run.settings, run.reward_set, run.normalizer,
-                         meter=meter)
+            ro = rollout(policy, Queries(texts, w_tilde, t.n_samples), run.settings, run.scoring, meter)
             run.budget.add_sampling(t.batch_size * t.n_samples, round(dist.mean(ro.num_tokens) * dist.world), k)
             valid = ~degenerate_mask(ro.texts, ro.finished)  # (B, N): an empty or looping response is never kept
             kept = keep_best(ro, w_tilde, valid, t.top_m)
@@ -205,12 +211,12 @@ def train(cfg) -> dict[str, Any]:
                     loss, grad_norm = policy_step(run.model, optimizer, batch, c, t.micro_batch_size, dist)
                 run.budget.steps += 1
             step = it + 1
-            metrics.update(run.ctx.iteration_metrics(ro, kept.rewards, w_star, w_phi if m.lam < 1 else None,
+            metrics.update(run.report.iteration_metrics(ro, kept.rewards, w_star, w_phi if m.lam < 1 else None,
                                                      loss, grad_norm, c[:len(kept.src)]))
             metrics["meta/label_shift"] = (labels - w_star[kept.src]).abs().sum(-1).mean().item()
             diagnostics = learner.diagnostics()  # what the net did: distance from its init, spread over prompts
             metrics.update(diagnostics)
-            run.ctx.diagnostics = diagnostics or None
+            run.report.diagnostics = diagnostics or None
             metrics.update(meter.pop())
             metrics["time/iteration"] = time.perf_counter() - tic
             metrics["train/kept_valid"] = kept.ok.float().mean().item()
@@ -221,7 +227,7 @@ def train(cfg) -> dict[str, Any]:
             run.end_iteration(step, t.iterations, loss, metrics, optimizer, responder=policy,
                               table=(texts, w_tilde, ro), net=net,
                               replay_order=replay_order.state, **(learner.state() if net is not None else {}))
-        summary = {"run_dir": run.run_dir, "iterations": t.iterations, **run.ctx.last}
+        summary = {"run_dir": run.run_dir, "iterations": t.iterations, **run.report.last}
         if t.final_eval:
             summary.update(run.evaluate(policy))
         return summary
@@ -250,7 +256,7 @@ def with_replay(run: Run, kept: SFTBatch, c: torch.Tensor, replay, order: Prompt
 
 def concat_batches(a: SFTBatch, b: SFTBatch, pad_id: int) -> SFTBatch:
     """Two right-padded batches as one (padded to the wider)."""
-    from meal.losses import IGNORE
+    from meal.policy.losses import IGNORE
 
     width = max(a.input_ids.shape[1], b.input_ids.shape[1])
 

@@ -41,12 +41,12 @@ import numpy as np
 import torch
 
 from meal.config import ConfigError, PolicyConfig, knob, need
-from meal.harness import start_run
-from meal.losses import build_batch, policy_step
+from meal.harness.run import start_run
 from meal.methods import Method
-from meal.preference_lora import base_only
-from meal.rollout import ConditionedPolicy, Conditioner, ResponderBase
-from meal.sampling import Generation, GenerationSettings, generate
+from meal.policy.losses import build_batch, policy_step
+from meal.policy.preference_lora import base_only
+from meal.policy.rollout import ConditionedPolicy, Conditioner, ResponderBase
+from meal.policy.sampling import Generation, GenerationSettings, generate
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class AdapterBag(torch.nn.Module):
 
 def load_corrector(cfg, device: str | None = None):
     """(model, tokenizer, trainable params) of the corrector (plain LoRA or full fine-tuning)."""
-    from meal.policy import load_policy, trainable_parameters
+    from meal.policy.model import load_policy, trainable_parameters
 
     model, tok = load_policy(cfg.method.corrector, None, device=device)
     return model, tok, trainable_parameters(model)
@@ -366,7 +366,7 @@ def upstream_responder(cfg, model, tokenizer, stack_on: str):
                            base=True)
     if stack_on == "conditioned":
         return ConditionedPolicy(model, Conditioner(cfg.task.template, list(cfg.task.objectives), tokenizer))
-    from meal.saved_run import load_run_responder
+    from meal.harness.saved_run import load_run_responder
 
     return load_run_responder(stack_on)
 
@@ -375,7 +375,7 @@ def load_corrector_weights(run_dir: str, params: dict[str, torch.Tensor]) -> Non
     """The corrector's trained tensors from the run's latest checkpoint."""
     from safetensors.torch import load_file
 
-    from meal.checkpoint import CheckpointError, latest_checkpoint
+    from meal.harness.checkpoint import CheckpointError, latest_checkpoint
 
     folder = latest_checkpoint(run_dir)
     if folder is None:
@@ -430,7 +430,7 @@ def train(cfg) -> dict[str, Any]:
         # 2. the corrector
         corrector, ctok, cparams = load_corrector(cfg, str(next(run.model.parameters()).device))
         bag = AdapterBag(cparams)
-        from meal.distributed import AdamWStep
+        from meal.harness.distributed import AdamWStep
 
         optimizer = AdamWStep(cparams, m.lr, t.weight_decay, t.max_grad_norm, dist)
         if run.state is not None:
@@ -459,7 +459,7 @@ def train(cfg) -> dict[str, Any]:
                        "metaaligner/stage": float(STAGES.index(stage)), "time/iteration": time.perf_counter() - tic}
             run.end_iteration(step, len(schedule), loss, metrics, optimizer, net=bag)
         corrector.eval()
-        summary = {"run_dir": run.run_dir, "steps": len(schedule), **run.ctx.last}
+        summary = {"run_dir": run.run_dir, "steps": len(schedule), **run.report.last}
         if t.final_eval:
             evaluated = Corrected(upstream_responder(cfg, run.model, run.tokenizer, m.stack_on), corrector, ctok,
                                   settings)
@@ -476,10 +476,10 @@ def zero_shot_table(cfg, corrected: Corrected, test, normalizer, out_dir: str, p
     """Objectives never trained, asked for in text: the mean raw reward of every trained and zero-shot
     objective for the upstream's answers and for the corrector asked for (a) the trained objectives,
     (b) each zero-shot objective alone, (c) all of them. Writes zero_shot.json and zero_shot.md."""
-    from meal.rewards import RewardSet
-    from meal.run import eval_texts, generation_settings
-
     from omegaconf import OmegaConf
+
+    from meal.harness.report import eval_texts, generation_settings
+    from meal.rewards import RewardSet
 
     trained = list(cfg.task.objectives)
     unseen = [x for x in cfg.method.zero_shot if x not in trained]

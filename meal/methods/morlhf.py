@@ -18,12 +18,12 @@ from typing import Any, Sequence
 import torch
 
 from meal.config import knob, need
-from meal.evaluation import preference_grid
-from meal.harness import start_run
+from meal.evaluation.front import preference_grid
+from meal.harness.run import start_run
 from meal.methods import Method
 from meal.methods.grpo import check_grpo, load_into, policy_file, train_policies
-from meal.rollout import ConditionedPolicy, Conditioner, ResponderBase
-from meal.sampling import Generation, GenerationSettings
+from meal.policy.rollout import ConditionedPolicy, Conditioner, ResponderBase
+from meal.policy.sampling import Generation, GenerationSettings
 
 
 @dataclass
@@ -87,7 +87,7 @@ class MorlhfPolicies(ResponderBase):
 
 def responder(cfg, model, tokenizer, run_dir: str | None = None) -> MorlhfPolicies:
     """What evaluates a MORLHF run (``run_dir``: the run folder holding ``policies/``)."""
-    from meal.policy import trainable_parameters
+    from meal.policy.model import trainable_parameters
 
     k = len(cfg.task.objectives)
     policy = ConditionedPolicy(model, Conditioner(cfg.task.template, list(cfg.task.objectives), tokenizer))

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from meal.config import ConfigError, knob, need
-from meal.harness import start_run
-from meal.losses import build_batch, policy_step
+from meal.harness.run import start_run
 from meal.methods import Method
-from meal.rollout import ConditionedPolicy, ResponderBase, ScoreConditioner, rollout
-from meal.sampling import Generation, GenerationSettings, degenerate_mask
+from meal.policy.losses import build_batch, policy_step
+from meal.policy.rollout import ConditionedPolicy, Queries, ResponderBase, ScoreConditioner, rollout
+from meal.policy.sampling import Generation, GenerationSettings, degenerate_mask
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def train(cfg) -> dict[str, Any]:
             idx, desired = dist.shard(idx), torch.cat(dist.shard(list(desired.split(1))))
             texts = [texts_all[i] for i in idx]
             # 2. N samples each, scored
-            ro = rollout(policy, texts, desired, t.n_samples, sampling, run.reward_set, run.normalizer)
+            ro = rollout(policy, Queries(texts, desired, t.n_samples), sampling, run.scoring)
             run.budget.add_sampling(t.batch_size * t.n_samples, round(dist.mean(ro.num_tokens) * dist.world), k)
             # 3. the quantile filter over the iteration's samples (valid ones only)
             valid = ~degenerate_mask(ro.texts, ro.finished)  # (B, N)
@@ -203,7 +203,7 @@ def train(cfg) -> dict[str, Any]:
                 metrics[f"ric/threshold/{name}"] = thresholds[j].item()
             run.end_iteration(step, t.iterations, loss, metrics, optimizer, responder=evaluated,
                               table=(texts, desired, ro))
-        summary = {"run_dir": run.run_dir, "iterations": t.iterations, **run.ctx.last}
+        summary = {"run_dir": run.run_dir, "iterations": t.iterations, **run.report.last}
         if t.final_eval:
             summary.update(run.evaluate(evaluated))
         return summary

@@ -21,12 +21,12 @@ import torch
 from safetensors.torch import load_file
 
 from meal.config import knob, need
-from meal.harness import start_run
+from meal.harness.run import start_run
 from meal.methods import Method
 from meal.methods.grpo import check_grpo, load_into, policy_file, train_policies
-from meal.preference_lora import PreferenceLoRALinear, base_only
-from meal.rollout import ConditionedPolicy, Conditioner, ResponderBase
-from meal.sampling import Generation, GenerationSettings
+from meal.policy.preference_lora import PreferenceLoRALinear, base_only
+from meal.policy.rollout import ConditionedPolicy, Conditioner, ResponderBase
+from meal.policy.sampling import Generation, GenerationSettings
 
 
 @dataclass
@@ -132,7 +132,7 @@ class Soup(ResponderBase):
 
 def responder(cfg, model, tokenizer, run_dir: str | None = None) -> Soup:
     """What evaluates a Rewarded Soups run (``run_dir``: the run folder holding ``policies/``)."""
-    from meal.policy import trainable_parameters
+    from meal.policy.model import trainable_parameters
 
     folder = run_dir or cfg.trainer.out_dir
     experts = [load_file(policy_file(folder, k)) for k in range(len(cfg.task.objectives))

@@ -6,8 +6,7 @@ dotted path to a user's callable or Reward class (``+rewards.mine=mypkg.scoring.
 
 from typing import Any, Mapping
 
-from meal.rewards.base import (CallableReward, Reward, RewardError, RewardNormalizer, RewardSet,
-                               build_reward)
+from meal.rewards.base import CallableReward, Reward, RewardError, RewardNormalizer, RewardSet, build_reward
 
 __all__ = ["CallableReward", "Reward", "RewardError", "RewardNormalizer", "RewardSet", "build_reward",
            "reward_names_known"]

@@ -17,12 +17,12 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from meal.config import to_container
-from meal.evaluation import Front, evaluate_front, preference_grid
-from meal.plotting import plot_fronts
-from meal.rollout import Rollout
-from meal.sampling import GenerationSettings
-from meal.templates import format_preference
-from meal.tracking import JsonlWriter
+from meal.evaluation.front import Front, FrontSpec, evaluate_front, preference_grid
+from meal.evaluation.plotting import plot_fronts
+from meal.harness.tracking import JsonlWriter
+from meal.policy.rollout import Rollout, Scoring
+from meal.policy.sampling import GenerationSettings
+from meal.policy.templates import format_preference
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def training_sampler(cfg: DictConfig, rank: int = 0, world: int = 1):
     g = cfg.generation
     if g.backend != "vllm":
         return None
-    from meal.policy import resolve_source
-    from meal.vllm_backend import VLLMSampler
+    from meal.policy.model import resolve_source
+    from meal.policy.vllm_backend import VLLMSampler
 
     return VLLMSampler(resolve_source(cfg.policy), max_lora_rank=cfg.policy.lora.r,
                        gpu_memory_utilization=g.vllm_gpu_memory_utilization, max_model_len=g.vllm_max_model_len,
@@ -96,7 +96,7 @@ def _entropy(w: torch.Tensor) -> torch.Tensor:
     return -(w * w.clamp_min(1e-12).log()).sum(-1)
 
 
-class RunContext:
+class Report:
     """Metrics, tables and evaluations of one run; ``last`` holds the latest logged metrics."""
 
     def __init__(self, run_dir: str, cfg: DictConfig, objectives: Sequence[str]):
@@ -149,9 +149,9 @@ class RunContext:
         logger.log_table("samples", columns, data, step)
 
     def _evaluate(self, responder, texts, reward_set, normalizer, grid, csv_dir: str | None = None) -> Front:
-        front = evaluate_front(responder, texts, reward_set, normalizer, grid,
-                               generation_settings(self.cfg, eval_protocol=True), list(self.cfg.task.hv_ref),
-                               seed=0, label=self.cfg.method.name, csv_dir=csv_dir)
+        spec = FrontSpec(grid, list(self.cfg.task.hv_ref), seed=0, label=self.cfg.method.name, csv_dir=csv_dir)
+        front = evaluate_front(responder, texts, generation_settings(self.cfg, eval_protocol=True),
+                               Scoring(reward_set, normalizer), spec)
         front.extra.update(front_provenance(self.cfg, self.run_dir, normalizer, self.budgets))
         return front
 

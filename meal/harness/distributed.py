@@ -1,6 +1,6 @@
 """Data parallelism over processes started by ``accelerate launch`` (one process per GPU or CPU slot).
 
-    accelerate launch --num_processes 2 -m meal.train trainer.batch_size=16 ...
+    accelerate launch --num_processes 2 -m meal.cli.train trainer.batch_size=16 ...
 
 Every rank draws the same global batch of prompts and target preferences (same seed) and keeps its
 own slice: sampling, scoring and both steps are sharded. Gradients of the policy and of the

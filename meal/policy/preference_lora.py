@@ -80,7 +80,7 @@ class PreferenceLoRALinear(nn.Module):
         w = st.weights
         if w is None:
             raise RuntimeError("a preference-aware LoRA layer ran without a preference: wrap the call in "
-                               "meal.preference_lora.preference_weights(model, prefs)")
+                               "meal.policy.preference_lora.preference_weights(model, prefs)")
         if w.shape[0] not in (1, x.shape[0]):  # one row: the same preference for every row of the batch
             raise RuntimeError(f"preferences for {w.shape[0]} rows, but the batch has {x.shape[0]}")
         a, b = self.pref_lora_A, self.pref_lora_B  # (K+1, r, in), (K+1, out, r)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from meal.evaluation import Front, pareto_mask
+from meal.evaluation.front import Front, pareto_mask
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A run's files are its record, so nothing here writes one before the launch is known to be good:
 
-- :func:`open_run` decides between a new run and a resume. A new run refuses a folder that holds
+- :func:`resume_point` decides between a new run and a resume. A new run refuses a folder that holds
   checkpoints; a resume needs one (and says so when there is none), takes the newest *intact*
   checkpoint (naming the newest intact one when the latest is corrupt) and compares the launch's
   configuration with the run's ``config.yaml`` field by field: fields that shape the training
@@ -34,23 +34,23 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from meal.budget import Budget
-from meal.checkpoint import (CheckpointError, UnsafeCheckpoint, checkpoint_folders, latest_checkpoint,
-                             load_checkpoint, read_checkpoint_state, rng_state, save_checkpoint, set_rng_state)
 from meal.config import ConfigError
-from meal.run_folder import move_leftovers
+from meal.harness.budget import Budget
+from meal.harness.checkpoint import (CheckpointError, UnsafeCheckpoint, checkpoint_folders, latest_checkpoint,
+                                     load_checkpoint, read_checkpoint_state, rng_state, save_checkpoint, set_rng_state)
+from meal.harness.run_folder import move_leftovers
 from meal.rewards import RewardError, RewardNormalizer, RewardSet
 from meal.tasks import DataError, TaskData
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from meal.conditioning import ConditionedStart
-    from meal.distributed import AdamWStep, DeepSpeedStep, Dist
-    from meal.rollout import Conditioner, PromptOrder
-    from meal.run import RunContext
-    from meal.sampling import GenerationSettings
-    from meal.tracking import NullLogger
+    from meal.harness.conditioning import ConditionedStart
+    from meal.harness.distributed import AdamWStep, DeepSpeedStep, Dist
+    from meal.harness.report import Report
+    from meal.harness.tracking import NullLogger
+    from meal.policy.rollout import Conditioner, PromptOrder, Scoring
+    from meal.policy.sampling import GenerationSettings
 
     PolicyOptimizer = Union[AdamWStep, DeepSpeedStep]
 
@@ -64,14 +64,6 @@ RESUME_MAY_CHANGE = ("trainer.iterations", "trainer.resume", "trainer.resume_fro
                      "logger.", "policy.device", "conditioning.cache", "trainer.stats_cache")
 # fields a resume may change with a warning: the same distribution, another random stream
 RESUME_WARNS = ("trainer.gen_batch_size", "generation.")
-
-
-@dataclass
-class RunStart:
-    """What :func:`open_run` found: the checkpoint to resume from (None: a new run)."""
-
-    run_dir: str
-    checkpoint: str | None
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -96,8 +88,8 @@ def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
     return refused, warned
 
 
-def open_run(cfg: DictConfig) -> RunStart:
-    """Check the run folder against the launch; returns the checkpoint to resume from, if any."""
+def resume_point(cfg: DictConfig) -> str | None:
+    """Check the run folder against the launch; returns the checkpoint to resume from (None: a new run)."""
     t = cfg.trainer
     run_dir = t.out_dir
     if not t.resume:
@@ -105,7 +97,7 @@ def open_run(cfg: DictConfig) -> RunStart:
             raise ConfigError(f"trainer.out_dir: {run_dir} already holds a run; set trainer.resume=true to continue "
                               f"it or choose another out_dir (nothing was overwritten)")
         move_leftovers(run_dir)
-        return RunStart(run_dir, None)
+        return None
     folders = checkpoint_folders(run_dir)
     if not folders:
         raise ConfigError(f"trainer.resume: {run_dir} holds no checkpoint to resume; start it without "
@@ -127,7 +119,7 @@ def open_run(cfg: DictConfig) -> RunStart:
                               + "; ".join(refused) + " (resume with the run's own settings; nothing was changed)")
         for line in warned:
             log.warning("resuming with a changed setting (same method, another random stream): %s", line)
-    return RunStart(run_dir, chosen)
+    return chosen
 
 
 def _pointer(run_dir: str) -> str:
@@ -205,7 +197,7 @@ def check_policy_source(policy: DictConfig) -> None:
     """Fail in one line when ``policy.name_or_path`` / ``policy.gguf_file`` cannot be what they name."""
     path = policy.name_or_path
     if path.startswith("pkg://"):
-        from meal.policy import package_folder
+        from meal.policy.model import package_folder
 
         try:
             folder = package_folder(path)
@@ -275,7 +267,7 @@ class Run:
     condition: Conditioner
     settings: GenerationSettings
     conditioning: ConditionedStart | None
-    ctx: RunContext
+    report: Report
     logger: NullLogger  # or a subclass (WandbLogger)
     order: PromptOrder
     draws: np.random.Generator
@@ -299,6 +291,13 @@ class Run:
                 self.settings.sampler.close()
 
     @property
+    def scoring(self) -> Scoring:
+        """What the run's responses are scored by: its rewards and its normalisation."""
+        from meal.policy.rollout import Scoring
+
+        return Scoring(self.reward_set, self.normalizer)
+
+    @property
     def train_texts(self) -> list[str]:
         return [e.text for e in self.data.train]
 
@@ -309,7 +308,7 @@ class Run:
         if self.state is not None:
             saved = self.state["rng"]
             set_rng_state(saved[self.dist.rank if self.dist.rank < len(saved) else 0])
-        return self.ctx.progress(self.start, total or self.cfg.trainer.iterations, show=self.dist.main)
+        return self.report.progress(self.start, total or self.cfg.trainer.iterations, show=self.dist.main)
 
     def save(self, step: int, optimizer, net: torch.nn.Module | None = None, **state: Any) -> None:
         """Checkpoint ``step``: the policy's trainable weights (and ``net``), the optimiser, prompt order,
@@ -340,9 +339,9 @@ class Run:
                                      f"{self.run_dir}/checkpoints is intact")
         self.budget.seconds += metrics["time/iteration"]
         if self.dist.main:
-            self.ctx.record(self.logger, metrics, step, every=t.log_every)
+            self.report.record(self.logger, metrics, step, every=t.log_every)
             if table is not None and t.table_every and step % t.table_every == 0:
-                self.ctx.sample_table(self.logger, step, *table)
+                self.report.sample_table(self.logger, step, *table)
         if (t.save_every and step % t.save_every == 0) or step == total:
             self.save(step, optimizer, net, **state)
         if responder is not None and t.eval_every and (step % t.eval_every == 0 or step == total):
@@ -367,7 +366,7 @@ class Run:
         validation prompts (the test prompts where the task holds none out)."""
         if self.dist.main:
             prompts = self.data.validation or self.data.test
-            self.ctx.periodic_eval(self.logger, responder, prompts, self.reward_set, self.normalizer, step)
+            self.report.periodic_eval(self.logger, responder, prompts, self.reward_set, self.normalizer, step)
         self.dist.barrier()
 
     def evaluate(self, responder) -> dict[str, Any]:
@@ -376,7 +375,7 @@ class Run:
         out: dict[str, Any] = {}
         if self.dist.main:
             split = self.cfg.trainer.final_eval_split
-            out = self.ctx.final_eval(self.logger, responder, self.data.split(split), self.reward_set,
+            out = self.report.final_eval(self.logger, responder, self.data.split(split), self.reward_set,
                                       self.normalizer, self.cfg.trainer.iterations, split=split)
         self.dist.barrier()
         return out
@@ -387,16 +386,17 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
     """Open a run for a recipe: checks, data, rewards, policy, step 0 (or the checkpoint), normalisation,
     logger; the :class:`Run` closes what it opened when the recipe's ``with`` block ends.
     ``condition_factory(template, objectives, tokenizer)`` builds how preferences are written into prompts
-    (default: :class:`~meal.rollout.Conditioner`, the step-4 template). ``embed`` (policy | minilm): also the
+    (default: :class:`~meal.policy.rollout.Conditioner`, the step-4 template). ``embed`` (policy | minilm): also the
     frozen embeddings of the training prompts (``run.embeddings``, (M, D)), taken from the policy as loaded,
     before step 0 or a checkpoint changes its weights. ``optimizer``: build the policy's step-10 engine
     (``run.optimizer``); a recipe that trains with another trainer (TRL's) or another model asks for none."""
-    from meal.conditioning import condition_policy, conditioning_budget, read_conditioning, record_conditioning
-    from meal.distributed import Dist, deepspeed_config, make_policy_optimizer
-    from meal.policy import load_policy, resolve_device, resolve_dtype, trainable_parameters
-    from meal.rollout import Conditioner, PromptOrder, reward_statistics
-    from meal.run import RunContext, generation_settings, open_logger, seed_everything, training_sampler
-    from meal.tracking import NullLogger
+    from meal.harness.conditioning import (StagePolicy, condition_policy, conditioning_budget, read_conditioning,
+                                           record_conditioning)
+    from meal.harness.distributed import Dist, deepspeed_config, make_policy_optimizer
+    from meal.harness.report import Report, generation_settings, open_logger, seed_everything, training_sampler
+    from meal.harness.tracking import NullLogger
+    from meal.policy.model import load_policy, resolve_device, resolve_dtype, trainable_parameters
+    from meal.policy.rollout import Conditioner, PromptOrder, reward_statistics
 
     t, task = cfg.trainer, cfg.task
     dist = Dist()
@@ -405,7 +405,7 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
     if t.replay % dist.world:
         raise ConfigError(f"trainer.replay: {t.replay} rows do not split over {dist.world} processes")
     run_dir = t.out_dir
-    ckpt = open_run(cfg).checkpoint  # a new run, or the checkpoint to resume (config compared field by field)
+    ckpt = resume_point(cfg)  # a new run, or the checkpoint to resume (config compared field by field)
     check_policy_source(cfg.policy)
     device_name = str(dist.device) if dist.device is not None and cfg.policy.device == "auto" else cfg.policy.device
     replayed = t.replay if cfg.conditioning.enabled else 0  # rows the real step adds (a run without the stage has none)
@@ -428,7 +428,7 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
                         tok, t.max_prompt_tokens)
     embeddings = None
     if embed is not None:
-        from meal.embeddings import embed_prompts
+        from meal.policy.embeddings import embed_prompts
 
         embeddings = embed_prompts(embed, model, tok, train_texts)
     conditioning = None
@@ -437,12 +437,13 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
         #    follow its preference; the statistics of its scored corpus become the run's. It runs
         #    before any optimiser is built, whose own copy of the weights (DeepSpeed's fp32 master)
         #    must start from the conditioned ones
-        conditioning = condition_policy(cfg, data, model, params, condition, settings, reward_set, run_dir,
+        stage = StagePolicy(model, params, condition, settings)
+        conditioning = condition_policy(cfg, data, stage, reward_set, run_dir,
                                         lambda folder: open_logger(cfg, folder, False, stage=True), dist)
     # the policy's optimiser (step 10's engine; a collective under DeepSpeed), built before any sampling
     # as a DeepSpeed launch needs it
     policy_optimizer = make_policy_optimizer(model, params, t, dist, ds_config) if optimizer else None
-    ctx = RunContext(run_dir, cfg, objectives)
+    report = Report(run_dir, cfg, objectives)
     order = PromptOrder(len(train_texts), t.seed)
     draws = np.random.default_rng(t.seed)
     stats_path = os.path.join(run_dir, "reward_stats.json")
@@ -451,7 +452,7 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
         state = load_checkpoint(ckpt, params, None, rank=dist.rank, trust=t.trust_run)
         if dist.main:  # the launch is good: now the run's record may say so
             write_run_config(run_dir, cfg)
-            dropped = ctx.jsonl.truncate_after(state["step"])
+            dropped = report.jsonl.truncate_after(state["step"])
             if dropped:
                 log.info("metrics.jsonl: dropped %d record(s) past the checkpoint's step %d (done again now)",
                          dropped, state["step"])
@@ -475,9 +476,9 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
         if dist.main:
             normalizer.save(stats_path, {"source": "normalisation pass", "prompts": t.norm_prompts,
                                          "samples_per_prompt": t.norm_samples, "seed": t.norm_seed})
-    ctx.budgets = {"online": budget, "conditioning": conditioning_budget(conditioning)}
+    report.budgets = {"online": budget, "conditioning": conditioning_budget(conditioning)}
     logger = open_logger(cfg, run_dir, resume=ckpt is not None) if dist.main else NullLogger()
     return Run(cfg=cfg, dist=dist, run_dir=run_dir, data=data, objectives=objectives, reward_set=reward_set,
                normalizer=normalizer, model=model, tokenizer=tok, params=params, condition=condition, settings=settings,
-               conditioning=conditioning, ctx=ctx, logger=logger, order=order, draws=draws, budget=budget,
+               conditioning=conditioning, report=report, logger=logger, order=order, draws=draws, budget=budget,
                optimizer=policy_optimizer, embeddings=embeddings, checkpoint=ckpt, state=state, start=start)

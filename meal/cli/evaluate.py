@@ -1,8 +1,8 @@
 """``meal-eval``: evaluate the Pareto front of a trained run with its own rewards and normalisation
-(:func:`meal.saved_run.evaluate_run`).
+(:func:`meal.harness.saved_run.evaluate_run`).
 
 For each preference of the grid (K = 2: 11 points, K = 3: 13) the policy generates for every test
-prompt with a fixed seed (top_p 0.9, top_k 0, temperature 1); see :mod:`meal.evaluation`.
+prompt with a fixed seed (top_p 0.9, top_k 0, temperature 1); see :mod:`meal.evaluation.front`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 
 from meal.cli import CONF_DIR, print_front, refuse_file_folder, user_errors
 from meal.config import register_configs
-from meal.saved_run import EvalOptions, evaluate_run
+from meal.harness.saved_run import EvalOptions, evaluate_run
+
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def _main(cfg: DictConfig) -> None:

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from meal.preference_lora import base_only
+from meal.policy.preference_lora import base_only
 
 
 @torch.no_grad()

@@ -40,8 +40,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from meal.losses import SFTBatch, per_example_nll
-from meal.profiling import NoMeter
+from meal.harness.profiling import NoMeter
+from meal.policy.losses import SFTBatch, per_example_nll
 
 Params = dict[str, torch.Tensor]
 
@@ -199,7 +199,7 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer | None, params: Params,
     gradient ``grads``: v = beta2 v_prev + (1 - beta2) g^2 from the optimiser's second moment v_prev
     (none before its first step), bias-corrected, v^ = v / (1 - beta2^(t+1)). Including g bounds
     |P g| by about 1 per parameter, as in AdamW's own step. ``optimizer``: a torch optimiser, or an
-    engine wrapping one as ``.optimizer`` (meal.distributed)."""
+    engine wrapping one as ``.optimizer`` (meal.harness.distributed)."""
     opt = getattr(optimizer, "optimizer", optimizer)
     out = {}
     for n, p in params.items():

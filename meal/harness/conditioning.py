@@ -18,7 +18,7 @@ this for its reward-in-context prompts). Read top to bottom::
 The scored corpus and the conditioned policy are cached under ``conditioning.cache``, each keyed
 by a hash of what it depends on, so every method and seed of a comparison starts from the same
 conditioned policy and pays for it once. The stage is checkpointed and resumable; its cost is a
-:class:`~meal.budget.Budget` of its own, reported apart from the online budget.
+:class:`~meal.harness.budget.Budget` of its own, reported apart from the online budget.
 """
 
 from __future__ import annotations
@@ -38,15 +38,16 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from meal.budget import Budget
-from meal.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from meal.distributed import AdamWStep, Dist
-from meal.losses import build_batch, policy_step
+from meal.harness.budget import Budget
+from meal.harness.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from meal.harness.distributed import AdamWStep, Dist
+from meal.harness.tracking import JsonlWriter
+from meal.policy.losses import build_batch, policy_step
+from meal.policy.rollout import (ConditionedPolicy, Conditioner, Draws, PromptOrder, Queries, Scoring,
+                                 draw_preferences, rollout)
+from meal.policy.sampling import GenerationSettings
 from meal.rewards import RewardNormalizer, RewardSet
-from meal.rollout import ConditionedPolicy, Conditioner, PromptOrder, draw_preferences, rollout
-from meal.sampling import GenerationSettings
 from meal.tasks import Response, TaskData
-from meal.tracking import JsonlWriter
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +93,20 @@ class ScoredCorpus:
                    head["source"], Budget.from_dict(head["budget"]))
 
 
-def sample_pool(model, condition: Conditioner, texts: Sequence[str], instructions: Sequence[str], samples: int,
-                settings: GenerationSettings, reward_set: RewardSet, alpha: float, seed: int,
-                dist: Dist | None = None) -> ScoredCorpus:
-    """0a for a task with prompts only: ``samples`` responses per (prompt, instruction) from the policy.
+def sample_pool(policy: ConditionedPolicy, texts: Sequence[str], instructions: Sequence[str],
+                settings: GenerationSettings, reward_set: RewardSet, draws: Draws, dist: Dist | None = None
+                ) -> ScoredCorpus:
+    """0a for a task with prompts only: ``draws.samples`` responses per (prompt, instruction) from the policy.
 
     Each response is sampled under its own Dirichlet(alpha) preference, from the prompt with the
     instruction appended to the task text, and scored against the plain task text. Chunk c of
-    ``settings.batch_size`` jobs is sampled with seed ``seed + c`` on process ``c mod world``, so the
+    ``settings.batch_size`` jobs is sampled with seed ``draws.seed + c`` on process ``c mod world``, so the
     pool is the same whatever the number of processes.
     """
     dist = dist or Dist()
-    jobs = [(p, ins) for p in range(len(texts)) for ins in instructions for _ in range(samples)]
-    prefs = draw_preferences(len(jobs), len(condition.objectives), alpha, np.random.default_rng(seed))
+    objectives = policy.objectives
+    jobs = [(p, ins) for p in range(len(texts)) for ins in instructions for _ in range(draws.samples)]
+    prefs = draw_preferences(len(jobs), len(objectives), draws.alpha, np.random.default_rng(draws.seed))
     bs = settings.batch_size
     mine: list[tuple[int, list[str], list[bool], torch.Tensor, int]] = []
     chunks = range(0, len(jobs), bs)
@@ -114,16 +116,16 @@ def sample_pool(model, condition: Conditioner, texts: Sequence[str], instruction
             continue
         part = jobs[start:start + bs]
         prompt_texts = [texts[p] + (f"\n\n{ins}" if ins else "") for p, ins in part]
-        ro = rollout(ConditionedPolicy(model, condition), prompt_texts, prefs[start:start + bs], 1, settings,
-                     reward_set, None, seed=seed + c, reward_texts=[texts[p] for p, _ in part])
+        asked = Queries(prompt_texts, prefs[start:start + bs], 1, draws.seed + c, [texts[p] for p, _ in part])
+        ro = rollout(policy, asked, settings, Scoring(reward_set))
         mine.append((start, [t[0] for t in ro.texts], [f[0] for f in ro.finished], ro.raw[:, 0], ro.num_tokens))
     parts = sorted((x for rank_parts in dist.all_gather(mine) for x in rank_parts), key=lambda x: x[0])
     responses = [t for part in parts for t in part[1]]
     finished = [f for part in parts for f in part[2]]
     raw = torch.cat([part[3] for part in parts])
     budget = Budget()
-    budget.add_sampling(len(jobs), sum(part[4] for part in parts), len(condition.objectives))
-    return ScoredCorpus(list(condition.objectives), [texts[p] for p, _ in jobs], responses, finished,
+    budget.add_sampling(len(jobs), sum(part[4] for part in parts), len(objectives))
+    return ScoredCorpus(list(objectives), [texts[p] for p, _ in jobs], responses, finished,
                         [p for p, _ in jobs], raw, "pool", budget)
 
 
@@ -270,8 +272,23 @@ class ConditionedStart:
         return os.path.join(self.folder, "policy.safetensors")
 
 
-def _corpus(cfg, data: TaskData, model, condition: Conditioner, settings: GenerationSettings,
-            reward_set: RewardSet, root: str, dist: Dist) -> tuple[ScoredCorpus, str]:
+@dataclass
+class StagePolicy:
+    """The policy the stage samples its pool from and trains: the model, its trainable tensors by name, how a
+    preference is written into its prompts and how it samples."""
+
+    model: Any
+    params: dict[str, torch.Tensor]
+    condition: Conditioner
+    settings: GenerationSettings
+
+    @property
+    def conditioned(self) -> ConditionedPolicy:
+        return ConditionedPolicy(self.model, self.condition)
+
+
+def _corpus(cfg, data: TaskData, policy: StagePolicy, reward_set: RewardSet, root: str, dist: Dist
+            ) -> tuple[ScoredCorpus, str]:
     """The scored corpus (0a), from the cache when the same key was built before."""
     c = cfg.conditioning
     source = c.source if c.source != "auto" else ("dataset" if data.responses else "pool")
@@ -295,8 +312,8 @@ def _corpus(cfg, data: TaskData, model, condition: Conditioner, settings: Genera
         texts = [e.text for e in data.train]
         if c.pool_prompts:
             texts = [texts[i] for i in sorted(rng.permutation(len(texts))[:c.pool_prompts])]
-        corpus = sample_pool(model, condition, texts, list(cfg.task.pool_instructions), c.pool_samples, settings,
-                             reward_set, cfg.trainer.dirichlet_alpha, c.seed, dist)
+        corpus = sample_pool(policy.conditioned, texts, list(cfg.task.pool_instructions), policy.settings, reward_set,
+                             Draws(c.pool_samples, cfg.trainer.dirichlet_alpha, c.seed), dist)
     corpus.budget.seconds = time.perf_counter() - tic
     if dist.main:
         os.makedirs(root, exist_ok=True)
@@ -308,10 +325,9 @@ def _corpus(cfg, data: TaskData, model, condition: Conditioner, settings: Genera
     return corpus, digest
 
 
-def condition_policy(cfg, data: TaskData, model, params: dict[str, torch.Tensor], condition: Conditioner,
-                     settings: GenerationSettings, reward_set: RewardSet, run_dir: str,
+def condition_policy(cfg, data: TaskData, policy: StagePolicy, reward_set: RewardSet, run_dir: str,
                      open_stage_logger: Callable[[str], Any], dist: Dist | None = None) -> ConditionedStart:
-    """Step 0: build or reuse the conditioned policy and copy its weights into ``params``.
+    """Step 0: build or reuse the conditioned policy and copy its weights into ``policy.params``.
 
     Runs inside its own random state (``fork_rng`` seeded by ``conditioning.seed``), so the online
     stage draws the same numbers whether the stage ran or came from the cache.
@@ -321,14 +337,14 @@ def condition_policy(cfg, data: TaskData, model, params: dict[str, torch.Tensor]
     root = os.path.expanduser(c.cache) if c.cache else os.path.join(run_dir, "conditioning-cache")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(c.seed)
-        corpus, corpus_digest = _corpus(cfg, data, model, condition, settings, reward_set, root, dist)
+        corpus, corpus_digest = _corpus(cfg, data, policy, reward_set, root, dist)
         normalizer = RewardNormalizer.fit(corpus.raw, corpus.objectives)
         folder = os.path.join(root, f"stage-{_digest(stage_key(cfg, corpus_digest))}")
         done = os.path.join(folder, "stage.json")
         rows, labels = achieved_labels(normalizer(corpus.raw), corpus.groups, c.label,
                                        np.random.default_rng(c.seed), c.tau, c.labels_per_group)
         if not os.path.exists(done):
-            budget = _sft(cfg, model, params, condition, corpus, rows, labels, folder, open_stage_logger, dist)
+            budget = _sft(cfg, policy, corpus, (rows, labels), folder, open_stage_logger, dist)
             info = {"corpus": {"source": corpus.source, "rows": len(corpus), "digest": corpus_digest,
                                "budget": corpus.budget.as_dict()},
                     "labels": {"rule": c.label, "rows": int(len(rows)),
@@ -336,11 +352,11 @@ def condition_policy(cfg, data: TaskData, model, params: dict[str, torch.Tensor]
                     "sft": budget.as_dict(), "normalizer": normalizer.__dict__,
                     "budget": _total(corpus.budget, budget).as_dict(), "key": stage_key(cfg, corpus_digest)}
             if dist.main:
-                _finish_stage(folder, params, info)
+                _finish_stage(folder, policy.params, info)
             dist.barrier()
     with open(done) as f:
         info = json.load(f)
-    _copy_into(params, load_file(os.path.join(folder, "policy.safetensors")), folder)
+    _copy_into(policy.params, load_file(os.path.join(folder, "policy.safetensors")), folder)
     log.info("conditioned policy %s (%s)", folder, Budget.from_dict(info["budget"]).summary())
     return ConditionedStart(folder, normalizer, info, ReplaySet.from_corpus(corpus, rows, labels), corpus)
 
@@ -350,10 +366,13 @@ def _total(a: Budget, b: Budget) -> Budget:
                   a.steps + b.steps, a.meta_steps + b.meta_steps, a.seconds + b.seconds)
 
 
-def _sft(cfg, model, params, condition: Conditioner, corpus: ScoredCorpus, rows: np.ndarray, labels: torch.Tensor,
-         folder: str, open_stage_logger, dist: Dist) -> Budget:
-    """0d: ``conditioning.steps`` AdamW steps on (template(text, w), response); checkpointed in ``folder``."""
+def _sft(cfg, policy: StagePolicy, corpus: ScoredCorpus, labelled: tuple[np.ndarray, torch.Tensor], folder: str,
+         open_stage_logger, dist: Dist) -> Budget:
+    """0d: ``conditioning.steps`` AdamW steps on (template(text, w), response) over the ``labelled`` (corpus
+    row, label) pairs; checkpointed in ``folder``."""
     c, t = cfg.conditioning, cfg.trainer
+    model, params, condition = policy.model, policy.params, policy.condition
+    rows, labels = labelled
     if c.batch_size % dist.world:
         raise ValueError(f"conditioning.batch_size: {c.batch_size} does not split over {dist.world} processes")
     optimizer = AdamWStep(params, c.lr, t.weight_decay, t.max_grad_norm, dist)

@@ -24,9 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from meal.evaluation import Front
-from meal.plotting import plot_fronts
-from meal.profiling import machine
+from meal.evaluation.front import Front
+from meal.evaluation.plotting import plot_fronts
+from meal.harness.profiling import machine
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--reference", default=None, help="method the others' hypervolumes are tested against "
                     "(default: the first)")
     ap.add_argument("--meta", default=None, help="JSON object written into compare.json (date, machine, wall time); "
-                    "date and machine default to today and this machine (meal.profiling.machine)")
+                    "date and machine default to today and this machine (meal.harness.profiling.machine)")
     args = ap.parse_args(argv)
     try:
         try:

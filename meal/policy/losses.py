@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import torch
 from torch.func import functional_call
 
-from meal.preference_lora import preference_weights
+from meal.policy.preference_lora import preference_weights
 
 IGNORE = -100
 
@@ -122,7 +122,7 @@ def policy_step(model, optimizer, batch, weights, micro_batch_size: int,
                 dist=None) -> tuple[float, float]:
     """Step 10: one AdamW step on L_in = mean_i c_i l_i (weights c detached), micro-batched, clipped.
 
-    ``optimizer`` is an engine of ``meal.distributed`` (plain AdamW with gradients averaged over
+    ``optimizer`` is an engine of ``meal.harness.distributed`` (plain AdamW with gradients averaged over
     data-parallel ranks, or DeepSpeed ZeRO). Returns (weighted loss, gradient norm before clipping).
     """
     device = next(model.parameters()).device

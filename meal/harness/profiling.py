@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from meal.policy import cpu_supports_bf16
+from meal.policy.model import cpu_supports_bf16
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

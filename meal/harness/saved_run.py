@@ -15,8 +15,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from meal.config import DTYPES, ConfigError, TrainConfig, to_container
+from meal.harness.run_folder import foreign_targets, run_lock
 from meal.methods import get, start_responder, typed_method
-from meal.run_folder import foreign_targets, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def read_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, 
     the method typed, and the folder of ``checkpoint`` (latest | conditioned | a checkpoint name; None
     when ``untrained``). A run folder is data: a config that names a ``_target_`` outside meal's own (a
     callable that opening the run would import and call) is refused, naming it, unless ``trust``."""
-    from meal.checkpoint import latest_checkpoint
+    from meal.harness.checkpoint import latest_checkpoint
 
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(cfg_path):
@@ -60,8 +60,8 @@ def load_run(run_dir: str, checkpoint: str = "latest", untrained: bool = False, 
     """(cfg, model, tokenizer, weights folder) of a run written by meal-train (:func:`read_run`), the policy
     with the weights of ``checkpoint`` loaded, or none (``untrained``); ``dtype`` (float32, bfloat16, ...)
     replaces the run's ``policy.dtype`` (None: the run's own)."""
-    from meal.checkpoint import load_policy_weights
-    from meal.policy import load_policy, trainable_parameters
+    from meal.harness.checkpoint import load_policy_weights
+    from meal.policy.model import load_policy, trainable_parameters
 
     cfg, folder = read_run(run_dir, checkpoint, untrained, trust)
     policy = cfg.policy
@@ -118,16 +118,17 @@ class EvalOptions:
 def evaluate_run(run_dir: str, options: EvalOptions | None = None) -> dict[str, Any]:
     """Evaluate ``run_dir`` (its config.yaml, reward_stats.json and a checkpoint) as ``options`` say; write
     the front. Everything that can be checked is checked before the policy loads (config, data, rewards);
-    writing into the run folder takes its lock (:func:`meal.run_folder.run_lock`): a run still training is
+    writing into the run folder takes its lock (:func:`meal.harness.run_folder.run_lock`): a run still training is
     refused."""
     from hydra.utils import instantiate
 
-    from meal.checkpoint import load_policy_weights
-    from meal.evaluation import evaluate_front, preference_grid
-    from meal.harness import build_rewards, load_task_data
-    from meal.policy import load_policy, trainable_parameters
+    from meal.evaluation.front import FrontSpec, evaluate_front, preference_grid
+    from meal.harness.checkpoint import load_policy_weights
+    from meal.harness.report import eval_texts, front_provenance, generation_settings, publish_front
+    from meal.harness.run import build_rewards, load_task_data
+    from meal.policy.rollout import Scoring
+    from meal.policy.model import load_policy, trainable_parameters
     from meal.rewards import RewardNormalizer
-    from meal.run import eval_texts, front_provenance, generation_settings, publish_front
 
     o = options or EvalOptions()
     checkpoint, untrained, stack_on, split, trust = o.checkpoint, o.untrained, o.stack_on, o.split, o.trust
@@ -169,15 +170,16 @@ def evaluate_run(run_dir: str, options: EvalOptions | None = None) -> dict[str, 
         else:
             responder = get(cfg.method.recipe).responder(cfg, model, tok, run_dir)  # how the method answers under w
         grid = responder.grid or preference_grid(len(objectives))  # MORLHF: its own preferences
-        front = evaluate_front(responder, texts, reward_set, normalizer, grid, settings, list(cfg.task.hv_ref),
-                               seed=o.seed, label=name, csv_dir=os.path.join(out_dir, "responses"))
+        spec = FrontSpec(grid, list(cfg.task.hv_ref), o.seed, name, os.path.join(out_dir, "responses"))
+        front = evaluate_front(responder, texts, settings, Scoring(reward_set, normalizer), spec)
         front.extra.update(front_provenance(cfg, run_dir, normalizer, budgets, checkpoint=folder, split=split))
         if net:  # what the meta-learner had done by these weights (Meal), as meal-train records it with its front
             front.extra["meta_learner"] = net
         if stack_on is not None:
             front.extra["stacked_on"] = stack_on
         os.makedirs(out_dir, exist_ok=True)
-        logger = instantiate(o.logger_cfg if o.logger_cfg is not None else {"_target_": "meal.tracking.NullLogger"})
+        null = {"_target_": "meal.harness.tracking.NullLogger"}
+        logger = instantiate(o.logger_cfg if o.logger_cfg is not None else null)
         logger.start(out_dir, {"run_dir": run_dir, "train_config": to_container(cfg)}, f"eval-{name}", False)
         try:
             return publish_front(front, out_dir, logger, step=0)
@@ -196,8 +198,8 @@ def net_diagnostics(run_dir: str, folder: str, trust: bool = False) -> dict[str,
     logged at the step of the checkpoint ``folder``, from its metrics.jsonl; None for a run without a net."""
     import json
 
-    from meal.checkpoint import load_state
-    from meal.meta_learner import DIAGNOSTIC_KEYS
+    from meal.harness.checkpoint import load_state
+    from meal.methods.meta_learner import DIAGNOSTIC_KEYS
 
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -215,9 +217,9 @@ def net_diagnostics(run_dir: str, folder: str, trust: bool = False) -> dict[str,
 def run_budgets(run_dir: str, folder: str | None, untrained: bool, conditioned: bool, trust: bool = False) -> dict:
     """What the evaluated weights cost: nothing for the base policy; the conditioning stage for its
     policy; the online budget saved with a checkpoint, beside the conditioning stage's."""
-    from meal.budget import Budget
-    from meal.checkpoint import load_state
-    from meal.conditioning import conditioning_budget, read_conditioning
+    from meal.harness.budget import Budget
+    from meal.harness.checkpoint import load_state
+    from meal.harness.conditioning import conditioning_budget, read_conditioning
 
     if untrained:
         return {"online": Budget(), "conditioning": None}

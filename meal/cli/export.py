@@ -31,9 +31,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from meal.config import ConfigError, register_configs
 from meal.cli import CONF_DIR, parse_preferences, refuse_file_folder, user_errors
-from meal.saved_run import check_dtype, load_run, read_run
+from meal.config import ConfigError, register_configs
+from meal.harness.saved_run import check_dtype, load_run, read_run
 
 log = logging.getLogger("meal")
 
@@ -44,7 +44,7 @@ def _unwrap_preference_lora(model: nn.Module, w: list[float]
     """Put every preference-aware LoRA layer's base ``nn.Linear`` back in its place and return, per layer name,
     its update at ``w`` as one ordinary LoRA (A ((K+1) r, in), B (out, (K+1) r), scale, base): scale * B A =
     scale * sum_k c_k B_k A_k with A = [A_0; ...; A_K], B = [c_0 B_0 | ... | c_K B_K], c = (1, w), in float32."""
-    from meal.preference_lora import PreferenceLoRALinear
+    from meal.policy.preference_lora import PreferenceLoRALinear
 
     coef = torch.tensor([1.0] + list(w))
     out = {}
@@ -92,7 +92,7 @@ def preference_lora_as_peft(model: nn.Module, w: list[float], base_id: str) -> n
 
 def adapter_model(model: nn.Module, w: list[float], base_id: str) -> nn.Module:
     """The policy at ``w`` as a peft model whose ``save_pretrained`` writes a standard LoRA adapter."""
-    from meal.preference_lora import has_preference_lora
+    from meal.policy.preference_lora import has_preference_lora
 
     if has_preference_lora(model):
         return preference_lora_as_peft(model, w, base_id)
@@ -103,7 +103,7 @@ def adapter_model(model: nn.Module, w: list[float], base_id: str) -> nn.Module:
 def base_model_ref(policy) -> tuple[str, str | None]:
     """Where plain transformers finds the run's base model: (folder or Hub id, GGUF file name or None); a
     ``pkg://`` policy (the embedded default) is its installed package's folder."""
-    from meal.policy import package_folder
+    from meal.policy.model import package_folder
 
     path = policy.name_or_path
     return (package_folder(path) if path.startswith("pkg://") else path), policy.get("gguf_file")
@@ -111,7 +111,7 @@ def base_model_ref(policy) -> tuple[str, str | None]:
 
 def plain_model(model: nn.Module, w: list[float]) -> nn.Module:
     """The policy as a plain transformers model at ``w``: preference-aware LoRA folded, peft LoRA merged."""
-    from meal.preference_lora import has_preference_lora
+    from meal.policy.preference_lora import has_preference_lora
 
     if has_preference_lora(model):
         return fold_preference_lora(model, w)
@@ -191,7 +191,7 @@ def export_run(run_dir: str, w: list[float], out: str, how: Export | None = None
 def model_card(cfg, run_dir: str, folder: str, w: list[float], prompt: dict[str, Any], how: Export) -> str:
     """What the exported folder is: method, preference, objectives, reward statistics, the front's point at w
     (when the run's front holds it), the run's cost, the base model, and how to prompt it."""
-    from meal.checkpoint import load_state
+    from meal.harness.checkpoint import load_state
 
     objectives = list(cfg.task.objectives)
     pref = ", ".join(f"{o} {x:.2f}" for o, x in zip(objectives, w))

@@ -18,11 +18,11 @@ import shutil
 import tempfile
 from typing import Sequence
 
-from meal.sampling import Generation, GenerationSettings, row_seeds
+from meal.policy.sampling import Generation, GenerationSettings, row_seeds
 
 
 class VLLMSampler:
-    """A callable with the signature of :func:`meal.sampling.generate`, backed by ``vllm.LLM``."""
+    """A callable with the signature of :func:`meal.policy.sampling.generate`, backed by ``vllm.LLM``."""
 
     def __init__(self, base_model: str, max_lora_rank: int, dtype: str = "bfloat16",
                  gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, seed: int = 0,
@@ -54,17 +54,17 @@ class VLLMSampler:
 
     def __call__(self, model, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
                  generator_seed: int | None = None, prefs=None, row_keys: Sequence[str] | None = None) -> Generation:
-        """Sample one response per prompt, as :func:`meal.sampling.generate` does.
+        """Sample one response per prompt, as :func:`meal.policy.sampling.generate` does.
 
         Prompts are tokenised here exactly as the Hugging Face path does (no added special tokens,
         truncated to ``settings.max_prompt_tokens``) and passed as token ids, so both backends
         condition on the same tokens. With ``generator_seed`` request i gets seed ``generator_seed +
-        i`` (``settings.seeding == "call"``) or :func:`meal.sampling.row_seeds`'s (``"row"``):
+        i`` (``settings.seeding == "call"``) or :func:`meal.policy.sampling.row_seeds`'s (``"row"``):
         repeated prompts still get different samples, and the call is reproducible.
         """
         from vllm import SamplingParams
 
-        from meal.preference_lora import has_preference_lora
+        from meal.policy.preference_lora import has_preference_lora
 
         if has_preference_lora(model):
             raise ValueError("generation.backend=vllm cannot sample from preference-aware LoRA layers")

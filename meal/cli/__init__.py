@@ -14,14 +14,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from meal.config import ConfigError
 
-CONF_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "conf"))
+CONF_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "conf"))
 log = logging.getLogger("meal")
 
 
 def print_front(summary: dict) -> None:
     """What meal-train and meal-eval end with: the figure, the hypervolume, how well the front follows
     its preferences, and what it cost."""
-    from meal.budget import Budget
+    from meal.harness.budget import Budget
 
     print(f"\nfront: {summary['front_png']}\nhypervolume: {summary['hypervolume']:.4f} "
           f"(reference point {summary['hv_ref']}, normalised units)\n{summary['following']}")
@@ -35,7 +35,7 @@ def print_front(summary: dict) -> None:
 def user_errors():
     """A mistake in the input (config, data, reward, checkpoint, policy path) ends the program with one
     line that names it and exit code 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead."""
-    from meal.checkpoint import CheckpointError, StorageError
+    from meal.harness.checkpoint import CheckpointError, StorageError
     from meal.rewards import RewardError
     from meal.tasks import DataError
 
@@ -65,7 +65,7 @@ def refuse_file_folder(argv: list[str], field: str) -> None:
 def parse_preferences(value: Any, objectives: Sequence[str]) -> list[list[float]]:
     """``grid`` (the evaluation grid), one preference [w1, ..., wK] or a list of them; ConfigError naming
     what is wrong (length, sign, sum)."""
-    from meal.evaluation import preference_grid
+    from meal.evaluation.front import preference_grid
 
     k = len(objectives)
     if isinstance(value, str) and value == "grid":

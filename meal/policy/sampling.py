@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessorList
 
-from meal.preference_lora import preference_weights
+from meal.policy.preference_lora import preference_weights
 
 
 @dataclass
@@ -28,7 +28,7 @@ class GenerationSettings:
     temperature: float = 1.0
     batch_size: int = 32
     max_prompt_tokens: int = 512
-    sampler: object = None  # a callable like generate() (e.g. meal.vllm_backend.VLLMSampler); None: generate()
+    sampler: object = None  # a callable like generate() (e.g. meal.policy.vllm_backend.VLLMSampler); None: generate()
     greedy: bool = False  # the most likely token at every step (meal-generate / meal-export checks), no sampling
     # "row": a seeded call draws each response with its own generator, seeded by (seed, prompt, preference,
     # repeat), so a response does not depend on the batch it is generated in (evaluation, meal-generate);
@@ -101,7 +101,7 @@ def row_seeds(seed: int, keys: Sequence[str]) -> list[int]:
     """One 63-bit seed per row, a hash of (seed, the row's key, how many times this key came before in
     ``keys``): a response's randomness depends on what is asked and never on its position or batch;
     repeats of a key get different samples. The key is the prompt before its preference is written
-    in (:meth:`meal.rollout.ConditionedPolicy.respond`), so the grid's preferences share one random
+    in (:meth:`meal.policy.rollout.ConditionedPolicy.respond`), so the grid's preferences share one random
     stream per prompt (common random numbers: differences between points come from the preference).
 
     >>> a = row_seeds(0, ["x", "y", "x"]); b = row_seeds(0, ["y", "x"])

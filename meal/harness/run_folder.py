@@ -1,7 +1,7 @@
 """A run folder's writer rules: one process writes it at a time (:func:`run_lock`), a fresh start in a folder
 that a run left without a checkpoint moves the leftovers aside (:func:`move_leftovers`), and a config naming
 code outside meal's own is found (:func:`foreign_targets`) before a folder is opened as data
-(:mod:`meal.saved_run`)."""
+(:mod:`meal.harness.saved_run`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import os
 import socket
 import sys
 import time
-
 from typing import Any
 
 from meal.config import ConfigError

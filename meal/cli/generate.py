@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from meal.cli import CONF_DIR, parse_preferences, refuse_file_folder, user_errors
 from meal.config import ConfigError, register_configs
-from meal.saved_run import check_dtype, load_run, read_run
+from meal.harness.saved_run import check_dtype, load_run, read_run
 
 log = logging.getLogger("meal")
 
@@ -75,10 +75,10 @@ def answer(run_dir: str, ask: Ask, checkpoint: str = "latest", trust: bool = Fal
     prompt and preference (prompt-major). Everything that can be checked is checked before the policy loads."""
     import torch
 
-    from meal.harness import build_rewards
+    from meal.harness.report import generation_settings
+    from meal.harness.run import build_rewards
     from meal.methods import get
     from meal.rewards import RewardNormalizer
-    from meal.run import generation_settings
 
     cfg, folder = read_run(run_dir, checkpoint, trust=trust)
     objectives = list(cfg.task.objectives)

@@ -18,17 +18,18 @@ sees its learned residuals permuted across the batch's prompts).
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from meal.losses import SFTBatch, build_batch, per_example_nll
-from meal.meta import (InnerLoss, MetaGradSettings, MetaGradientStats, PreferenceWeightNet, PromptFeatures,
-                       achieved_preference, adam_preconditioner, dynamic_preference, label_preference,
-                       masked_ones, meta_gradient, sample_weights)
-from meal.sampling import scalarise, select_valid_best
+from meal.methods.bilevel import (InnerLoss, MetaGradientStats, MetaGradSettings, PreferenceWeightNet, PromptFeatures,
+                                  achieved_preference, adam_preconditioner, dynamic_preference, label_preference,
+                                  masked_ones, meta_gradient, sample_weights)
+from meal.policy.losses import SFTBatch, build_batch, per_example_nll
+from meal.policy.sampling import scalarise, select_valid_best
 
 
 @dataclass
@@ -216,10 +217,9 @@ class NetLearner:
         def meta_loss(p) -> torch.Tensor:
             return (meta_w * per_example_nll(policy.model, meta_batch, p)).sum()
 
-        precondition = None
-        if s.precondition == "adam":  # P = the scale AdamW's next step would use with the inner gradient g
-            def precondition(g):
-                return adam_preconditioner(policy.optimizer, policy.params, g)
+        precondition = None  # P = the scale AdamW's next step would use with the inner gradient g
+        if s.precondition == "adam":
+            precondition = functools.partial(adam_preconditioner, policy.optimizer, policy.params)
         settings = MetaGradSettings(s.alpha_in, s.engine, s.mode, s.fd_eps, s.first_order, s.micro_batch_size,
                                     precondition)
         self.optimizer.zero_grad(set_to_none=True)
@@ -301,18 +301,29 @@ def _rows_of(perm: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return torch.tensor([first.get(int(perm[p]), i) for i, p in enumerate(src.tolist())])
 
 
-def build_learner(settings: MetaSettings, num_objectives: int, embeddings: torch.Tensor | None, hidden: int,
-                  feature_dims: int, lr: float, adam_eps: float, init_seed: int):
+@dataclass
+class NetShape:
+    """The preference-weight-net's size and outer optimiser (``method.weight_net``): hidden units per head,
+    whitened principal directions it reads (``features``; 0: all), Adam's learning rate and eps."""
+
+    hidden: int
+    features: int
+    lr: float
+    adam_eps: float
+
+
+def build_learner(settings: MetaSettings, num_objectives: int, embeddings: torch.Tensor | None, shape: NetShape,
+                  init_seed: int):
     """The learner a Meal run uses: FixedLearner (static, or the uniform control) or NetLearner over
-    the whitened PCA features of ``embeddings`` (M, D), its net seeded by ``init_seed`` from its own
-    generator (building it leaves the training random stream untouched)."""
+    the whitened PCA features of ``embeddings`` (M, D), its net of ``shape`` seeded by ``init_seed`` from its
+    own generator (building it leaves the training random stream untouched)."""
     if settings.lam < 1.0 and settings.control == "uniform":
         return FixedLearner(settings, num_objectives, proposal="uniform")
     if embeddings is None or settings.lam == 1.0:
         return FixedLearner(settings, num_objectives)
-    features = PromptFeatures.fit(embeddings, feature_dims)
+    features = PromptFeatures.fit(embeddings, shape.features)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        net = PreferenceWeightNet(features.dims, num_objectives, hidden, settings.tau)
-    return NetLearner(net, features(embeddings), settings, lr, adam_eps)
+        net = PreferenceWeightNet(features.dims, num_objectives, shape.hidden, settings.tau)
+    return NetLearner(net, features(embeddings), settings, shape.lr, shape.adam_eps)
 

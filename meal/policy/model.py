@@ -117,7 +117,7 @@ def load_policy(cfg: PolicyConfig, num_objectives: int | None = None, device: st
     """Return ``(model, tokenizer)``: the policy on its device with LoRA or all weights trainable.
 
     ``num_objectives`` (K) is needed by preference-aware LoRA (``cfg.lora.preference_aware``), which
-    adds one adapter per objective (meal/preference_lora.py). ``device`` overrides ``cfg.device`` (a
+    adds one adapter per objective (meal/policy/preference_lora.py). ``device`` overrides ``cfg.device`` (a
     data-parallel process's own device).
     """
     from transformers import AutoModelForCausalLM
@@ -144,7 +144,7 @@ def load_policy(cfg: PolicyConfig, num_objectives: int | None = None, device: st
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora.enabled and cfg.lora.preference_aware:
-        from meal.preference_lora import attach_preference_lora
+        from meal.policy.preference_lora import attach_preference_lora
 
         if cfg.load_in_8bit:
             raise ValueError("policy.lora.preference_aware: not available with load_in_8bit")

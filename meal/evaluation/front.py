@@ -16,9 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from meal.rewards import RewardNormalizer, RewardSet
-from meal.rollout import Responder, rollout
-from meal.sampling import GenerationSettings, degenerate_mask
+from meal.policy.rollout import Queries, Responder, Scoring, rollout
+from meal.policy.sampling import GenerationSettings, degenerate_mask
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +124,31 @@ class Front:
             raise ValueError(f"{path} is not a front written by meal-eval: {e}") from e
 
 
-def evaluate_front(responder: Responder, texts: Sequence[str], reward_set: RewardSet, normalizer: RewardNormalizer,
-                   grid: Sequence[Sequence[float]], settings: GenerationSettings, hv_ref: Sequence[float],
-                   seed: int = 0, label: str = "", csv_dir: str | None = None) -> Front:
-    """Ask ``responder`` (:class:`~meal.rollout.ConditionedPolicy` or a method's own) for a response to
-    every text under every grid preference, score, average: the front. ``csv_dir``: also write each
-    preference's responses and scores there (:func:`write_ric_csv`, with the responder's desired scores
-    where it writes them). A responder that reports its cost (``cost()``: MetaAligner's corrector) has it in
-    ``front.extra["inference"]``."""
+@dataclass
+class FrontSpec:
+    """Where a front is taken and how it is written: the ``grid`` of preferences, the hypervolume's reference
+    point ``hv_ref``, the evaluation ``seed``, the front's ``label``, and ``csv_dir`` (None: no CSVs) where each
+    preference's responses and scores go in RiC's layout (:func:`write_ric_csv`)."""
+
+    grid: Sequence[Sequence[float]]
+    hv_ref: Sequence[float]
+    seed: int = 0
+    label: str = ""
+    csv_dir: str | None = None
+
+
+def evaluate_front(responder: Responder, texts: Sequence[str], settings: GenerationSettings, scoring: Scoring,
+                   spec: FrontSpec) -> Front:
+    """Ask ``responder`` (:class:`~meal.policy.rollout.ConditionedPolicy` or a method's own) for a response to
+    every text under every preference of ``spec.grid``, score, average: the front. With ``spec.csv_dir``
+    each preference's responses and scores are written there too (with the responder's desired scores
+    where it writes them). A responder that reports its cost (``cost()``: MetaAligner's corrector) has it
+    in ``front.extra["inference"]``."""
+    grid, hv_ref, seed, label, csv_dir = spec.grid, spec.hv_ref, spec.seed, spec.label, spec.csv_dir
     points, raw_points, alignment, degenerate = [], [], [], []
     for w in grid:
         prefs = torch.tensor([list(w)] * len(texts), dtype=torch.float32)
-        ro = rollout(responder, texts, prefs, 1, settings, reward_set, normalizer, seed=seed)
+        ro = rollout(responder, Queries(texts, prefs, 1, seed), settings, scoring)
         if csv_dir is not None:
             write_ric_csv(csv_dir, list(w), texts, [t[0] for t in ro.texts], ro.raw[:, 0],
                           responder.desired_scores(w))

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from meal.config import TemplateConfig
-from meal.profiling import NoMeter
+from meal.harness.profiling import NoMeter
+from meal.policy.sampling import Generation, GenerationSettings, generate
+from meal.policy.templates import build_prompt, format_preference, format_scores, render_prompt
 from meal.rewards import RewardNormalizer, RewardSet
-from meal.sampling import GenerationSettings, Generation, generate
-from meal.templates import build_prompt, format_preference, format_scores, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -140,24 +140,42 @@ class Rollout:
     gen_seconds: float
 
 
-def rollout(responder, texts: Sequence[str], prefs: torch.Tensor, n: int, settings: GenerationSettings,
-            reward_set: RewardSet, normalizer: RewardNormalizer | None, seed: int | None = None, meter=NoMeter(),
-            reward_texts: Sequence[str] | None = None) -> Rollout:
-    """Ask ``responder`` (e.g. a :class:`ConditionedPolicy`) for ``n`` responses to each text under its
-    preference (B, K), and score them.
+@dataclass
+class Queries:
+    """What a rollout asks: ``n`` responses to each of ``texts`` under its preference (``prefs``, (B, K));
+    ``seed``: the call's own seed (None: the caller's random stream); ``reward_texts``: what the rewards see
+    as each prompt, when it differs from the text the policy is conditioned on (the conditioning stage's
+    pool appends an instruction to the latter)."""
 
-    ``reward_texts``: what the rewards see as each prompt, when it differs from the text the policy
-    is conditioned on (the conditioning stage's pool appends an instruction to the latter).
-    """
-    b = len(texts)
+    texts: Sequence[str]
+    prefs: torch.Tensor
+    n: int = 1
+    seed: int | None = None
+    reward_texts: Sequence[str] | None = None
+
+
+@dataclass
+class Scoring:
+    """What responses are scored by: the reward set, and the normalisation (None: raw rewards)."""
+
+    reward_set: RewardSet
+    normalizer: RewardNormalizer | None = None
+
+
+def rollout(responder: Responder, queries: Queries, settings: GenerationSettings, scoring: Scoring,
+            meter=NoMeter()) -> Rollout:
+    """Ask ``responder`` (e.g. a :class:`ConditionedPolicy`) for ``queries.n`` responses to each text under
+    its preference, and score them."""
+    q, n = queries, queries.n
+    b = len(q.texts)
     t0 = time.perf_counter()
     with meter.phase("generate"):
-        gen = responder.respond(texts, prefs, settings, seed, n)  # (B*N)
+        gen = responder.respond(q.texts, q.prefs, settings, q.seed, n)  # (B*N)
     gen_seconds = time.perf_counter() - t0
     with meter.phase("score"):
-        scored_texts = [t for t in (reward_texts or texts) for _ in range(n)]
-        raw = reward_set.score(scored_texts, gen.texts).view(b, n, -1)  # (B, N, K)
-    normed = normalizer(raw) if normalizer is not None else raw
+        scored_texts = [t for t in (q.reward_texts or q.texts) for _ in range(n)]
+        raw = scoring.reward_set.score(scored_texts, gen.texts).view(b, n, -1)  # (B, N, K)
+    normed = scoring.normalizer(raw) if scoring.normalizer is not None else raw
     grid = [gen.texts[i * n:(i + 1) * n] for i in range(b)]
     done = [gen.finished[i * n:(i + 1) * n] for i in range(b)]
     return Rollout(grid, done, raw, normed, gen.num_tokens, gen_seconds)
@@ -171,17 +189,28 @@ def draw_preferences(b: int, k: int, alpha: float, rng: np.random.Generator,
     return torch.as_tensor(rng.dirichlet([alpha] * k, size=b), dtype=torch.float32)
 
 
-def fit_normalizer(model, condition: Conditioner, texts: Sequence[str], n: int, settings: GenerationSettings,
-                   reward_set: RewardSet, alpha: float, seed: int) -> RewardNormalizer:
+@dataclass
+class Draws:
+    """How a seeded scoring pass samples: ``samples`` responses per prompt, each under its own
+    Dirichlet(``alpha``) preference, all from ``seed`` (the normalisation pass, the conditioning stage's pool)."""
+
+    samples: int
+    alpha: float
+    seed: int
+
+
+def fit_normalizer(policy: ConditionedPolicy, texts: Sequence[str], settings: GenerationSettings,
+                   reward_set: RewardSet, draws: Draws) -> RewardNormalizer:
     """The scoring pass over training prompts that fixes the z-normalisation (method.md).
 
     Runs under its own seed inside ``fork_rng``: the training RNG stream is the same whether the
     statistics are computed or read from the cache.
     """
+    objectives = policy.objectives
     with torch.random.fork_rng(devices=[]):
-        prefs = draw_preferences(len(texts), len(condition.objectives), alpha, np.random.default_rng(seed))
-        ro = rollout(ConditionedPolicy(model, condition), texts, prefs, n, settings, reward_set, None, seed=seed)
-    norm = RewardNormalizer.fit(ro.raw.reshape(-1, ro.raw.shape[-1]), condition.objectives)
+        prefs = draw_preferences(len(texts), len(objectives), draws.alpha, np.random.default_rng(draws.seed))
+        ro = rollout(policy, Queries(texts, prefs, draws.samples, draws.seed), settings, Scoring(reward_set))
+    norm = RewardNormalizer.fit(ro.raw.reshape(-1, ro.raw.shape[-1]), objectives)
     log.info("reward statistics from %d responses: mean %s std %s", ro.raw.shape[0] * ro.raw.shape[1],
              [round(m, 4) for m in norm.mean], [round(s, 4) for s in norm.std])
     return norm
@@ -215,8 +244,8 @@ def reward_statistics(cfg, model, condition: Conditioner, train_texts: Sequence[
         log.info("reward statistics from the cache %s", path)
         return RewardNormalizer.load(path, condition.objectives)
     order = np.random.default_rng(t.norm_seed).permutation(len(train_texts))[:t.norm_prompts]
-    norm = fit_normalizer(model, condition, [train_texts[i] for i in order], t.norm_samples, settings, reward_set,
-                          t.dirichlet_alpha, t.norm_seed)
+    norm = fit_normalizer(ConditionedPolicy(model, condition), [train_texts[i] for i in order], settings, reward_set,
+                          Draws(t.norm_samples, t.dirichlet_alpha, t.norm_seed))
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         norm.save(path, {"key": key})
