@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Union
 
 import numpy as np
@@ -420,8 +420,7 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
     params = trainable_parameters(model)
     dist.broadcast(params.values())  # one starting point: LoRA's random init drew from each rank's own seed
     condition = (condition_factory or Conditioner)(task.template, objectives, tok)
-    settings = generation_settings(cfg)
-    settings.sampler = training_sampler(cfg, dist.rank, dist.world)
+    settings = replace(generation_settings(cfg), sampler=training_sampler(cfg, dist.rank, dist.world))
     train_texts = [e.text for e in data.train]
     if dist.main:
         log_cut_prompts(condition, train_texts + [e.text for e in data.test + data.validation], len(objectives),
