@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,10 +34,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def first_prompts(split, count: int) -> list[str]:
+    """The texts of the first ``count`` prompts of a split (0: all of them)."""
+    return [e.text for e in split[:count or len(split)]]
+
+
 def eval_texts(cfg, split, prompts: int = 0) -> list[str]:
     """The prompts of a split (test or validation) a front is evaluated on: ``prompts`` of them, else the
     run's ``trainer.final_eval_prompts``, else all; one rule, so that a run's fronts and meal-eval's compare."""
-    return [e.text for e in split[:prompts or cfg.trainer.final_eval_prompts or len(split)]]
+    return first_prompts(split, prompts or cfg.trainer.final_eval_prompts)
 
 
 def generation_settings(cfg: DictConfig, eval_protocol: bool = False) -> GenerationSettings:
@@ -67,13 +73,17 @@ def training_sampler(cfg: DictConfig, rank: int = 0, world: int = 1):
                        seed=cfg.trainer.seed + rank, external_launcher=world > 1)
 
 
-def front_provenance(cfg: DictConfig, run_dir: str, normalizer, budgets: dict | None = None, **more
+def run_provenance(cfg: DictConfig) -> dict[str, Any]:
+    """What every front records of the run that made it: its method, training seed and task."""
+    return {"method": cfg.method.name, "train_seed": cfg.trainer.seed, "task": cfg.task.name}
+
+
+def front_provenance(run: dict[str, Any], run_dir: str, normalizer, budgets: dict | None = None, **more
                      ) -> dict[str, Any]:
-    """What a front's ``extra`` records: the run, method, training seed, task, reward normalisation
-    (meal-compare refuses fronts whose normalisations differ) and what training cost
+    """What a front's ``extra`` records: the run folder, the run (:func:`run_provenance`), the reward
+    normalisation (meal-compare refuses fronts whose normalisations differ) and what training cost
     (``budget``: the online stage; ``conditioning_budget``: the conditioning stage, apart)."""
-    out = {"run_dir": os.path.abspath(run_dir), **more, "method": cfg.method.name, "train_seed": cfg.trainer.seed,
-           "task": cfg.task.name, "normalizer": normalizer.__dict__}
+    out = {"run_dir": os.path.abspath(run_dir), **more, **run, "normalizer": normalizer.__dict__}
     for name, b in (budgets or {}).items():
         out["budget" if name == "online" else f"{name}_budget"] = None if b is None else b.as_dict()
     return out
@@ -96,11 +106,33 @@ def _entropy(w: torch.Tensor) -> torch.Tensor:
     return -(w * w.clamp_min(1e-12).log()).sum(-1)
 
 
+@dataclass
+class ReportSettings:
+    """What a run's report needs of its config, read once at the edge (:func:`report_settings`): the run's
+    ``name`` (progress bar, logger), the front's ``label``, the hypervolume's reference point, how many
+    prompts the periodic and the final evaluation take, the evaluation protocol's sampling, and what every
+    front records of the run (:func:`run_provenance`)."""
+
+    name: str
+    label: str
+    hv_ref: list[float]
+    eval_prompts: int
+    final_eval_prompts: int
+    eval_settings: GenerationSettings
+    provenance: dict[str, Any]
+
+
+def report_settings(cfg: DictConfig) -> ReportSettings:
+    t = cfg.trainer
+    return ReportSettings(run_name(cfg), cfg.method.name, list(cfg.task.hv_ref), t.eval_prompts, t.final_eval_prompts,
+                          generation_settings(cfg, eval_protocol=True), run_provenance(cfg))
+
+
 class Report:
     """Metrics, tables and evaluations of one run; ``last`` holds the latest logged metrics."""
 
-    def __init__(self, run_dir: str, cfg: DictConfig, objectives: Sequence[str]):
-        self.run_dir, self.cfg, self.objectives = run_dir, cfg, list(objectives)
+    def __init__(self, run_dir: str, settings: ReportSettings, objectives: Sequence[str]):
+        self.run_dir, self.settings, self.objectives = run_dir, settings, list(objectives)
         self.jsonl = JsonlWriter(os.path.join(run_dir, "metrics.jsonl"))
         self.last: dict[str, float] = {}
         self.bar = None
@@ -108,7 +140,7 @@ class Report:
         self.diagnostics: dict | None = None  # the meta-learner's last diagnostics (Meal), recorded with the front
 
     def progress(self, start: int, stop: int, show: bool = True):
-        self.bar = tqdm(range(start, stop), initial=start, total=stop, desc=run_name(self.cfg), unit="it",
+        self.bar = tqdm(range(start, stop), initial=start, total=stop, desc=self.settings.name, unit="it",
                         dynamic_ncols=True, disable=not show)
         return self.bar
 
@@ -149,10 +181,10 @@ class Report:
         logger.log_table("samples", columns, data, step)
 
     def _evaluate(self, responder, texts, reward_set, normalizer, grid, csv_dir: str | None = None) -> Front:
-        spec = FrontSpec(grid, list(self.cfg.task.hv_ref), seed=0, label=self.cfg.method.name, csv_dir=csv_dir)
-        front = evaluate_front(responder, texts, generation_settings(self.cfg, eval_protocol=True),
-                               Scoring(reward_set, normalizer), spec)
-        front.extra.update(front_provenance(self.cfg, self.run_dir, normalizer, self.budgets))
+        s = self.settings
+        spec = FrontSpec(grid, list(s.hv_ref), seed=0, label=s.label, csv_dir=csv_dir)
+        front = evaluate_front(responder, texts, s.eval_settings, Scoring(reward_set, normalizer), spec)
+        front.extra.update(front_provenance(s.provenance, self.run_dir, normalizer, self.budgets))
         return front
 
     def periodic_eval(self, logger, responder, prompts, reward_set, normalizer, step: int) -> None:
@@ -160,7 +192,7 @@ class Report:
         validation split): ``val/hypervolume``, ``val/spearman/<objective>`` ..., one learning-curve point."""
         k = len(self.objectives)
         grid = preference_grid(2, points=3) if k == 2 else preference_grid(k)
-        texts = [e.text for e in prompts[:self.cfg.trainer.eval_prompts]]
+        texts = [e.text for e in prompts[:self.settings.eval_prompts]]
         front = self._evaluate(responder, texts, reward_set, normalizer, grid)
         metrics = {"eval/hypervolume": front.hypervolume, "eval/alignment": front.alignment,
                    **following_metrics(front)}
@@ -173,7 +205,7 @@ class Report:
         """The full grid (or the responder's own ``grid``: MORLHF) on ``prompts`` (the ``split``, recorded
         in the front); writes front.json, front.png and each preference's responses and scores
         (``responses/``, RiC's CSV layout) into the run folder."""
-        texts = eval_texts(self.cfg, prompts)
+        texts = first_prompts(prompts, self.settings.final_eval_prompts)
         grid = responder.grid or preference_grid(len(self.objectives))
         front = self._evaluate(responder, texts, reward_set, normalizer, grid,
                                csv_dir=os.path.join(self.run_dir, "responses"))

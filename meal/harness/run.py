@@ -393,7 +393,8 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
     from meal.harness.conditioning import (StagePolicy, condition_policy, conditioning_budget, read_conditioning,
                                            record_conditioning)
     from meal.harness.distributed import Dist, deepspeed_config, make_policy_optimizer
-    from meal.harness.report import Report, generation_settings, open_logger, seed_everything, training_sampler
+    from meal.harness.report import (Report, generation_settings, open_logger, report_settings, seed_everything,
+                                     training_sampler)
     from meal.harness.tracking import NullLogger
     from meal.policy.model import load_policy, resolve_device, resolve_dtype, trainable_parameters
     from meal.policy.rollout import Conditioner, PromptOrder, reward_statistics
@@ -442,7 +443,7 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
     # the policy's optimiser (step 10's engine; a collective under DeepSpeed), built before any sampling
     # as a DeepSpeed launch needs it
     policy_optimizer = make_policy_optimizer(model, params, t, dist, ds_config) if optimizer else None
-    report = Report(run_dir, cfg, objectives)
+    report = Report(run_dir, report_settings(cfg), objectives)
     order = PromptOrder(len(train_texts), t.seed)
     draws = np.random.default_rng(t.seed)
     stats_path = os.path.join(run_dir, "reward_stats.json")

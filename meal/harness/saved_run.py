@@ -124,7 +124,7 @@ def evaluate_run(run_dir: str, options: EvalOptions | None = None) -> dict[str, 
 
     from meal.evaluation.front import FrontSpec, evaluate_front, preference_grid
     from meal.harness.checkpoint import load_policy_weights
-    from meal.harness.report import eval_texts, front_provenance, generation_settings, publish_front
+    from meal.harness.report import eval_texts, front_provenance, generation_settings, publish_front, run_provenance
     from meal.harness.run import build_rewards, load_task_data
     from meal.policy.rollout import Scoring
     from meal.policy.model import load_policy, trainable_parameters
@@ -172,7 +172,8 @@ def evaluate_run(run_dir: str, options: EvalOptions | None = None) -> dict[str, 
         grid = responder.grid or preference_grid(len(objectives))  # MORLHF: its own preferences
         spec = FrontSpec(grid, list(cfg.task.hv_ref), o.seed, name, os.path.join(out_dir, "responses"))
         front = evaluate_front(responder, texts, settings, Scoring(reward_set, normalizer), spec)
-        front.extra.update(front_provenance(cfg, run_dir, normalizer, budgets, checkpoint=folder, split=split))
+        front.extra.update(front_provenance(run_provenance(cfg), run_dir, normalizer, budgets, checkpoint=folder,
+                                            split=split))
         if net:  # what the meta-learner had done by these weights (Meal), as meal-train records it with its front
             front.extra["meta_learner"] = net
         if stack_on is not None:
