@@ -116,7 +116,8 @@ def plot_fronts(fronts: Sequence[Front], path: str, title: str | None = None, co
     what = "points labelled with w1" if every_label else \
         "mean point per preference over seeds (seed points faint), w1 at the ends"
     title = title or f"Pareto fronts ({what}; HV reference point {ref})"
-    fig.suptitle(textwrap.fill(title, 75 * cols), fontsize=10)  # a long title wraps rather than clips
+    fig.suptitle(textwrap.fill(title, 55 * cols), fontsize=10)  # a long title wraps rather than clips (about 55
+    # characters of 10 pt fit the width of one 4.6-inch panel)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
