@@ -74,8 +74,8 @@ class LoraConfig:
     layers_from: int = knob(0, "Adapt only the decoder layers with this index and above (0: all). The backward "
                             "pass then stops at the lowest adapted layer.")
     preference_aware: bool = knob(False, "Preference-aware LoRA (meal/policy/preference_lora.py): one shared adapter "
-                                  "plus one per objective, mixed by each example's preference w; the preference enters the "
-                                  "weights as well as the prompt.")
+                                  "plus one per objective, mixed by each example's preference w; the preference enters "
+                                  "the weights as well as the prompt.")
 
 
 @dataclass

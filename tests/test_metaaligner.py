@@ -11,6 +11,7 @@ from tests.conftest import tiny_config
 
 from meal.config import ConfigError
 from meal.methods import metaaligner as ma
+from meal.methods import metaaligner_data as mad
 from meal.methods import train
 from meal.policy.sampling import Generation, GenerationSettings
 
@@ -22,7 +23,7 @@ def test_algorithm_1_builds_exactly_the_preference_and_equal_subsets():
     texts = ["q0", "q0", "q0", "q1", "q2", "q2"]
     responses = ["a", "b", "c", "lonely", "same", "same"]
     rewards = torch.tensor([[1.0, 0.0], [0.0, 0.1], [1.1, 1.0], [5.0, 5.0], [0.0, 0.0], [3.0, 3.0]])
-    pref, equal = ma.build_dataset(texts, responses, rewards, [0, 0, 0, 1, 2, 2], 0.25, random.Random(0))
+    pref, equal = mad.build_dataset(texts, responses, rewards, [0, 0, 0, 1, 2, 2], 0.25, random.Random(0))
 
     def key(r):
         return (r.question, r.source, r.target, r.kind, tuple(sorted(zip(r.objectives, [round(w, 4)
@@ -39,26 +40,26 @@ def test_algorithm_1_builds_exactly_the_preference_and_equal_subsets():
         ("q0", "b", "a", "equal", ((1, 1.0),)),
         ("q0", "c", "a", "equal", ((0, 1.0),)),
     ])
-    warm = ma.warmup_rows(equal, 5, random.Random(0))
+    warm = mad.warmup_rows(equal, 5, random.Random(0))
     assert len(warm) == 5 and all(r.source == r.target for r in warm)  # the identity map
     # a larger tolerance makes every comparison of (a, b) and (a, c) equal
-    pref2, equal2 = ma.build_dataset(texts, responses, rewards, [0, 0, 0, 1, 2, 2], 2.0, random.Random(0))
+    pref2, equal2 = mad.build_dataset(texts, responses, rewards, [0, 0, 0, 1, 2, 2], 2.0, random.Random(0))
     assert pref2 == [] and len(equal2) == 3 and all(sorted(r.objectives) == [0, 1] for r in equal2)
 
 
 def test_the_corrector_prompt_round_trips_its_objectives_and_weights():
     names = ["coverage", "concise", "positive"]
     s = ma.CorrectorSettings(DESCRIPTIONS, names)
-    text = ma.corrector_text("Post?", "An answer.", s.markers([0.7, 0.0, 0.3]))
+    text = mad.corrector_text("Post?", "An answer.", s.markers([0.7, 0.0, 0.3]))
     assert text.startswith("Edit the following Question-Answer pair to make it better considering the following "
                            "objectives: coverage (weight 0.70): the summary should cover the post; positive")
     assert text.endswith("| Question: Post? | Answer: An answer. | Edit:")
-    assert ma.parse_corrector_text(text, names) == ("better", ["coverage", "positive"], [0.7, 0.3])
+    assert mad.parse_corrector_text(text, names) == ("better", ["coverage", "positive"], [0.7, 0.3])
     plain = ma.CorrectorSettings(DESCRIPTIONS, names, weights_in_markers=False)
-    text = ma.corrector_text("Q", "A", plain.markers([0.2, 0.8, 0.0]), "equal")
-    assert ma.parse_corrector_text(text, names) == ("equal", ["coverage", "concise"], None)
+    text = mad.corrector_text("Q", "A", plain.markers([0.2, 0.8, 0.0]), "equal")
+    assert mad.parse_corrector_text(text, names) == ("equal", ["coverage", "concise"], None)
     with pytest.raises(ConfigError, match="task.descriptions: no description of objective 'humor'"):
-        ma.format_markers(["humor"], DESCRIPTIONS)
+        mad.format_markers(["humor"], DESCRIPTIONS)
 
 
 class _Fixed:

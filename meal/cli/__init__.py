@@ -62,6 +62,16 @@ def refuse_file_folder(argv: list[str], field: str) -> None:
             sys.exit(2)
 
 
+def launch(app, folder_field: str) -> None:
+    """Start a command's Hydra ``app``: meal's schema registered, and a command-line folder ``folder_field``
+    that is an existing file refused in one line before Hydra makes its per-launch folder inside it."""
+    from meal.config import register_configs
+
+    register_configs()
+    refuse_file_folder(sys.argv[1:], folder_field)
+    app()
+
+
 def parse_preferences(value: Any, objectives: Sequence[str]) -> list[list[float]]:
     """``grid`` (the evaluation grid), one preference [w1, ..., wK] or a list of them; ConfigError naming
     what is wrong (length, sign, sum)."""

@@ -7,29 +7,25 @@ prompt with a fixed seed (top_p 0.9, top_k 0, temperature 1); see :mod:`meal.eva
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from meal.cli import CONF_DIR, print_front, refuse_file_folder, user_errors
-from meal.config import register_configs
+from meal.cli import CONF_DIR, launch, print_front, user_errors
 from meal.harness.saved_run import EvalOptions, evaluate_run
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def _main(cfg: DictConfig) -> None:
     with user_errors():
-        options = EvalOptions(cfg.checkpoint, cfg.untrained, cfg.prompts, cfg.seed, cfg.batch_size, cfg.label,
-                              cfg.out_dir, cfg.logger, cfg.stack_on, cfg.split, cfg.trust_run)
+        options = EvalOptions(checkpoint=cfg.checkpoint, untrained=cfg.untrained, prompts=cfg.prompts, seed=cfg.seed,
+                              batch_size=cfg.batch_size, label=cfg.label, out_dir=cfg.out_dir, logger_cfg=cfg.logger,
+                              stack_on=cfg.stack_on, split=cfg.split, trust=cfg.trust_run)
         out = evaluate_run(cfg.run_dir, options)
     print_front(out)
 
 
 def main() -> None:
-    register_configs()
-    refuse_file_folder(sys.argv[1:], "run_dir")
-    _main()
+    launch(_main, "run_dir")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +30,11 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from meal.cli import CONF_DIR, parse_preferences, refuse_file_folder, user_errors
-from meal.config import ConfigError, register_configs
+from meal.cli import CONF_DIR, launch, parse_preferences, user_errors
+from meal.config import ConfigError
 from meal.harness.saved_run import check_dtype, load_run, read_run
 
 log = logging.getLogger("meal")
-
 
 
 def _unwrap_preference_lora(model: nn.Module, w: list[float]
@@ -266,9 +264,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
-    refuse_file_folder(sys.argv[1:], "run_dir")
-    _main()
+    launch(_main, "run_dir")
 
 
 if __name__ == "__main__":

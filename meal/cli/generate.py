@@ -27,8 +27,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from meal.cli import CONF_DIR, parse_preferences, refuse_file_folder, user_errors
-from meal.config import ConfigError, register_configs
+from meal.cli import CONF_DIR, launch, parse_preferences, user_errors
+from meal.config import ConfigError
 from meal.harness.saved_run import check_dtype, load_run, read_run
 
 log = logging.getLogger("meal")
@@ -150,9 +150,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
-    refuse_file_folder(sys.argv[1:], "run_dir")
-    _main()
+    launch(_main, "run_dir")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from meal.cli import CONF_DIR, print_front, refuse_file_folder, user_errors
-from meal.config import register_configs
+from meal.cli import CONF_DIR, launch, print_front, user_errors
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -23,9 +20,7 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    register_configs()
-    refuse_file_folder(sys.argv[1:], "trainer.out_dir")
-    _main()
+    launch(_main, "trainer.out_dir")
 
 
 if __name__ == "__main__":

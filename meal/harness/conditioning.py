@@ -43,8 +43,8 @@ from meal.harness.checkpoint import latest_checkpoint, load_checkpoint, rng_stat
 from meal.harness.distributed import AdamWStep, Dist
 from meal.harness.tracking import JsonlWriter
 from meal.policy.losses import build_batch, policy_step
-from meal.policy.rollout import (ConditionedPolicy, Conditioner, Draws, PromptOrder, Queries, Scoring,
-                                 draw_preferences, rollout)
+from meal.policy.rollout import (ConditionedPolicy, Conditioner, Draws, PromptOrder, Queries, Scoring, draw_preferences,
+                                 rollout)
 from meal.policy.sampling import GenerationSettings
 from meal.rewards import RewardNormalizer, RewardSet
 from meal.tasks import Response, TaskData

@@ -126,8 +126,8 @@ def evaluate_run(run_dir: str, options: EvalOptions | None = None) -> dict[str, 
     from meal.harness.checkpoint import load_policy_weights
     from meal.harness.report import eval_texts, front_provenance, generation_settings, publish_front, run_provenance
     from meal.harness.run import build_rewards, load_task_data
-    from meal.policy.rollout import Scoring
     from meal.policy.model import load_policy, trainable_parameters
+    from meal.policy.rollout import Scoring
     from meal.rewards import RewardNormalizer
 
     o = options or EvalOptions()

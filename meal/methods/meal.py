@@ -32,8 +32,7 @@ from meal.methods.bilevel import dynamic_preference
 from meal.methods.meta_learner import (IterationBatch, Kept, MetaSettings, NetShape, PolicyHandle, build_learner,
                                        labelled_batch)
 from meal.policy.losses import SFTBatch, build_batch, policy_step
-from meal.policy.rollout import (ConditionedPolicy, Conditioner, PromptOrder, Queries, Rollout, draw_preferences,
-                                 rollout)
+from meal.policy.rollout import ConditionedPolicy, Conditioner, PromptOrder, Queries, Rollout, draw_preferences, rollout
 from meal.policy.sampling import degenerate_mask, scalarise, select_valid_best
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -59,7 +59,6 @@ class ScoreConditioner(Conditioner):
         return format_scores(list(scores), self.objectives, self.decimals)
 
 
-@runtime_checkable
 class Responder(Protocol):
     """What training rollouts, the evaluation and meal-export ask of a method's answering policy (the
     method's ``responder``). Its capabilities, which shared code reads instead of asking which method it is:
