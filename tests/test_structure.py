@@ -156,3 +156,55 @@ def test_a_builtin_name_cannot_be_taken():
 
     with pytest.raises(ValueError, match="one of meal's own"):
         methods.register(methods.get("ric"))
+
+
+# ------------------------------------------------------------------------------- the config read at the edge
+def _config_stops(cfg: dict) -> set[tuple[str, str]]:
+    """Train ``cfg`` and return every (module, function) of meal/ that was called with the run's config (the
+    whole of it: a DictConfig holding ``trainer`` and ``task``, or a TrainConfig) among its arguments."""
+    import sys
+
+    from omegaconf import DictConfig
+
+    import meal
+    from meal.methods import train
+
+    root = os.path.dirname(os.path.abspath(meal.__file__)) + os.sep
+    seen = set()
+
+    def holds_config(value) -> bool:
+        return (isinstance(value, DictConfig) and "trainer" in value and "task" in value) \
+            or type(value).__name__ == "TrainConfig"
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(root):
+            code = frame.f_code
+            names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+            if any(holds_config(frame.f_locals.get(n)) for n in names):
+                seen.add((frame.f_globals.get("__name__"), code.co_name))
+
+    sys.setprofile(profile)
+    try:
+        train(cfg)
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+def test_the_run_config_stays_in_the_recipe_and_the_edge(tiny_llama, tmp_path):
+    """Followed through a run, the config reaches the recipe, the config check and the harness's edge
+    (``start_run`` and :mod:`meal.harness.settings`); nothing below takes it (the conditioning stage, the
+    normalisation pass, the logger, the report and ``Run`` take the parts read for them)."""
+    from tests.conftest import tiny_config
+
+    stage = {"conditioning.enabled": True, "conditioning.steps": 1, "conditioning.batch_size": 2,
+             "conditioning.micro_batch_size": 2, "conditioning.pool_prompts": 2, "conditioning.cache": None,
+             "task.pool_instructions": [""], "trainer.iterations": 1, "trainer.batch_size": 2,
+             "policy.lora": {"enabled": True, "preference_aware": True, "r": 2, "alpha": 4}}
+    with_stage = _config_stops(tiny_config(tiny_llama, str(tmp_path / "a"), **stage))
+    without = _config_stops(tiny_config(tiny_llama, str(tmp_path / "b"), **{"trainer.iterations": 1}))
+    for seen in (with_stage, without):
+        assert ("meal.methods.meal", "train") in seen and ("meal.harness.run", "start_run") in seen  # it looked
+        below = {s for s in seen if s[0] not in ("meal.methods.meal", "meal.harness.settings", "meal.config",
+                                                 "meal.methods") and s != ("meal.harness.run", "start_run")}
+        assert not below, f"the run's config was handed below the edge to {sorted(below)}"

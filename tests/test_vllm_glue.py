@@ -141,13 +141,14 @@ def test_training_hands_vllm_the_current_adapter_each_rollout(fake_vllm, tiny_ll
 def test_each_data_parallel_rank_gets_its_own_engine_in_the_launchers_process_group(fake_vllm, tiny_llama):
     from omegaconf import OmegaConf
 
-    from meal.harness.report import training_sampler
+    from meal.harness.settings import read_run_spec, training_sampler
     from meal.methods import typed_config
 
     cfg = typed_config(tiny_config(tiny_llama, "unused", **{"generation.backend": "vllm", "trainer.seed": 7,
                                                         "policy.lora": {"enabled": True, "r": 8}}))
-    assert training_sampler(OmegaConf.merge(cfg, {"generation": {"backend": "hf"}})) is None
-    for sampler in (training_sampler(cfg), training_sampler(cfg, rank=1, world=2)):
+    assert read_run_spec(OmegaConf.merge(cfg, {"generation": {"backend": "hf"}})).vllm is None
+    spec = read_run_spec(cfg).vllm
+    for sampler in (training_sampler(spec), training_sampler(spec, rank=1, world=2)):
         sampler.close()
     single, rank1 = (m.kwargs for m in fake_vllm)
     assert "distributed_executor_backend" not in single and single["seed"] == 7 and single["max_lora_rank"] == 8

@@ -80,7 +80,7 @@ from meal.methods.bilevel import (InnerLoss, MetaGradSettings, PreferenceWeightN
 from meal.tasks import load_embedded
 from meal.policy.rollout import ConditionedPolicy, Conditioner, Queries, Scoring, rollout
 from meal.rewards import RewardSet
-from meal.harness.report import generation_settings
+from meal.harness.settings import generation_settings
 from meal.policy.embeddings import policy_embeddings
 register_configs()
 with initialize_config_dir(config_dir=ROOT + "/conf", version_base="1.3"):

@@ -113,8 +113,8 @@ def main() -> None:
     from meal.harness.conditioning import achieved_labels
     from meal.harness.distributed import AdamWStep, Dist
     from meal.harness.profiling import PhaseMeter
-    from meal.harness.report import generation_settings
     from meal.harness.run import load_task_data
+    from meal.harness.settings import generation_settings
     from meal.methods import typed_config
     from meal.methods.bilevel import dynamic_preference
     from meal.methods.meal import concat_batches, keep_best, meta_settings, net_shape
@@ -146,7 +146,7 @@ def main() -> None:
     cond = Conditioner(cfg.task.template, list(cfg.task.objectives), tok)
     policy = ConditionedPolicy(model, cond)
     rewards = RewardSet.from_config(dict(cfg.rewards), list(cfg.task.objectives))
-    data = load_task_data(cfg)  # the task's prompts, validation held out as in a run
+    data = load_task_data(cfg.task)  # the task's prompts, validation held out as in a run
     train = [e.text for e in data.train]
     texts = train[:t.batch_size]
     settings, eval_settings = generation_settings(cfg), generation_settings(cfg, eval_protocol=True)

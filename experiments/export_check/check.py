@@ -24,9 +24,9 @@ import torch
 from meal.cli.compare import experiment_meta, write_results
 from meal.cli.export import Export, base_model_ref, export_run
 from meal.cli.generate import Ask, answer
-from meal.harness.report import eval_texts
 from meal.harness.run import load_task_data
 from meal.harness.saved_run import read_run
+from meal.harness.settings import eval_texts
 from meal.policy.model import resolve_dtype
 
 
@@ -85,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     start = time.time()
     cfg, _ = read_run(args.run, "latest")
-    prompts = eval_texts(cfg, load_task_data(cfg).split("validation"), args.prompts)
+    prompts = eval_texts(cfg, load_task_data(cfg.task).split("validation"), args.prompts)
     max_new = int(cfg.task.max_new_tokens)
     base = base_model_ref(cfg.policy)
     run_dtype = str(resolve_dtype(cfg.policy.dtype, torch.device("cpu"))).removeprefix("torch.")

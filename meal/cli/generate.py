@@ -28,7 +28,7 @@ import hydra
 from omegaconf import DictConfig
 
 from meal.cli import CONF_DIR, launch, parse_preferences, user_errors
-from meal.config import ConfigError
+from meal.config import ConfigError, to_container
 from meal.harness.saved_run import check_dtype, load_run, read_run
 
 log = logging.getLogger("meal")
@@ -75,8 +75,8 @@ def answer(run_dir: str, ask: Ask, checkpoint: str = "latest", trust: bool = Fal
     prompt and preference (prompt-major). Everything that can be checked is checked before the policy loads."""
     import torch
 
-    from meal.harness.report import generation_settings
     from meal.harness.run import build_rewards
+    from meal.harness.settings import generation_settings
     from meal.methods import get
     from meal.rewards import RewardNormalizer
 
@@ -89,7 +89,7 @@ def answer(run_dir: str, ask: Ask, checkpoint: str = "latest", trust: bool = Fal
     reward_set = normalizer = None
     if ask.score:
         normalizer = RewardNormalizer.load(os.path.join(run_dir, "reward_stats.json"), objectives)
-        reward_set = build_rewards(cfg)
+        reward_set = build_rewards(to_container(cfg.rewards), objectives)
     cfg, model, tok, _ = load_run(run_dir, checkpoint, trust=trust, dtype=ask.dtype)
     responder = get(cfg.method.recipe).responder(cfg, model, tok, run_dir)
     grid = responder.grid

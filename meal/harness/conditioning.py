@@ -34,7 +34,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -195,9 +194,26 @@ def _digest(key: Any) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def corpus_key(cfg, source: str) -> dict:
-    """What the scored corpus depends on: data, rewards, and for a pool the policy and how it was sampled."""
-    c = OmegaConf.to_container(cfg, resolve=True)
+@dataclass(frozen=True)
+class StageSettings:
+    """What the conditioning stage reads of the run's config (built at the edge,
+    :func:`meal.harness.settings.read_run_spec`): the ``conditioning`` node, the task's name and pool
+    instructions, the trainer's sampling and SFT values, and the resolved config (``resolved``, a plain
+    dict) that the cache keys hash."""
+
+    conditioning: Any  # the ``conditioning`` node (meal.config.ConditioningConfig)
+    task_name: str
+    pool_instructions: list[str]
+    dirichlet_alpha: float
+    max_prompt_tokens: int
+    weight_decay: float
+    max_grad_norm: float
+    resolved: dict
+
+
+def corpus_key(c: dict, source: str) -> dict:
+    """What the scored corpus depends on: data, rewards, and for a pool the policy and how it was sampled
+    (``c``: the run's resolved config)."""
     key = {"source": source, "data": c["task"]["data"],
            "rewards": {o: c["rewards"][o] for o in c["task"]["objectives"]},
            "max_rows": c["conditioning"]["max_rows"], "seed": c["conditioning"]["seed"]}
@@ -211,9 +227,9 @@ def corpus_key(cfg, source: str) -> dict:
     return key
 
 
-def stage_key(cfg, corpus_digest: str) -> dict:
-    """What the conditioned policy depends on: the corpus, labels, policy and adapter, template, SFT."""
-    c = OmegaConf.to_container(cfg, resolve=True)
+def stage_key(c: dict, corpus_digest: str) -> dict:
+    """What the conditioned policy depends on: the corpus, labels, policy and adapter, template, SFT
+    (``c``: the run's resolved config)."""
     p, cond = c["policy"], dict(c["conditioning"])
     cond.pop("cache", None)
     return {"corpus": corpus_digest, "conditioning": cond, "template": c["task"]["template"],
@@ -287,14 +303,14 @@ class StagePolicy:
         return ConditionedPolicy(self.model, self.condition)
 
 
-def _corpus(cfg, data: TaskData, policy: StagePolicy, reward_set: RewardSet, root: str, dist: Dist
+def _corpus(s: StageSettings, data: TaskData, policy: StagePolicy, reward_set: RewardSet, root: str, dist: Dist
             ) -> tuple[ScoredCorpus, str]:
     """The scored corpus (0a), from the cache when the same key was built before."""
-    c = cfg.conditioning
+    c = s.conditioning
     source = c.source if c.source != "auto" else ("dataset" if data.responses else "pool")
     if source == "dataset" and not data.responses:
-        raise ValueError(f"conditioning.source: task {cfg.task.name} has no responses of its own; use pool")
-    key = corpus_key(cfg, source)
+        raise ValueError(f"conditioning.source: task {s.task_name} has no responses of its own; use pool")
+    key = corpus_key(s.resolved, source)
     digest = _digest(key)
     path = os.path.join(root, f"corpus-{digest}.jsonl")
     if os.path.exists(path):
@@ -312,8 +328,8 @@ def _corpus(cfg, data: TaskData, policy: StagePolicy, reward_set: RewardSet, roo
         texts = [e.text for e in data.train]
         if c.pool_prompts:
             texts = [texts[i] for i in sorted(rng.permutation(len(texts))[:c.pool_prompts])]
-        corpus = sample_pool(policy.conditioned, texts, list(cfg.task.pool_instructions), policy.settings, reward_set,
-                             Draws(c.pool_samples, cfg.trainer.dirichlet_alpha, c.seed), dist)
+        corpus = sample_pool(policy.conditioned, texts, list(s.pool_instructions), policy.settings, reward_set,
+                             Draws(c.pool_samples, s.dirichlet_alpha, c.seed), dist)
     corpus.budget.seconds = time.perf_counter() - tic
     if dist.main:
         os.makedirs(root, exist_ok=True)
@@ -325,7 +341,7 @@ def _corpus(cfg, data: TaskData, policy: StagePolicy, reward_set: RewardSet, roo
     return corpus, digest
 
 
-def condition_policy(cfg, data: TaskData, policy: StagePolicy, reward_set: RewardSet, run_dir: str,
+def condition_policy(s: StageSettings, data: TaskData, policy: StagePolicy, reward_set: RewardSet, run_dir: str,
                      open_stage_logger: Callable[[str], Any], dist: Dist | None = None) -> ConditionedStart:
     """Step 0: build or reuse the conditioned policy and copy its weights into ``policy.params``.
 
@@ -333,24 +349,24 @@ def condition_policy(cfg, data: TaskData, policy: StagePolicy, reward_set: Rewar
     stage draws the same numbers whether the stage ran or came from the cache.
     """
     dist = dist or Dist()
-    c = cfg.conditioning
+    c = s.conditioning
     root = os.path.expanduser(c.cache) if c.cache else os.path.join(run_dir, "conditioning-cache")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(c.seed)
-        corpus, corpus_digest = _corpus(cfg, data, policy, reward_set, root, dist)
+        corpus, corpus_digest = _corpus(s, data, policy, reward_set, root, dist)
         normalizer = RewardNormalizer.fit(corpus.raw, corpus.objectives)
-        folder = os.path.join(root, f"stage-{_digest(stage_key(cfg, corpus_digest))}")
+        folder = os.path.join(root, f"stage-{_digest(stage_key(s.resolved, corpus_digest))}")
         done = os.path.join(folder, "stage.json")
         rows, labels = achieved_labels(normalizer(corpus.raw), corpus.groups, c.label,
                                        np.random.default_rng(c.seed), c.tau, c.labels_per_group)
         if not os.path.exists(done):
-            budget = _sft(cfg, policy, corpus, (rows, labels), folder, open_stage_logger, dist)
+            budget = _sft(s, policy, corpus, (rows, labels), folder, open_stage_logger, dist)
             info = {"corpus": {"source": corpus.source, "rows": len(corpus), "digest": corpus_digest,
                                "budget": corpus.budget.as_dict()},
                     "labels": {"rule": c.label, "rows": int(len(rows)),
                                "distinct_responses": int(len(set(rows.tolist())))},
                     "sft": budget.as_dict(), "normalizer": normalizer.__dict__,
-                    "budget": _total(corpus.budget, budget).as_dict(), "key": stage_key(cfg, corpus_digest)}
+                    "budget": _total(corpus.budget, budget).as_dict(), "key": stage_key(s.resolved, corpus_digest)}
             if dist.main:
                 _finish_stage(folder, policy.params, info)
             dist.barrier()
@@ -366,16 +382,16 @@ def _total(a: Budget, b: Budget) -> Budget:
                   a.steps + b.steps, a.meta_steps + b.meta_steps, a.seconds + b.seconds)
 
 
-def _sft(cfg, policy: StagePolicy, corpus: ScoredCorpus, labelled: tuple[np.ndarray, torch.Tensor], folder: str,
-         open_stage_logger, dist: Dist) -> Budget:
+def _sft(s: StageSettings, policy: StagePolicy, corpus: ScoredCorpus, labelled: tuple[np.ndarray, torch.Tensor],
+         folder: str, open_stage_logger, dist: Dist) -> Budget:
     """0d: ``conditioning.steps`` AdamW steps on (template(text, w), response) over the ``labelled`` (corpus
     row, label) pairs; checkpointed in ``folder``."""
-    c, t = cfg.conditioning, cfg.trainer
+    c = s.conditioning
     model, params, condition = policy.model, policy.params, policy.condition
     rows, labels = labelled
     if c.batch_size % dist.world:
         raise ValueError(f"conditioning.batch_size: {c.batch_size} does not split over {dist.world} processes")
-    optimizer = AdamWStep(params, c.lr, t.weight_decay, t.max_grad_norm, dist)
+    optimizer = AdamWStep(params, c.lr, s.weight_decay, s.max_grad_norm, dist)
     order = PromptOrder(len(rows), c.seed)
     budget, start = Budget(), 0
     ckpt = latest_checkpoint(folder)
@@ -400,7 +416,7 @@ def _sft(cfg, policy: StagePolicy, corpus: ScoredCorpus, labelled: tuple[np.ndar
             w = labels[pos]  # (b, K)
             src = rows[pos].tolist()  # their corpus rows
             batch = build_batch(tok, condition([corpus.texts[i] for i in src], w), [corpus.responses[i] for i in src],
-                                [corpus.finished[i] for i in src], t.max_prompt_tokens, prefs=w)
+                                [corpus.finished[i] for i in src], s.max_prompt_tokens, prefs=w)
             lr = c.lr * (1.0 - step / max(1, c.steps))  # linear decay to 0, as RiC's offline stage
             for group in optimizer.optimizer.param_groups:
                 group["lr"] = lr

@@ -13,11 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from meal.config import to_container
 from meal.evaluation.front import Front, FrontSpec, evaluate_front, preference_grid
 from meal.evaluation.plotting import plot_fronts
 from meal.harness.tracking import JsonlWriter
@@ -39,67 +36,15 @@ def first_prompts(split, count: int) -> list[str]:
     return [e.text for e in split[:count or len(split)]]
 
 
-def eval_texts(cfg, split, prompts: int = 0) -> list[str]:
-    """The prompts of a split (test or validation) a front is evaluated on: ``prompts`` of them, else the
-    run's ``trainer.final_eval_prompts``, else all; one rule, so that a run's fronts and meal-eval's compare."""
-    return first_prompts(split, prompts or cfg.trainer.final_eval_prompts)
-
-
-def generation_settings(cfg: DictConfig, eval_protocol: bool = False) -> GenerationSettings:
-    """Sampling settings of the run; ``eval_protocol`` fixes top_p 0.9, top_k 0, temperature 1 and draws
-    each response with its own seed (``seeding="row"``: a front does not depend on the batch size)."""
-    t = cfg.trainer
-    if eval_protocol:
-        return GenerationSettings(cfg.task.max_new_tokens, 0.9, 0, 1.0, t.gen_batch_size, t.max_prompt_tokens,
-                                  seeding="row")
-    return GenerationSettings(cfg.task.max_new_tokens, t.top_p, t.top_k, t.temperature, t.gen_batch_size,
-                              t.max_prompt_tokens)
-
-
-def training_sampler(cfg: DictConfig, rank: int = 0, world: int = 1):
-    """The sampler of training rollouts: None (Hugging Face generate) or a vLLM sampler.
-
-    Under data parallelism every rank runs its own vLLM engine on its own GPU, started by the
-    same launcher (vLLM's ``external_launcher`` executor) and seeded per rank.
-    """
-    g = cfg.generation
-    if g.backend != "vllm":
-        return None
-    from meal.policy.model import resolve_source
-    from meal.policy.vllm_backend import VLLMSampler
-
-    return VLLMSampler(resolve_source(cfg.policy), max_lora_rank=cfg.policy.lora.r,
-                       gpu_memory_utilization=g.vllm_gpu_memory_utilization, max_model_len=g.vllm_max_model_len,
-                       seed=cfg.trainer.seed + rank, external_launcher=world > 1)
-
-
-def run_provenance(cfg: DictConfig) -> dict[str, Any]:
-    """What every front records of the run that made it: its method, training seed and task."""
-    return {"method": cfg.method.name, "train_seed": cfg.trainer.seed, "task": cfg.task.name}
-
-
 def front_provenance(run: dict[str, Any], run_dir: str, normalizer, budgets: dict | None = None, **more
                      ) -> dict[str, Any]:
-    """What a front's ``extra`` records: the run folder, the run (:func:`run_provenance`), the reward
-    normalisation (meal-compare refuses fronts whose normalisations differ) and what training cost
-    (``budget``: the online stage; ``conditioning_budget``: the conditioning stage, apart)."""
+    """What a front's ``extra`` records: the run folder, the run (:func:`meal.harness.settings.run_provenance`),
+    the reward normalisation (meal-compare refuses fronts whose normalisations differ) and what training
+    cost (``budget``: the online stage; ``conditioning_budget``: the conditioning stage, apart)."""
     out = {"run_dir": os.path.abspath(run_dir), **more, **run, "normalizer": normalizer.__dict__}
     for name, b in (budgets or {}).items():
         out["budget" if name == "online" else f"{name}_budget"] = None if b is None else b.as_dict()
     return out
-
-
-def run_name(cfg: DictConfig) -> str:
-    return cfg.logger.name or f"{cfg.task.name}-{cfg.method.name}-s{cfg.trainer.seed}"
-
-
-def open_logger(cfg: DictConfig, run_dir: str, resume: bool, stage: bool = False):
-    """Instantiate ``cfg.logger`` (``_target_``) and start it. ``stage``: the conditioning stage's own
-    run (its ``warmup/*`` metrics have their own steps; it is shared by every run of the task)."""
-    logger = instantiate(cfg.logger)
-    name = f"{cfg.task.name}-conditioning" if stage else run_name(cfg)
-    logger.start(run_dir, to_container(cfg), name, resume)
-    return logger
 
 
 def _entropy(w: torch.Tensor) -> torch.Tensor:
@@ -108,10 +53,11 @@ def _entropy(w: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ReportSettings:
-    """What a run's report needs of its config, read once at the edge (:func:`report_settings`): the run's
-    ``name`` (progress bar, logger), the front's ``label``, the hypervolume's reference point, how many
-    prompts the periodic and the final evaluation take, the evaluation protocol's sampling, and what every
-    front records of the run (:func:`run_provenance`)."""
+    """What a run's report needs of its config, read once at the edge
+    (:func:`meal.harness.settings.read_run_spec`): the run's ``name`` (progress bar, logger), the front's
+    ``label``, the hypervolume's reference point, how many prompts the periodic and the final evaluation
+    take, the evaluation protocol's sampling, and what every front records of the run
+    (:func:`meal.harness.settings.run_provenance`)."""
 
     name: str
     label: str
@@ -120,12 +66,6 @@ class ReportSettings:
     final_eval_prompts: int
     eval_settings: GenerationSettings
     provenance: dict[str, Any]
-
-
-def report_settings(cfg: DictConfig) -> ReportSettings:
-    t = cfg.trainer
-    return ReportSettings(run_name(cfg), cfg.method.name, list(cfg.task.hv_ref), t.eval_prompts, t.final_eval_prompts,
-                          generation_settings(cfg, eval_protocol=True), run_provenance(cfg))
 
 
 class Report:

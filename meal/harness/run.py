@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from meal.harness.conditioning import ConditionedStart
     from meal.harness.distributed import AdamWStep, DeepSpeedStep, Dist
     from meal.harness.report import Report
+    from meal.harness.settings import ResumeSpec, RunSpec
     from meal.harness.tracking import NullLogger
     from meal.policy.rollout import Conditioner, PromptOrder, Scoring
     from meal.policy.sampling import GenerationSettings
@@ -88,10 +89,9 @@ def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
     return refused, warned
 
 
-def resume_point(cfg: DictConfig) -> str | None:
-    """Check the run folder against the launch; returns the checkpoint to resume from (None: a new run)."""
-    t = cfg.trainer
-    run_dir = t.out_dir
+def resume_point(run_dir: str, t: ResumeSpec, resolved: dict) -> str | None:
+    """Check the run folder against the launch (``resolved``: its config as a plain dict); returns the
+    checkpoint to resume from (None: a new run)."""
     if not t.resume:
         if checkpoint_folders(run_dir) or os.path.exists(os.path.join(run_dir, "checkpoints", "latest")):
             raise ConfigError(f"trainer.out_dir: {run_dir} already holds a run; set trainer.resume=true to continue "
@@ -113,7 +113,7 @@ def resume_point(cfg: DictConfig) -> str | None:
     saved_path = os.path.join(run_dir, "config.yaml")
     if os.path.exists(saved_path):
         saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
-        refused, warned = config_changes(saved, OmegaConf.to_container(cfg, resolve=True))
+        refused, warned = config_changes(saved, resolved)
         if refused:
             raise ConfigError("trainer.resume: this launch changes what the run was trained with: "
                               + "; ".join(refused) + " (resume with the run's own settings; nothing was changed)")
@@ -154,36 +154,38 @@ def _newest_intact(run_dir: str, folders: list[str], trust: bool = False) -> str
         raise CheckpointError(f"{err}{hint} (nothing was changed)") from err
 
 
-def write_run_config(run_dir: str, cfg: DictConfig) -> None:
+def write_run_config(run_dir: str, config_yaml: str) -> None:
     """The run's ``config.yaml`` (atomically)."""
     os.makedirs(run_dir, exist_ok=True)
     tmp = os.path.join(run_dir, ".config.yaml.tmp")
-    OmegaConf.save(cfg, tmp)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(config_yaml)
     os.replace(tmp, os.path.join(run_dir, "config.yaml"))
 
 
-def load_task_data(cfg: DictConfig) -> TaskData:
-    """The task's data by its ``_target_``; a data error comes out as itself, not wrapped by Hydra."""
+def load_task_data(task: DictConfig) -> TaskData:
+    """The task's data by its ``_target_`` (``task``: the config's task node); a data error comes out as
+    itself, not wrapped by Hydra."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     try:
-        data = instantiate(cfg.task.data, _convert_="all")
+        data = instantiate(task.data, _convert_="all")
     except InstantiationException as e:
         cause = e.__cause__ or e
         if isinstance(cause, (DataError, OSError)):
             raise DataError(str(cause)) from cause
         raise DataError(f"task.data: {cause}") from e
     if not data.train or not data.test:
-        raise DataError(f"task.data: {cfg.task.name} has {len(data.train)} training and {len(data.test)} test prompts; "
+        raise DataError(f"task.data: {task.name} has {len(data.train)} training and {len(data.test)} test prompts; "
                         f"both must be non-empty")
-    return data.hold_out(cfg.task.validation_prompts)
+    return data.hold_out(task.validation_prompts)
 
 
-def build_rewards(cfg: DictConfig) -> RewardSet:
-    """The task's reward set, tried on two dummy responses so that a broken reward fails now, not
-    after the policy has loaded and sampled."""
-    reward_set = RewardSet.from_config(OmegaConf.to_container(cfg.rewards, resolve=True), list(cfg.task.objectives))
+def build_rewards(rewards: dict, objectives: list[str]) -> RewardSet:
+    """The task's reward set (``rewards``: the resolved ``rewards`` node), tried on two dummy responses so
+    that a broken reward fails now, not after the policy has loaded and sampled."""
+    reward_set = RewardSet.from_config(rewards, list(objectives))
     try:
         reward_set.score(["How do I boil an egg?"] * 2, ["Put it in boiling water for eight minutes.", "Boil it."])
     except RewardError as e:
@@ -243,6 +245,7 @@ def log_cut_prompts(condition, texts: list[str], num_objectives: int, tokenizer,
 class Run:
     """An opened run, as every method's recipe starts it (:func:`start_run`), built by keyword.
 
+    ``spec`` is what the harness read of the run's config (:func:`meal.harness.settings.read_run_spec`).
     What the recipe trains: ``model`` (its trainable tensors ``params``, by name), ``tokenizer``, how a
     preference is written into a prompt (``condition``), how it samples (``settings``) and, where the
     recipe asked for it, the policy's step-10 engine (``optimizer``: AdamW, or DeepSpeed ZeRO under a
@@ -254,7 +257,7 @@ class Run:
     online stage's cost so far, ``start`` the iteration to start at.
     """
 
-    cfg: DictConfig
+    spec: RunSpec
     dist: Dist
     run_dir: str
     data: TaskData
@@ -308,32 +311,31 @@ class Run:
         if self.state is not None:
             saved = self.state["rng"]
             set_rng_state(saved[self.dist.rank if self.dist.rank < len(saved) else 0])
-        return self.report.progress(self.start, total or self.cfg.trainer.iterations, show=self.dist.main)
+        return self.report.progress(self.start, total or self.spec.cadence.iterations, show=self.dist.main)
 
     def save(self, step: int, optimizer, net: torch.nn.Module | None = None, **state: Any) -> None:
         """Checkpoint ``step``: the policy's trainable weights (and ``net``), the optimiser, prompt order,
         draws, budget, every rank's random state and the recipe's own ``state``. A collective."""
-        t, dist = self.cfg.trainer, self.dist
+        dist = self.dist
         dist.check_same(list(self.params.values()) + (list(net.parameters()) if net is not None else []))
         opt_state = optimizer.state_dict()  # a collective under DeepSpeed (shards gathered on rank 0)
         rank_rng = dist.gather(rng_state())  # each rank samples from its own stream
         if dist.main:
             save_checkpoint(self.run_dir, step, self.params, net, {
                 "optimizer": opt_state, "order": self.order.state, "numpy_draws": self.draws.bit_generator.state,
-                "budget": self.budget.as_dict(), **state}, keep=t.keep_checkpoints, rng=rank_rng)
+                "budget": self.budget.as_dict(), **state}, keep=self.spec.cadence.keep_checkpoints, rng=rank_rng)
         dist.barrier()
 
-    def end_iteration(self, step: int, total: int, loss: float, metrics: dict[str, float], optimizer, *,
-                      responder=None, table: tuple | None = None, net: torch.nn.Module | None = None,
-                      **state: Any) -> None:
-        """The close of iteration ``step`` of ``total`` shared by the recipes: a non-finite loss stops the
-        run before anything is saved (the last checkpoint stays intact); the iteration's seconds
-        (``metrics["time/iteration"]``) into the budget; the metrics logged, with a sample table every
-        ``trainer.table_every`` from ``table`` = (texts, preferences, rollout); a checkpoint (with ``net``
-        and the recipe's ``state``) every ``trainer.save_every`` and at the last step; the periodic
-        evaluation of ``responder`` every ``trainer.eval_every`` and at the last step (a learning curve on the
-        validation prompts)."""
-        t = self.cfg.trainer
+    def end_iteration(self, step: int, total: int, metrics: dict[str, float], optimizer, *, responder=None,
+                      table: tuple | None = None, net: torch.nn.Module | None = None, **state: Any) -> None:
+        """The close of iteration ``step`` of ``total`` shared by the recipes: a non-finite loss
+        (``metrics["train/loss"]``) stops the run before anything is saved (the last checkpoint stays
+        intact); the iteration's seconds (``metrics["time/iteration"]``) into the budget; the metrics
+        logged, with a sample table every ``trainer.table_every`` from ``table`` = (texts, preferences,
+        rollout); a checkpoint (with ``net`` and the recipe's ``state``) every ``trainer.save_every`` and at
+        the last step; the periodic evaluation of ``responder`` every ``trainer.eval_every`` and at the last
+        step (a learning curve on the validation prompts)."""
+        t, loss = self.spec.cadence, metrics["train/loss"]
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {step}: the training loss is {loss}; the last checkpoint in "
                                      f"{self.run_dir}/checkpoints is intact")
@@ -374,9 +376,9 @@ class Run:
         responder's own ``grid``), front.json and front.png; the summary."""
         out: dict[str, Any] = {}
         if self.dist.main:
-            split = self.cfg.trainer.final_eval_split
+            split = self.spec.cadence.final_eval_split
             out = self.report.final_eval(self.logger, responder, self.data.split(split), self.reward_set,
-                                      self.normalizer, self.cfg.trainer.iterations, split=split)
+                                         self.normalizer, self.spec.cadence.iterations, split=split)
         self.dist.barrier()
         return out
 
@@ -384,74 +386,83 @@ class Run:
 def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed: str | None = None,
               optimizer: bool = True) -> Run:
     """Open a run for a recipe: checks, data, rewards, policy, step 0 (or the checkpoint), normalisation,
-    logger; the :class:`Run` closes what it opened when the recipe's ``with`` block ends.
+    logger; the :class:`Run` closes what it opened when the recipe's ``with`` block ends. The config is
+    read here, once (:func:`meal.harness.settings.read_run_spec`); nothing below takes it.
     ``condition_factory(template, objectives, tokenizer)`` builds how preferences are written into prompts
     (default: :class:`~meal.policy.rollout.Conditioner`, the step-4 template). ``embed`` (policy | minilm): also the
     frozen embeddings of the training prompts (``run.embeddings``, (M, D)), taken from the policy as loaded,
     before step 0 or a checkpoint changes its weights. ``optimizer``: build the policy's step-10 engine
     (``run.optimizer``); a recipe that trains with another trainer (TRL's) or another model asks for none."""
+    from meal.harness.settings import read_run_spec
+
+    return open_run(read_run_spec(cfg), condition_factory, embed, optimizer)
+
+
+def open_run(spec: RunSpec, condition_factory: Callable | None = None, embed: str | None = None,
+             optimizer: bool = True) -> Run:
+    """:func:`start_run` from the run's settings."""
     from meal.harness.conditioning import (StagePolicy, condition_policy, conditioning_budget, read_conditioning,
                                            record_conditioning)
     from meal.harness.distributed import Dist, deepspeed_config, make_policy_optimizer
-    from meal.harness.report import (Report, generation_settings, open_logger, report_settings, seed_everything,
-                                     training_sampler)
-    from meal.harness.tracking import NullLogger
+    from meal.harness.report import Report, seed_everything
+    from meal.harness.settings import training_sampler
+    from meal.harness.tracking import NullLogger, open_logger
     from meal.policy.model import load_policy, resolve_device, resolve_dtype, trainable_parameters
-    from meal.policy.rollout import Conditioner, PromptOrder, reward_statistics
+    from meal.policy.rollout import ConditionedPolicy, Conditioner, PromptOrder, reward_statistics
 
-    t, task = cfg.trainer, cfg.task
+    t, task, policy_cfg = spec.trainer, spec.task, spec.policy
     dist = Dist()
-    if t.batch_size % dist.world:
-        raise ConfigError(f"trainer.batch_size: {t.batch_size} does not split over {dist.world} processes")
+    if spec.batch_size % dist.world:
+        raise ConfigError(f"trainer.batch_size: {spec.batch_size} does not split over {dist.world} processes")
     if t.replay % dist.world:
         raise ConfigError(f"trainer.replay: {t.replay} rows do not split over {dist.world} processes")
-    run_dir = t.out_dir
-    ckpt = resume_point(cfg)  # a new run, or the checkpoint to resume (config compared field by field)
-    check_policy_source(cfg.policy)
-    device_name = str(dist.device) if dist.device is not None and cfg.policy.device == "auto" else cfg.policy.device
-    replayed = t.replay if cfg.conditioning.enabled else 0  # rows the real step adds (a run without the stage has none)
-    ds_config = deepspeed_config(t, dist, resolve_dtype(cfg.policy.dtype, resolve_device(device_name)), replayed)
-    seed_everything(t.seed + dist.rank)  # sampling differs per rank; prompt order and w* draws do not
-    data = load_task_data(cfg)
+    run_dir = spec.run_dir
+    ckpt = resume_point(run_dir, spec.resume, spec.resolved)  # a new run, or the checkpoint to resume
+    check_policy_source(policy_cfg)
+    device_name = str(dist.device) if dist.device is not None and policy_cfg.device == "auto" else policy_cfg.device
+    ds_config = deepspeed_config(t, dist, resolve_dtype(policy_cfg.dtype, resolve_device(device_name)),
+                                 spec.replay_rows)
+    seed_everything(spec.seed + dist.rank)  # sampling differs per rank; prompt order and w* draws do not
+    data = load_task_data(task)
     objectives = list(task.objectives)
-    reward_set = build_rewards(cfg)  # each reward tried on dummy responses before the policy loads
+    reward_set = build_rewards(spec.rewards, objectives)  # each reward tried on dummy responses before the policy
     if dist.main and ckpt is None:
-        write_run_config(run_dir, cfg)
-    model, tok = load_policy(cfg.policy, len(objectives), device=device_name)
+        write_run_config(run_dir, spec.config_yaml)
+    model, tok = load_policy(policy_cfg, len(objectives), device=device_name)
     params = trainable_parameters(model)
     dist.broadcast(params.values())  # one starting point: LoRA's random init drew from each rank's own seed
     condition = (condition_factory or Conditioner)(task.template, objectives, tok)
-    settings = replace(generation_settings(cfg), sampler=training_sampler(cfg, dist.rank, dist.world))
+    settings = replace(spec.generation, sampler=training_sampler(spec.vllm, dist.rank, dist.world))
     train_texts = [e.text for e in data.train]
     if dist.main:
         log_cut_prompts(condition, train_texts + [e.text for e in data.test + data.validation], len(objectives),
-                        tok, t.max_prompt_tokens)
+                        tok, spec.max_prompt_tokens)
     embeddings = None
     if embed is not None:
         from meal.policy.embeddings import embed_prompts
 
         embeddings = embed_prompts(embed, model, tok, train_texts)
     conditioning = None
-    if ckpt is None and cfg.conditioning.enabled:
+    if ckpt is None and spec.stage is not None:
         # 0. the conditioning stage (cached, shared by every run of the task): the policy learns to
         #    follow its preference; the statistics of its scored corpus become the run's. It runs
         #    before any optimiser is built, whose own copy of the weights (DeepSpeed's fp32 master)
         #    must start from the conditioned ones
         stage = StagePolicy(model, params, condition, settings)
-        conditioning = condition_policy(cfg, data, stage, reward_set, run_dir,
-                                        lambda folder: open_logger(cfg, folder, False, stage=True), dist)
+        conditioning = condition_policy(spec.stage, data, stage, reward_set, run_dir,
+                                        lambda folder: open_logger(spec.logger, folder, False, stage=True), dist)
     # the policy's optimiser (step 10's engine; a collective under DeepSpeed), built before any sampling
     # as a DeepSpeed launch needs it
     policy_optimizer = make_policy_optimizer(model, params, t, dist, ds_config) if optimizer else None
-    report = Report(run_dir, report_settings(cfg), objectives)
-    order = PromptOrder(len(train_texts), t.seed)
-    draws = np.random.default_rng(t.seed)
+    report = Report(run_dir, spec.report, objectives)
+    order = PromptOrder(len(train_texts), spec.seed)
+    draws = np.random.default_rng(spec.seed)
     stats_path = os.path.join(run_dir, "reward_stats.json")
     state, start, budget = None, 0, Budget()  # the online stage's cost (the conditioning stage's is apart)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, params, None, rank=dist.rank, trust=t.trust_run)
+        state = load_checkpoint(ckpt, params, None, rank=dist.rank, trust=spec.resume.trust_run)
         if dist.main:  # the launch is good: now the run's record may say so
-            write_run_config(run_dir, cfg)
+            write_run_config(run_dir, spec.config_yaml)
             dropped = report.jsonl.truncate_after(state["step"])
             if dropped:
                 log.info("metrics.jsonl: dropped %d record(s) past the checkpoint's step %d (done again now)",
@@ -459,7 +470,7 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
         if len(state["rng"]) != dist.world:
             log.warning("the checkpoint was written by %d processes, this launch has %d: sampling does not "
                         "continue the saved random streams exactly", len(state["rng"]), dist.world)
-        order = PromptOrder(len(train_texts), t.seed, **state["order"])
+        order = PromptOrder(len(train_texts), spec.seed, **state["order"])
         draws.bit_generator.state = state["numpy_draws"]
         start = state["step"]
         budget = Budget.from_dict(state.get("budget"))
@@ -472,13 +483,14 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
             normalizer.save(stats_path, {"source": "conditioning corpus", "stage": conditioning.folder})
             record_conditioning(run_dir, conditioning)
     else:
-        normalizer = reward_statistics(cfg, model, condition, train_texts, settings, reward_set)
+        p = spec.norm_pass
+        normalizer = reward_statistics(p, ConditionedPolicy(model, condition), train_texts, settings, reward_set)
         if dist.main:
-            normalizer.save(stats_path, {"source": "normalisation pass", "prompts": t.norm_prompts,
-                                         "samples_per_prompt": t.norm_samples, "seed": t.norm_seed})
+            normalizer.save(stats_path, {"source": "normalisation pass", "prompts": p.prompts,
+                                         "samples_per_prompt": p.draws.samples, "seed": p.draws.seed})
     report.budgets = {"online": budget, "conditioning": conditioning_budget(conditioning)}
-    logger = open_logger(cfg, run_dir, resume=ckpt is not None) if dist.main else NullLogger()
-    return Run(cfg=cfg, dist=dist, run_dir=run_dir, data=data, objectives=objectives, reward_set=reward_set,
+    logger = open_logger(spec.logger, run_dir, resume=ckpt is not None) if dist.main else NullLogger()
+    return Run(spec=spec, dist=dist, run_dir=run_dir, data=data, objectives=objectives, reward_set=reward_set,
                normalizer=normalizer, model=model, tokenizer=tok, params=params, condition=condition, settings=settings,
                conditioning=conditioning, report=report, logger=logger, order=order, draws=draws, budget=budget,
                optimizer=policy_optimizer, embeddings=embeddings, checkpoint=ckpt, state=state, start=start)

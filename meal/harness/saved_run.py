@@ -124,8 +124,9 @@ def evaluate_run(run_dir: str, options: EvalOptions | None = None) -> dict[str, 
 
     from meal.evaluation.front import FrontSpec, evaluate_front, preference_grid
     from meal.harness.checkpoint import load_policy_weights
-    from meal.harness.report import eval_texts, front_provenance, generation_settings, publish_front, run_provenance
+    from meal.harness.report import front_provenance, publish_front
     from meal.harness.run import build_rewards, load_task_data
+    from meal.harness.settings import eval_texts, generation_settings, run_provenance
     from meal.policy.model import load_policy, trainable_parameters
     from meal.policy.rollout import Scoring
     from meal.rewards import RewardNormalizer
@@ -137,8 +138,9 @@ def evaluate_run(run_dir: str, options: EvalOptions | None = None) -> dict[str, 
     cfg, folder = read_run(run_dir, checkpoint, untrained, trust)
     objectives = list(cfg.task.objectives)
     normalizer = RewardNormalizer.load(os.path.join(run_dir, "reward_stats.json"), objectives)
-    data = load_task_data(cfg)
-    reward_set = build_rewards(cfg)  # a reward module that cannot be imported is named here, before the policy
+    data = load_task_data(cfg.task)
+    # a reward module that cannot be imported is named here, before the policy
+    reward_set = build_rewards(to_container(cfg.rewards), objectives)
     if not data.split(split):
         raise ConfigError(f"split: {run_dir}'s task holds no {split} prompts (task.validation_prompts = "
                           f"{cfg.task.validation_prompts})")

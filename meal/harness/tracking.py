@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,28 @@ class WandbLogger(NullLogger):
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+@dataclass(frozen=True)
+class LoggerSpec:
+    """The run's tracker: ``target`` (the ``logger`` node, ``_target_`` and its fields, as a plain dict),
+    the config it records (``record``) and its name (``name``; the conditioning stage's own run:
+    ``stage_name``)."""
+
+    target: dict
+    record: dict
+    name: str
+    stage_name: str
+
+
+def open_logger(spec: LoggerSpec, run_dir: str, resume: bool, stage: bool = False) -> NullLogger:
+    """Instantiate the run's tracker (``logger._target_``) and start it. ``stage``: the conditioning stage's
+    own run (its ``warmup/*`` metrics have their own steps; it is shared by every run of the task)."""
+    from hydra.utils import instantiate
+
+    logger = instantiate(spec.target)
+    logger.start(run_dir, spec.record, spec.stage_name if stage else spec.name, resume)
+    return logger
 
 
 class JsonlWriter:

@@ -74,14 +74,14 @@ def load_into(params: dict[str, torch.Tensor], path: str, saved: dict[str, torch
             p.copy_(saved[n].to(p.dtype))
 
 
-def train_policies(run: Run, prefs: list[list[float]]) -> None:
+def train_policies(cfg, run: Run, prefs: list[list[float]]) -> None:
     """Steps 0-3 for each preference of ``prefs``: GRPO on w . R from the common start, one saved policy
-    each (``policies/<i>.safetensors``); policies already saved (a resumed run) are kept. Shared with
-    Rewarded Soups, whose policies are the ones at the K one-hot preferences."""
+    each (``policies/<i>.safetensors``), with the trainer, method and task settings of ``cfg``; policies
+    already saved (a resumed run) are kept. Shared with Rewarded Soups, whose policies are the ones at the K
+    one-hot preferences."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    cfg = run.cfg
     t, m = cfg.trainer, cfg.method
     if run.dist.world > 1:
         raise ConfigError(f"method={m.recipe}: one process only (launch without accelerate's data parallelism); "

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from meal.config import ConfigError, knob, need
+from meal.harness.conditioning import ReplaySet
 from meal.harness.distributed import AdamWStep
 from meal.harness.profiling import PhaseMeter
 from meal.harness.run import Run, start_run
@@ -200,8 +201,8 @@ def train(cfg) -> dict[str, Any]:
             #     rows of the conditioning stage with their labels at weight 1
             labels = learner.labels(idx, w_star, kept)
             c = learner.weights(idx, w_star, kept)
-            batch, c = with_replay(run, labelled_batch(handle, texts, ro.texts, ro.finished, kept, labels), c, replay,
-                                   replay_order)
+            batch, c = with_replay(run, labelled_batch(handle, texts, ro.texts, ro.finished, kept, labels), c,
+                                   Replay(replay, replay_order, t.replay, t.max_prompt_tokens))
             if dist.mean(float(kept.ok.any())) == 0:  # every response of the batch degenerate: no step at all
                 log.warning("iteration %d: every sampled response was empty or looping; no step taken", it + 1)
                 loss, grad_norm = 0.0, 0.0
@@ -223,7 +224,7 @@ def train(cfg) -> dict[str, Any]:
             metrics["train/processes"] = dist.world
             metrics["train/replay_rows"] = len(batch) - len(kept.src)
             # a non-finite loss stops the run here; then log, checkpoint, periodic evaluation
-            run.end_iteration(step, t.iterations, loss, metrics, optimizer, responder=policy,
+            run.end_iteration(step, t.iterations, metrics, optimizer, responder=policy,
                               table=(texts, w_tilde, ro), net=net,
                               replay_order=replay_order.state, **(learner.state() if net is not None else {}))
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, **run.report.last}
@@ -240,16 +241,27 @@ def keep_best(ro: Rollout, w_tilde: torch.Tensor, valid: torch.Tensor, top_m: in
     return Kept(rows.reshape(-1), ro.rewards[rows, keep].reshape(-1, k), ok.reshape(-1), keep.reshape(-1))
 
 
-def with_replay(run: Run, kept: SFTBatch, c: torch.Tensor, replay, order: PromptOrder) -> tuple[SFTBatch, torch.Tensor]:
+@dataclass
+class Replay:
+    """Step 10's rows of the conditioning stage (``rows``, None: the run has no stage): ``count`` a step
+    (``trainer.replay``, global), drawn by ``order``, cut to ``max_prompt_tokens``."""
+
+    rows: ReplaySet | None
+    order: PromptOrder
+    count: int
+    max_prompt_tokens: int
+
+
+def with_replay(run: Run, kept: SFTBatch, c: torch.Tensor, replay: Replay) -> tuple[SFTBatch, torch.Tensor]:
     """The real step's batch: the kept responses (weights ``c``), then ``trainer.replay`` rows of the
     conditioning stage with their labels (weight 1 each)."""
-    if replay is None:
+    if replay.rows is None:
         return kept, c
-    pos = run.dist.shard(order.next(run.cfg.trainer.replay))
-    w_rep = replay.labels[pos]
-    other = build_batch(run.tokenizer, run.condition([replay.texts[i] for i in pos], w_rep),
-                        [replay.responses[i] for i in pos], [replay.finished[i] for i in pos],
-                        run.cfg.trainer.max_prompt_tokens, prefs=w_rep)
+    rows, pos = replay.rows, run.dist.shard(replay.order.next(replay.count))
+    w_rep = rows.labels[pos]
+    other = build_batch(run.tokenizer, run.condition([rows.texts[i] for i in pos], w_rep),
+                        [rows.responses[i] for i in pos], [rows.finished[i] for i in pos],
+                        replay.max_prompt_tokens, prefs=w_rep)
     return concat_batches(kept, other, run.tokenizer.pad_token_id), torch.cat([c, torch.ones(len(pos))])
 
 

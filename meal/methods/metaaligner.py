@@ -321,7 +321,7 @@ def train(cfg) -> dict[str, Any]:
             step = it + 1
             metrics = {"train/loss": loss, f"metaaligner/loss_{stage}": loss, "train/grad_norm": grad_norm,
                        "metaaligner/stage": float(STAGES.index(stage)), "time/iteration": time.perf_counter() - tic}
-            run.end_iteration(step, len(schedule), loss, metrics, optimizer, net=bag)
+            run.end_iteration(step, len(schedule), metrics, optimizer, net=bag)
         corrector.eval()
         summary = {"run_dir": run.run_dir, "steps": len(schedule), **run.report.last}
         if t.final_eval:
@@ -342,7 +342,7 @@ def zero_shot_table(cfg, corrected: Corrected, test, normalizer, out_dir: str, p
     (b) each zero-shot objective alone, (c) all of them. Writes zero_shot.json and zero_shot.md."""
     from omegaconf import OmegaConf
 
-    from meal.harness.report import eval_texts, generation_settings
+    from meal.harness.settings import eval_texts, generation_settings
     from meal.rewards import RewardSet
 
     trained = list(cfg.task.objectives)

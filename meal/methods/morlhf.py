@@ -100,7 +100,7 @@ def train(cfg) -> dict[str, Any]:
     t = cfg.trainer
     with start_run(cfg, optimizer=False) as run:  # GRPO brings its own
         grid = preference_grid(len(run.objectives), cfg.method.grid_points)
-        train_policies(run, grid)  # 1-3 for each preference of the grid
+        train_policies(cfg, run, grid)  # 1-3 for each preference of the grid
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, "policies": len(grid)}
         if t.final_eval:
             summary.update(run.evaluate(responder(cfg, run.model, run.tokenizer, run.run_dir)))  # at its own grid

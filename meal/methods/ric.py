@@ -201,7 +201,7 @@ def train(cfg) -> dict[str, Any]:
                 metrics[f"reward/{name}"] = ro.raw[..., j].mean().item()
                 metrics[f"reward_norm/{name}"] = ro.rewards[..., j].mean().item()
                 metrics[f"ric/threshold/{name}"] = thresholds[j].item()
-            run.end_iteration(step, t.iterations, loss, metrics, optimizer, responder=evaluated,
+            run.end_iteration(step, t.iterations, metrics, optimizer, responder=evaluated,
                               table=(texts, desired, ro))
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, **run.report.last}
         if t.final_eval:

@@ -145,7 +145,7 @@ def train(cfg) -> dict[str, Any]:
     """One GRPO expert per objective from the common start; the soup's front over the whole grid."""
     t = cfg.trainer
     with start_run(cfg, optimizer=False) as run:  # GRPO brings its own
-        train_policies(run, one_hot(len(run.objectives)))  # 1. the experts, w = e_k
+        train_policies(cfg, run, one_hot(len(run.objectives)))  # 1. the experts, w = e_k
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, "experts": len(run.objectives)}
         if t.final_eval:
             summary.update(run.evaluate(responder(cfg, run.model, run.tokenizer, run.run_dir)))

@@ -215,36 +215,44 @@ def fit_normalizer(policy: ConditionedPolicy, texts: Sequence[str], settings: Ge
     return norm
 
 
-def statistics_key(cfg) -> dict:
-    """What the reward statistics depend on: policy, data, template, rewards, sampling and the pass."""
-    from omegaconf import OmegaConf
-
-    t = cfg.trainer
-    c = OmegaConf.to_container(cfg, resolve=True)
+def statistics_key(c: dict) -> dict:
+    """What the reward statistics depend on: policy, data, template, rewards, sampling and the pass
+    (``c``: the run's resolved config)."""
+    t = c["trainer"]
     return {"policy": [c["policy"]["name_or_path"], c["policy"]["gguf_file"]], "data": c["task"]["data"],
             "template": c["task"]["template"], "max_new_tokens": c["task"]["max_new_tokens"],
             "rewards": {o: c["rewards"][o] for o in c["task"]["objectives"]},
-            "sampling": [t.top_p, t.top_k, t.temperature, t.dirichlet_alpha],
-            "pass": [t.norm_prompts, t.norm_samples, t.norm_seed]}
+            "sampling": [t["top_p"], t["top_k"], t["temperature"], t["dirichlet_alpha"]],
+            "pass": [t["norm_prompts"], t["norm_samples"], t["norm_seed"]]}
 
 
-def reward_statistics(cfg, model, condition: Conditioner, train_texts: Sequence[str], settings: GenerationSettings,
-                      reward_set: RewardSet) -> RewardNormalizer:
+@dataclass(frozen=True)
+class NormalisationPass:
+    """The scoring pass that fits a run's reward statistics when it has no conditioning stage:
+    ``prompts`` training prompts (chosen by ``draws.seed``) with ``draws``; ``cache`` (``trainer.stats_cache``,
+    None: no cache) holds its result under a hash of ``key`` (:func:`statistics_key`)."""
+
+    prompts: int
+    draws: Draws
+    cache: str | None
+    key: dict
+
+
+def reward_statistics(norm_pass: NormalisationPass, policy: ConditionedPolicy, train_texts: Sequence[str],
+                      settings: GenerationSettings, reward_set: RewardSet) -> RewardNormalizer:
     """Statistics of the scoring pass, read from ``trainer.stats_cache`` when the same key was seen.
 
     The pass uses ``trainer.norm_seed`` (not the training seed), so that every run of a task,
     whatever its method or seed, shares one normalisation and fronts compare in the same units.
     """
-    t = cfg.trainer
-    key = statistics_key(cfg)
+    key, cache = norm_pass.key, norm_pass.cache
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = os.path.join(os.path.expanduser(t.stats_cache), f"{digest}.json") if t.stats_cache else None
+    path = os.path.join(os.path.expanduser(cache), f"{digest}.json") if cache else None
     if path and os.path.exists(path):
         log.info("reward statistics from the cache %s", path)
-        return RewardNormalizer.load(path, condition.objectives)
-    order = np.random.default_rng(t.norm_seed).permutation(len(train_texts))[:t.norm_prompts]
-    norm = fit_normalizer(ConditionedPolicy(model, condition), [train_texts[i] for i in order], settings, reward_set,
-                          Draws(t.norm_samples, t.dirichlet_alpha, t.norm_seed))
+        return RewardNormalizer.load(path, policy.objectives)
+    order = np.random.default_rng(norm_pass.draws.seed).permutation(len(train_texts))[:norm_pass.prompts]
+    norm = fit_normalizer(policy, [train_texts[i] for i in order], settings, reward_set, norm_pass.draws)
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         norm.save(path, {"key": key})
