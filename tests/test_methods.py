@@ -105,7 +105,9 @@ def test_a_method_config_that_contradicts_itself_names_the_field(tiny_llama, tmp
 def test_morlhf_reward_functions_give_w_dot_r_on_hand_made_scores():
     """TRL sums reward_weights[k] * reward_k: with MORLHF's reward functions that is w . R of the normalised
     rewards, and the reward set is scored once for all K functions."""
+    from meal.harness.budget import Budget
     from meal.methods.grpo import ScoreCache
+    from meal.policy.rollout import Scoring
     from meal.rewards import RewardNormalizer
 
     calls = []
@@ -117,14 +119,12 @@ def test_morlhf_reward_functions_give_w_dot_r_on_hand_made_scores():
             calls.append(len(responses))
             return torch.tensor([[1.0, 4.0], [3.0, 0.0]])
 
-    class FakeRun:
-        budget = __import__("meal.harness.budget", fromlist=["Budget"]).Budget()
+    def tokenizer(text, add_special_tokens=False):
+        return {"input_ids": text.split()}
 
-        @staticmethod
-        def tokenizer(text, add_special_tokens=False):
-            return {"input_ids": text.split()}
-
-    cache = ScoreCache(Fixed(), RewardNormalizer(mean=[1.0, 2.0], std=[2.0, 2.0], objectives=["a", "b"]), FakeRun())
+    budget = Budget()
+    normalizer = RewardNormalizer(mean=[1.0, 2.0], std=[2.0, 2.0], objectives=["a", "b"])
+    cache = ScoreCache(Scoring(Fixed(), normalizer), tokenizer, budget)
     fa, fb = cache.reward_function(0, "a"), cache.reward_function(1, "b")
     w = [0.25, 0.75]
     ra = fa(prompts=["p", "q"], completions=["x y", "z"], text=["t", "u"])
@@ -132,7 +132,7 @@ def test_morlhf_reward_functions_give_w_dot_r_on_hand_made_scores():
     assert ra == [0.0, 1.0] and rb == [1.0, -1.0]  # (raw - mean) / std
     assert [w[0] * x + w[1] * y for x, y in zip(ra, rb)] == [0.75, -0.5]
     assert calls == [2]  # one scoring pass for both reward functions
-    assert FakeRun.budget.responses == 2 and FakeRun.budget.tokens == 3 and FakeRun.budget.reward_calls == 4
+    assert budget.responses == 2 and budget.tokens == 3 and budget.reward_calls == 4
 
 
 def test_morlhf_trains_one_grpo_policy_per_preference_and_evaluates_each_at_its_own(tiny_llama, tmp_path):

@@ -215,7 +215,7 @@ def test_the_run_closes_its_logger_and_sampler_however_the_recipe_ends():
     calls = []
     rec = SimpleNamespace(finish=lambda code: calls.append(("finish", code)), close=lambda: calls.append("close"))
     run = object.__new__(Run)
-    run.logger, run.settings = rec, SimpleNamespace(sampler=rec)
+    run.logger, run.policy = rec, SimpleNamespace(settings=SimpleNamespace(sampler=rec))
     with pytest.raises(KeyboardInterrupt):
         with run:
             raise KeyboardInterrupt

@@ -114,10 +114,10 @@ def toy_method():
     def train(cfg):
         with start_run(cfg) as run:  # the harness opens and closes everything
             with torch.no_grad():
-                for p in run.params.values():
+                for p in run.policy.params.values():
                     p.add_(cfg.method.scale)
-            run.save(1, run.optimizer)
-            return {"run_dir": run.run_dir, **run.evaluate(responder(cfg, run.model, run.tokenizer))}
+            run.save(1, run.policy.optimizer)
+            return {"run_dir": run.run_dir, **run.evaluate(responder(cfg, run.policy.model, run.policy.tokenizer))}
 
     method = methods.register(methods.Method("toy", ToyConfig, train, responder, check))
     yield method

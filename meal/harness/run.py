@@ -242,44 +242,58 @@ def log_cut_prompts(condition, texts: list[str], num_objectives: int, tokenizer,
 
 
 @dataclass(kw_only=True)
-class Run:
-    """An opened run, as every method's recipe starts it (:func:`start_run`), built by keyword.
+class PolicyParts:
+    """What the recipe trains: ``model`` (its trainable tensors ``params``, by name), ``tokenizer``, how a
+    preference is written into a prompt (``condition``), how it samples (``settings``: the training
+    rollouts' sampling, with the vLLM sampler when ``generation.backend=vllm``) and, where the recipe asked
+    for them, the policy's step-10 engine (``optimizer``: AdamW, or DeepSpeed ZeRO under a DeepSpeed launch)
+    and the frozen embeddings of the training prompts (``embeddings``, (M, D))."""
 
-    ``spec`` is what the harness read of the run's config (:func:`meal.harness.settings.read_run_spec`).
-    What the recipe trains: ``model`` (its trainable tensors ``params``, by name), ``tokenizer``, how a
-    preference is written into a prompt (``condition``), how it samples (``settings``) and, where the
-    recipe asked for it, the policy's step-10 engine (``optimizer``: AdamW, or DeepSpeed ZeRO under a
-    DeepSpeed launch; None otherwise) and the frozen embeddings of the training prompts (``embeddings``).
-    What it is scored with: ``reward_set`` and ``normalizer``. Where it stands: ``state`` is the
-    checkpoint's saved state when the run resumes (the policy's weights are already restored, the random
-    streams continue when :meth:`iterations` starts; the recipe restores what it owns, e.g. its optimiser),
-    else None; ``order`` and ``draws`` the prompt order and the numpy draws (preferences), ``budget`` the
-    online stage's cost so far, ``start`` the iteration to start at.
-    """
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    params: dict[str, torch.Tensor]
+    condition: Conditioner
+    settings: GenerationSettings
+    optimizer: PolicyOptimizer | None = None
+    embeddings: torch.Tensor | None = None
+
+
+@dataclass(kw_only=True)
+class Progress:
+    """Where the run stands: the prompt order (``order``) and the numpy draws (``draws``: preferences), the
+    online stage's cost so far (``budget``), the iteration to start at (``start``); when the run resumes,
+    the checkpoint folder (``checkpoint``) and its saved state (``state``: the policy's weights are already
+    restored, the random streams continue when :meth:`Run.iterations` starts; the recipe restores what it
+    owns, e.g. its optimiser), else None."""
+
+    order: PromptOrder
+    draws: np.random.Generator
+    budget: Budget
+    start: int = 0
+    checkpoint: str | None = None
+    state: dict | None = None
+
+
+@dataclass(kw_only=True)
+class Run:
+    """An opened run, as every method's recipe starts it (:func:`start_run`), built by keyword from a few
+    typed parts: what the harness read of the config (``spec``, :func:`meal.harness.settings.read_run_spec`),
+    the processes (``dist``), the run folder, the task's data and objectives, what responses are scored by
+    (``scoring``: rewards and normalisation), the policy (:class:`PolicyParts`), where the run stands
+    (:class:`Progress`), the conditioning stage's record (``conditioning``, None without one), and what
+    it shows (``report``, ``logger``)."""
 
     spec: RunSpec
     dist: Dist
     run_dir: str
     data: TaskData
     objectives: list[str]
-    reward_set: RewardSet
-    normalizer: RewardNormalizer
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    params: dict[str, torch.Tensor]
-    condition: Conditioner
-    settings: GenerationSettings
+    scoring: Scoring
+    policy: PolicyParts
+    progress: Progress
     conditioning: ConditionedStart | None
     report: Report
     logger: NullLogger  # or a subclass (WandbLogger)
-    order: PromptOrder
-    draws: np.random.Generator
-    budget: Budget
-    optimizer: PolicyOptimizer | None = None
-    embeddings: torch.Tensor | None = None
-    checkpoint: str | None = None
-    state: dict | None = None
-    start: int = 0
 
     def __enter__(self) -> "Run":
         return self
@@ -290,15 +304,8 @@ class Run:
         try:
             self.logger.finish(0 if kind is None else 1)
         finally:
-            if self.settings.sampler is not None:
-                self.settings.sampler.close()
-
-    @property
-    def scoring(self) -> Scoring:
-        """What the run's responses are scored by: its rewards and its normalisation."""
-        from meal.policy.rollout import Scoring
-
-        return Scoring(self.reward_set, self.normalizer)
+            if self.policy.settings.sampler is not None:
+                self.policy.settings.sampler.close()
 
     @property
     def train_texts(self) -> list[str]:
@@ -308,22 +315,23 @@ class Run:
         """The iterations left of ``total`` (default ``trainer.iterations``), under a progress bar. A resumed
         run's random streams continue from the checkpoint here, after the recipe's own set-up (which may
         draw from them)."""
-        if self.state is not None:
-            saved = self.state["rng"]
+        if self.progress.state is not None:
+            saved = self.progress.state["rng"]
             set_rng_state(saved[self.dist.rank if self.dist.rank < len(saved) else 0])
-        return self.report.progress(self.start, total or self.spec.cadence.iterations, show=self.dist.main)
+        return self.report.progress(self.progress.start, total or self.spec.cadence.iterations, show=self.dist.main)
 
     def save(self, step: int, optimizer, net: torch.nn.Module | None = None, **state: Any) -> None:
         """Checkpoint ``step``: the policy's trainable weights (and ``net``), the optimiser, prompt order,
         draws, budget, every rank's random state and the recipe's own ``state``. A collective."""
         dist = self.dist
-        dist.check_same(list(self.params.values()) + (list(net.parameters()) if net is not None else []))
+        dist.check_same(list(self.policy.params.values()) + (list(net.parameters()) if net is not None else []))
         opt_state = optimizer.state_dict()  # a collective under DeepSpeed (shards gathered on rank 0)
         rank_rng = dist.gather(rng_state())  # each rank samples from its own stream
         if dist.main:
-            save_checkpoint(self.run_dir, step, self.params, net, {
-                "optimizer": opt_state, "order": self.order.state, "numpy_draws": self.draws.bit_generator.state,
-                "budget": self.budget.as_dict(), **state}, keep=self.spec.cadence.keep_checkpoints, rng=rank_rng)
+            p = self.progress
+            save_checkpoint(self.run_dir, step, self.policy.params, net, {
+                "optimizer": opt_state, "order": p.order.state, "numpy_draws": p.draws.bit_generator.state,
+                "budget": p.budget.as_dict(), **state}, keep=self.spec.cadence.keep_checkpoints, rng=rank_rng)
         dist.barrier()
 
     def end_iteration(self, step: int, total: int, metrics: dict[str, float], optimizer, *, responder=None,
@@ -339,7 +347,7 @@ class Run:
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {step}: the training loss is {loss}; the last checkpoint in "
                                      f"{self.run_dir}/checkpoints is intact")
-        self.budget.seconds += metrics["time/iteration"]
+        self.progress.budget.seconds += metrics["time/iteration"]
         if self.dist.main:
             self.report.record(self.logger, metrics, step, every=t.log_every)
             if table is not None and t.table_every and step % t.table_every == 0:
@@ -351,11 +359,11 @@ class Run:
 
     def net_state(self) -> dict[str, torch.Tensor] | None:
         """The recipe's net as the checkpoint the run resumes from saved it (None for a new run)."""
-        if self.checkpoint is None:
+        if self.progress.checkpoint is None:
             return None
         from safetensors.torch import load_file
 
-        return load_file(os.path.join(self.checkpoint, "net.safetensors"))
+        return load_file(os.path.join(self.progress.checkpoint, "net.safetensors"))
 
     def load_net(self, net: torch.nn.Module) -> None:
         """The recipe's net from the checkpoint the run resumes from (no-op for a new run)."""
@@ -368,7 +376,8 @@ class Run:
         validation prompts (the test prompts where the task holds none out)."""
         if self.dist.main:
             prompts = self.data.validation or self.data.test
-            self.report.periodic_eval(self.logger, responder, prompts, self.reward_set, self.normalizer, step)
+            self.report.periodic_eval(self.logger, responder, prompts, self.scoring.reward_set,
+                                      self.scoring.normalizer, step)
         self.dist.barrier()
 
     def evaluate(self, responder) -> dict[str, Any]:
@@ -377,8 +386,8 @@ class Run:
         out: dict[str, Any] = {}
         if self.dist.main:
             split = self.spec.cadence.final_eval_split
-            out = self.report.final_eval(self.logger, responder, self.data.split(split), self.reward_set,
-                                         self.normalizer, self.spec.cadence.iterations, split=split)
+            out = self.report.final_eval(self.logger, responder, self.data.split(split), self.scoring.reward_set,
+                                         self.scoring.normalizer, self.spec.cadence.iterations, split=split)
         self.dist.barrier()
         return out
 
@@ -390,9 +399,9 @@ def start_run(cfg: DictConfig, condition_factory: Callable | None = None, embed:
     read here, once (:func:`meal.harness.settings.read_run_spec`); nothing below takes it.
     ``condition_factory(template, objectives, tokenizer)`` builds how preferences are written into prompts
     (default: :class:`~meal.policy.rollout.Conditioner`, the step-4 template). ``embed`` (policy | minilm): also the
-    frozen embeddings of the training prompts (``run.embeddings``, (M, D)), taken from the policy as loaded,
+    frozen embeddings of the training prompts (``run.policy.embeddings``, (M, D)), taken from the policy as loaded,
     before step 0 or a checkpoint changes its weights. ``optimizer``: build the policy's step-10 engine
-    (``run.optimizer``); a recipe that trains with another trainer (TRL's) or another model asks for none."""
+    (``run.policy.optimizer``); a recipe that trains with another trainer (TRL's) or another model asks for none."""
     from meal.harness.settings import read_run_spec
 
     return open_run(read_run_spec(cfg), condition_factory, embed, optimizer)
@@ -408,7 +417,7 @@ def open_run(spec: RunSpec, condition_factory: Callable | None = None, embed: st
     from meal.harness.settings import training_sampler
     from meal.harness.tracking import NullLogger, open_logger
     from meal.policy.model import load_policy, resolve_device, resolve_dtype, trainable_parameters
-    from meal.policy.rollout import ConditionedPolicy, Conditioner, PromptOrder, reward_statistics
+    from meal.policy.rollout import ConditionedPolicy, Conditioner, PromptOrder, Scoring, reward_statistics
 
     t, task, policy_cfg = spec.trainer, spec.task, spec.policy
     dist = Dist()
@@ -490,7 +499,9 @@ def open_run(spec: RunSpec, condition_factory: Callable | None = None, embed: st
                                          "samples_per_prompt": p.draws.samples, "seed": p.draws.seed})
     report.budgets = {"online": budget, "conditioning": conditioning_budget(conditioning)}
     logger = open_logger(spec.logger, run_dir, resume=ckpt is not None) if dist.main else NullLogger()
-    return Run(spec=spec, dist=dist, run_dir=run_dir, data=data, objectives=objectives, reward_set=reward_set,
-               normalizer=normalizer, model=model, tokenizer=tok, params=params, condition=condition, settings=settings,
-               conditioning=conditioning, report=report, logger=logger, order=order, draws=draws, budget=budget,
-               optimizer=policy_optimizer, embeddings=embeddings, checkpoint=ckpt, state=state, start=start)
+    return Run(spec=spec, dist=dist, run_dir=run_dir, data=data, objectives=objectives,
+               scoring=Scoring(reward_set, normalizer),
+               policy=PolicyParts(model=model, tokenizer=tok, params=params, condition=condition, settings=settings,
+                                  optimizer=policy_optimizer, embeddings=embeddings),
+               progress=Progress(order=order, draws=draws, budget=budget, start=start, checkpoint=ckpt, state=state),
+               conditioning=conditioning, report=report, logger=logger)

@@ -21,9 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from meal.config import ConfigError, need
+from meal.harness.budget import Budget
 from meal.harness.run import Run
 from meal.policy.preference_lora import preference_weights
-from meal.rewards import RewardNormalizer, RewardSet
+from meal.policy.rollout import Scoring
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,12 @@ def check_grpo(method, cfg) -> None:
 
 class ScoreCache:
     """The reward set on normalised units, scored once per batch of completions for all K reward functions;
-    counts what it scored (responses, tokens, reward calls) into the run's budget."""
+    counts what it scored (responses, tokens, reward calls, the completions' tokens by ``tokenizer``) into
+    ``budget``."""
 
-    def __init__(self, reward_set: RewardSet, normalizer: RewardNormalizer, run: Run):
-        self.reward_set, self.normalizer, self.run = reward_set, normalizer, run
+    def __init__(self, scoring: Scoring, tokenizer, budget: Budget):
+        self.reward_set, self.normalizer = scoring.reward_set, scoring.normalizer
+        self.tokenizer, self.budget = tokenizer, budget
         self._key: tuple | None = None
         self._value: torch.Tensor | None = None
 
@@ -48,8 +51,8 @@ class ScoreCache:
         key = (tuple(texts), tuple(completions))
         if key != self._key:
             raw = self.reward_set.score(list(texts), list(completions))  # (B, K)
-            tokens = sum(len(self.run.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions)
-            self.run.budget.add_sampling(len(completions), tokens, raw.shape[1])
+            tokens = sum(len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions)
+            self.budget.add_sampling(len(completions), tokens, raw.shape[1])
             self._key, self._value = key, self.normalizer(raw)
         return self._value
 
@@ -89,9 +92,9 @@ def train_policies(cfg, run: Run, prefs: list[list[float]]) -> None:
     start_file = os.path.join(run.run_dir, "policies", "start.safetensors")
     if not os.path.exists(start_file):  # 0. the common start, kept for every policy (and a resume)
         os.makedirs(os.path.dirname(start_file), exist_ok=True)
-        save_file({n: p.detach().contiguous().cpu() for n, p in run.params.items()}, start_file)
+        save_file({n: p.detach().contiguous().cpu() for n, p in run.policy.params.items()}, start_file)
     start = load_file(start_file)
-    scores = ScoreCache(run.reward_set, run.normalizer, run)
+    scores = ScoreCache(run.scoring, run.policy.tokenizer, run.progress.budget)
     texts = run.train_texts
     for i, w in enumerate(prefs):
         if os.path.exists(policy_file(run.run_dir, i)):
@@ -99,8 +102,8 @@ def train_policies(cfg, run: Run, prefs: list[list[float]]) -> None:
             continue
         tic = time.perf_counter()
         # 1. from the common start, conditioned on w
-        load_into(run.params, start_file, start)
-        data = Dataset.from_dict({"prompt": run.condition(texts, torch.tensor([w] * len(texts))), "text": texts})
+        load_into(run.policy.params, start_file, start)
+        data = Dataset.from_dict({"prompt": run.policy.condition(texts, torch.tensor([w] * len(texts))), "text": texts})
         # 2. GRPO on w . R
         args = GRPOConfig(
             output_dir=os.path.join(run.run_dir, "grpo", f"{i:02d}"), max_steps=t.iterations,
@@ -110,14 +113,15 @@ def train_policies(cfg, run: Run, prefs: list[list[float]]) -> None:
             beta=m.beta, reward_weights=list(w), seed=t.seed + i, data_seed=t.seed, logging_steps=1,
             save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
             disable_tqdm=not run.dist.main)
-        trainer = GRPOTrainer(model=run.model, args=args, train_dataset=data, processing_class=run.tokenizer,
+        trainer = GRPOTrainer(model=run.policy.model, args=args, train_dataset=data,
+                              processing_class=run.policy.tokenizer,
                               reward_funcs=[scores.reward_function(k, name) for k, name in enumerate(run.objectives)])
-        with preference_weights(run.model, torch.tensor([w])):
+        with preference_weights(run.policy.model, torch.tensor([w])):
             trainer.train()
-        run.budget.steps += trainer.state.global_step
-        run.budget.seconds += time.perf_counter() - tic
+        run.progress.budget.steps += trainer.state.global_step
+        run.progress.budget.seconds += time.perf_counter() - tic
         # 3. keep the policy, record its training, checkpoint
-        save_file({n: p.detach().contiguous().cpu() for n, p in run.params.items()}, policy_file(run.run_dir, i))
+        save_file({n: p.detach().contiguous().cpu() for n, p in run.policy.params.items()}, policy_file(run.run_dir, i))
         for entry in trainer.state.log_history:
             if "loss" in entry or "reward" in entry:
                 metrics = {f"grpo/{k}": v for k, v in entry.items() if isinstance(v, (int, float))}

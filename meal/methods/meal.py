@@ -154,10 +154,12 @@ def train(cfg) -> dict[str, Any]:
         if m.lam < 1 and t.batch_size // dist.world < 2:
             raise ConfigError(f"trainer.batch_size: Meal needs at least 2 prompts per process, got {t.batch_size} over "
                               f"{dist.world}")
-        policy = responder(cfg, run.model, run.tokenizer)
-        optimizer = run.optimizer
-        learner = build_learner(meta_settings(cfg), k, run.embeddings, net_shape(cfg), t.seed + 1)
-        handle = PolicyHandle(run.model, run.params, run.tokenizer, run.condition, optimizer, t.max_prompt_tokens)
+        lm = run.policy  # the language model: its tokenizer, trainable tensors, template, sampling, optimiser
+        budget, saved = run.progress.budget, run.progress.state  # saved: the checkpoint's state (a resume)
+        policy = responder(cfg, lm.model, lm.tokenizer)
+        optimizer = lm.optimizer
+        learner = build_learner(meta_settings(cfg), k, lm.embeddings, net_shape(cfg), t.seed + 1)
+        handle = PolicyHandle(lm.model, lm.params, lm.tokenizer, lm.condition, optimizer, t.max_prompt_tokens)
         if learner.learns and m.precondition == "adam" and not isinstance(optimizer, AdamWStep):
             log.warning("method.precondition=adam: the %s keeps AdamW's moments partitioned, so the virtual step is "
                         "preconditioned by the current inner gradient's scale (Adam's first-step scale) at every "
@@ -167,18 +169,18 @@ def train(cfg) -> dict[str, Any]:
             log.info("trainer.replay=%d: this run has no conditioning stage, so no rows to replay", t.replay)
         replay_order = PromptOrder(len(replay) if replay is not None else 0, t.seed + 2)
         net = getattr(learner, "net", None)  # Meal's preference-weight-net (also the frozen and shuffled controls')
-        if run.state is not None:
-            optimizer.load_state_dict(run.state["optimizer"])
+        if saved is not None:
+            optimizer.load_state_dict(saved["optimizer"])
             if net is not None:
-                learner.load(run.state, run.net_state())
-            replay_order = PromptOrder(replay_order.n, t.seed + 2, **(run.state.get("replay_order") or {}))
-        meter = PhaseMeter(next(run.model.parameters()).device)
+                learner.load(saved, run.net_state())
+            replay_order = PromptOrder(replay_order.n, t.seed + 2, **(saved.get("replay_order") or {}))
+        meter = PhaseMeter(next(lm.model.parameters()).device)
         texts_all = run.train_texts
         for it in run.iterations():
             tic = time.perf_counter()
             # 1. target preferences (B, K) for the global batch; this rank keeps its share
-            idx = run.order.next(t.batch_size)
-            w_star = draw_preferences(len(idx), k, t.dirichlet_alpha, run.draws, t.preference)
+            idx = run.progress.order.next(t.batch_size)
+            w_star = draw_preferences(len(idx), k, t.dirichlet_alpha, run.progress.draws, t.preference)
             idx, w_star = dist.shard(idx), torch.cat(dist.shard(list(w_star.split(1))))
             texts = [texts_all[i] for i in idx]
             learner.begin(it, len(idx))
@@ -186,8 +188,8 @@ def train(cfg) -> dict[str, Any]:
             w_phi = learner.propose(idx, w_star)
             w_tilde = dynamic_preference(w_star, w_phi, m.lam)
             # 4. rejection sampling: N responses each, scored, best valid one by w~ . R
-            ro = rollout(policy, Queries(texts, w_tilde, t.n_samples), run.settings, run.scoring, meter)
-            run.budget.add_sampling(t.batch_size * t.n_samples, round(dist.mean(ro.num_tokens) * dist.world), k)
+            ro = rollout(policy, Queries(texts, w_tilde, t.n_samples), lm.settings, run.scoring, meter)
+            budget.add_sampling(t.batch_size * t.n_samples, round(dist.mean(ro.num_tokens) * dist.world), k)
             valid = ~degenerate_mask(ro.texts, ro.finished)  # (B, N): an empty or looping response is never kept
             kept = keep_best(ro, w_tilde, valid, t.top_m)
             metrics: dict[str, float] = {}
@@ -196,7 +198,7 @@ def train(cfg) -> dict[str, Any]:
                 batch_it = IterationBatch(idx, texts, w_star, kept, ro.texts, ro.finished, ro.rewards, valid)
                 for _ in range(m.meta_updates):  # the same samples, no extra generation
                     metrics.update(learner.step(batch_it, handle, dist, meter))
-                    run.budget.meta_steps += 1
+                    budget.meta_steps += 1
             # 10. real update with the new, detached labels and weights (0 where nothing valid was kept), and
             #     rows of the conditioning stage with their labels at weight 1
             labels = learner.labels(idx, w_star, kept)
@@ -208,8 +210,8 @@ def train(cfg) -> dict[str, Any]:
                 loss, grad_norm = 0.0, 0.0
             else:
                 with meter.phase("real_step"):
-                    loss, grad_norm = policy_step(run.model, optimizer, batch, c, t.micro_batch_size, dist)
-                run.budget.steps += 1
+                    loss, grad_norm = policy_step(lm.model, optimizer, batch, c, t.micro_batch_size, dist)
+                budget.steps += 1
             step = it + 1
             metrics.update(run.report.iteration_metrics(ro, kept.rewards, w_star, w_phi if m.lam < 1 else None,
                                                      loss, grad_norm, c[:len(kept.src)]))
@@ -259,10 +261,10 @@ def with_replay(run: Run, kept: SFTBatch, c: torch.Tensor, replay: Replay) -> tu
         return kept, c
     rows, pos = replay.rows, run.dist.shard(replay.order.next(replay.count))
     w_rep = rows.labels[pos]
-    other = build_batch(run.tokenizer, run.condition([rows.texts[i] for i in pos], w_rep),
+    other = build_batch(run.policy.tokenizer, run.policy.condition([rows.texts[i] for i in pos], w_rep),
                         [rows.responses[i] for i in pos], [rows.finished[i] for i in pos],
                         replay.max_prompt_tokens, prefs=w_rep)
-    return concat_batches(kept, other, run.tokenizer.pad_token_id), torch.cat([c, torch.ones(len(pos))])
+    return concat_batches(kept, other, run.policy.tokenizer.pad_token_id), torch.cat([c, torch.ones(len(pos))])
 
 
 def concat_batches(a: SFTBatch, b: SFTBatch, pad_id: int) -> SFTBatch:

@@ -273,11 +273,11 @@ def train(cfg) -> dict[str, Any]:
         settings = corrector_settings(cfg)
         format_markers(objectives, settings.descriptions)  # every trained objective has its text
         data_path = os.path.join(run.run_dir, "metaaligner_data.jsonl")
-        if run.state is None:
+        if run.progress.state is None:
             # 1. Algorithm 1 on the scored corpus (pairs within each prompt group)
             corpus = run.conditioning.corpus
             rng = random.Random(t.seed)
-            rewards = run.normalizer(corpus.raw)
+            rewards = run.scoring.normalizer(corpus.raw)
             pref, equal = build_dataset(corpus.texts, corpus.responses, rewards, corpus.groups, m.tolerance, rng,
                                         corpus.finished)
             rows = {"warmup": warmup_rows(equal, m.warmup_steps * m.batch_size, rng), "equal": equal,
@@ -292,17 +292,17 @@ def train(cfg) -> dict[str, Any]:
                                   f"no such pairs at method.tolerance={m.tolerance}); set it to 0 or change the "
                                   f"tolerance")
         # 2. the corrector
-        corrector, ctok, cparams = load_corrector(cfg, str(next(run.model.parameters()).device))
+        corrector, ctok, cparams = load_corrector(cfg, str(next(run.policy.model.parameters()).device))
         bag = AdapterBag(cparams)
         from meal.harness.distributed import AdamWStep
 
         optimizer = AdamWStep(cparams, m.lr, t.weight_decay, t.max_grad_norm, dist)
-        if run.state is not None:
+        if run.progress.state is not None:
             run.load_net(bag)
-            optimizer.load_state_dict(run.state["optimizer"])
+            optimizer.load_state_dict(run.progress.state["optimizer"])
         schedule = [s for s, n in zip(STAGES, (m.warmup_steps, m.equal_steps, m.preference_steps)) for _ in range(n)]
         order = {s: np.random.default_rng([t.seed, i]).permutation(len(rows[s])) for i, s in enumerate(STAGES)}
-        seen = {s: schedule[:run.start].count(s) for s in STAGES}  # rows used so far by each stage
+        seen = {s: schedule[:run.progress.start].count(s) for s in STAGES}  # rows used so far by each stage
         corrector.train()
         # 3. three SFT stages: 3a warm-up (identity), 3b equal preference, 3c weak-to-strong correction
         for it in run.iterations(len(schedule)):
@@ -317,7 +317,7 @@ def train(cfg) -> dict[str, Any]:
                                 t.max_prompt_tokens)
             loss, grad_norm = policy_step(corrector, optimizer, batch, torch.ones(len(batch)), m.micro_batch_size,
                                           dist)
-            run.budget.steps += 1
+            run.progress.budget.steps += 1
             step = it + 1
             metrics = {"train/loss": loss, f"metaaligner/loss_{stage}": loss, "train/grad_norm": grad_norm,
                        "metaaligner/stage": float(STAGES.index(stage)), "time/iteration": time.perf_counter() - tic}
@@ -325,11 +325,11 @@ def train(cfg) -> dict[str, Any]:
         corrector.eval()
         summary = {"run_dir": run.run_dir, "steps": len(schedule), **run.report.last}
         if t.final_eval:
-            evaluated = Corrected(upstream_responder(cfg, run.model, run.tokenizer, m.stack_on), corrector, ctok,
-                                  settings)
+            upstream = upstream_responder(cfg, run.policy.model, run.policy.tokenizer, m.stack_on)
+            evaluated = Corrected(upstream, corrector, ctok, settings)
             summary.update(run.evaluate(evaluated))
             if m.zero_shot:
-                summary["zero_shot"] = zero_shot_table(cfg, evaluated, run.data.test, run.normalizer,
+                summary["zero_shot"] = zero_shot_table(cfg, evaluated, run.data.test, run.scoring.normalizer,
                                                        os.path.join(run.run_dir, "zero_shot"))
         return summary
 

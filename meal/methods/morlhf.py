@@ -103,7 +103,8 @@ def train(cfg) -> dict[str, Any]:
         train_policies(cfg, run, grid)  # 1-3 for each preference of the grid
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, "policies": len(grid)}
         if t.final_eval:
-            summary.update(run.evaluate(responder(cfg, run.model, run.tokenizer, run.run_dir)))  # at its own grid
+            # at its own grid
+            summary.update(run.evaluate(responder(cfg, run.policy.model, run.policy.tokenizer, run.run_dir)))
         return summary
 
 

@@ -138,27 +138,28 @@ def train(cfg) -> dict[str, Any]:
     t, m = cfg.trainer, cfg.method
     with start_run(cfg, functools.partial(ScoreConditioner, decimals=m.decimals)) as run:
         dist, k = run.dist, len(run.objectives)
-        evaluated = responder(cfg, run.model, run.tokenizer)  # w -> desired scores; what meal-eval rebuilds
+        # w -> desired scores; what meal-eval rebuilds
+        evaluated = responder(cfg, run.policy.model, run.policy.tokenizer)
         policy, scores = evaluated.policy, evaluated.scores  # the policy writes the scores it is given
-        optimizer = run.optimizer
+        optimizer, budget = run.policy.optimizer, run.progress.budget
         if getattr(optimizer, "engine", None) is not None:
             raise ConfigError("method=ric under DeepSpeed: the number of kept samples varies per iteration while "
                               "DeepSpeed fixes the micro-batches of a step; launch with plain data parallelism")
-        if run.state is not None:
-            optimizer.load_state_dict(run.state["optimizer"])
+        if run.progress.state is not None:
+            optimizer.load_state_dict(run.progress.state["optimizer"])
         corpus = run.conditioning.replay  # the offline rows, labelled with their own normalised rewards
-        sampling = dataclasses.replace(run.settings, temperature=m.sample_temperature)
+        sampling = dataclasses.replace(run.policy.settings, temperature=m.sample_temperature)
         texts_all = run.train_texts
         for it in run.iterations():
             tic = time.perf_counter()
             # 1. desired scores for this rank's share of the batch
-            idx = run.order.next(t.batch_size)
-            desired = scores.online_targets(len(idx), k, run.draws)
+            idx = run.progress.order.next(t.batch_size)
+            desired = scores.online_targets(len(idx), k, run.progress.draws)
             idx, desired = dist.shard(idx), torch.cat(dist.shard(list(desired.split(1))))
             texts = [texts_all[i] for i in idx]
             # 2. N samples each, scored
             ro = rollout(policy, Queries(texts, desired, t.n_samples), sampling, run.scoring)
-            run.budget.add_sampling(t.batch_size * t.n_samples, round(dist.mean(ro.num_tokens) * dist.world), k)
+            budget.add_sampling(t.batch_size * t.n_samples, round(dist.mean(ro.num_tokens) * dist.world), k)
             # 3. the quantile filter over the iteration's samples (valid ones only)
             valid = ~degenerate_mask(ro.texts, ro.finished)  # (B, N)
             flat = ro.rewards.reshape(-1, k)
@@ -176,7 +177,7 @@ def train(cfg) -> dict[str, Any]:
             if m.replay_filtered and len(rows):
                 passing = quantile_filter(corpus.labels, thresholds).nonzero().flatten().numpy()
                 if len(passing):
-                    pick = run.draws.choice(passing, size=len(rows), replace=len(passing) < len(rows))
+                    pick = run.progress.draws.choice(passing, size=len(rows), replace=len(passing) < len(rows))
                     prompts += [corpus.texts[i] for i in pick]
                     responses += [corpus.responses[i] for i in pick]
                     finished += [corpus.finished[i] for i in pick]
@@ -187,11 +188,11 @@ def train(cfg) -> dict[str, Any]:
             if dist.mean(float(len(responses) > 0)) == 0:
                 log.warning("iteration %d: no sample passed the filter; no step taken", it + 1)
             elif len(responses):
-                batch = build_batch(run.tokenizer, run.condition(prompts, labels), responses, finished,
+                batch = build_batch(run.policy.tokenizer, run.policy.condition(prompts, labels), responses, finished,
                                     t.max_prompt_tokens, prefs=labels)
-                loss, grad_norm = policy_step(run.model, optimizer, batch, torch.ones(len(batch)),
+                loss, grad_norm = policy_step(run.policy.model, optimizer, batch, torch.ones(len(batch)),
                                               t.micro_batch_size, dist)
-                run.budget.steps += 1
+                budget.steps += 1
             step = it + 1
             metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/kept": float(len(rows)),
                        "train/replay_rows": float(n_replay), "train/degenerate": (~valid).float().mean().item(),

@@ -148,7 +148,7 @@ def train(cfg) -> dict[str, Any]:
         train_policies(cfg, run, one_hot(len(run.objectives)))  # 1. the experts, w = e_k
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, "experts": len(run.objectives)}
         if t.final_eval:
-            summary.update(run.evaluate(responder(cfg, run.model, run.tokenizer, run.run_dir)))
+            summary.update(run.evaluate(responder(cfg, run.policy.model, run.policy.tokenizer, run.run_dir)))
         return summary
 
 
