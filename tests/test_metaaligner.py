@@ -180,3 +180,43 @@ def test_a_metaaligner_config_that_contradicts_itself_names_the_field(tiny_llama
         cfg[section][name] = v
     with pytest.raises(ConfigError, match=msg.replace(".", r"\.")):
         train(cfg)
+
+
+def test_metaaligner_under_accelerate_on_two_processes_trains_as_one_process(tiny_llama, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): each process trains on its half of every step's rows,
+    gradients averaged, the corrector's LoRA start broadcast from rank 0. The corpus (and so every stage's
+    rows) does not depend on the number of processes, so the losses and the trained corrector are the
+    single process's, up to the order of floating-point sums."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.test_cli import _accelerate_config, _launch, _rows, tiny_overrides
+
+    common = ["method=metaaligner", "method.batch_size=4", "method.micro_batch_size=2", "method.tolerance=0.1",
+              "method.warmup_steps=1", "method.equal_steps=1", "method.preference_steps=2", "method.corrector.lora.r=2",
+              "method.corrector.lora.alpha=4", "conditioning.pool_samples=2", "conditioning.steps=2",
+              "task.pool_instructions=['','Be brief.']", "trainer.final_eval=false", "trainer.save_every=2",
+              "task.descriptions={coverage:'the summary should cover the post',concise:'the summary should be brief'}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+
+    def tiny(out):  # the CLI tests' tiny run, less Meal's own knob
+        return [o for o in tiny_overrides(tiny_llama, out) if not o.startswith("method.")] + common
+
+    _launch([sys.executable, "-m", "meal.cli.train", *tiny(one)], tmp_path)
+    _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             _accelerate_config(tmp_path, "multi_gpu.yaml"), "--main_process_port", "29535", "-m", "meal.cli.train",
+             *tiny(two)], tmp_path)
+    a, b = _rows(one), _rows(two)
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4]  # one writer
+    assert [r["metaaligner/stage"] for r in b] == [0.0, 1.0, 2.0, 2.0]
+    assert {(r["train/processes"], r["train/rows_per_process"]) for r in a} == {(1, 4)}
+    assert {(r["train/processes"], r["train/rows_per_process"]) for r in b} == {(2, 2)}  # each its half
+    for x, y in zip(a, b):
+        assert y["train/loss"] == pytest.approx(x["train/loss"], rel=1e-4)
+        assert y["train/grad_norm"] == pytest.approx(x["train/grad_norm"], rel=1e-3)
+    start = load_file(str(one / "checkpoints" / "step_000002" / "net.safetensors"))
+    wa, wb = (load_file(str(d / "checkpoints" / "step_000004" / "net.safetensors")) for d in (one, two))
+    assert wa.keys() == wb.keys() and any(not torch.equal(wa[n], start[n]) for n in wa)  # it trained ...
+    for n in wa:  # ... to the same corrector
+        torch.testing.assert_close(wb[n], wa[n], rtol=1e-4, atol=1e-6)

@@ -268,8 +268,9 @@ def train(cfg) -> dict[str, Any]:
     t, m = cfg.trainer, cfg.method
     with start_run(cfg, optimizer=False) as run:  # 0. the corpus, its normalisation, the conditioned policy (cached)
         dist, objectives = run.dist, run.objectives
-        if dist.world > 1:
-            raise ConfigError("method=metaaligner trains its corrector in one process; launch without torchrun")
+        if m.batch_size % dist.world or (m.batch_size // dist.world) % m.micro_batch_size:
+            raise ConfigError(f"method.batch_size: {m.batch_size} rows a step do not split over {dist.world} "
+                              f"processes in micro-batches of method.micro_batch_size = {m.micro_batch_size}")
         settings = corrector_settings(cfg)
         format_markers(objectives, settings.descriptions)  # every trained objective has its text
         data_path = os.path.join(run.run_dir, "metaaligner_data.jsonl")
@@ -282,7 +283,9 @@ def train(cfg) -> dict[str, Any]:
                                         corpus.finished)
             rows = {"warmup": warmup_rows(equal, m.warmup_steps * m.batch_size, rng), "equal": equal,
                     "preference": pref}
-            save_rows(data_path, rows)
+            if dist.main:
+                save_rows(data_path, rows)
+            dist.barrier()
         rows = load_rows(data_path)
         log.info("MetaAligner data (tolerance %.2f): %d preference rows, %d equal rows, %d warm-up rows", m.tolerance,
                  len(rows["preference"]), len(rows["equal"]), len(rows["warmup"]))
@@ -293,6 +296,7 @@ def train(cfg) -> dict[str, Any]:
                                   f"tolerance")
         # 2. the corrector
         corrector, ctok, cparams = load_corrector(cfg, str(next(run.policy.model.parameters()).device))
+        dist.broadcast(cparams.values())  # one start: LoRA's random init drew from each rank's own seed
         bag = AdapterBag(cparams)
         from meal.harness.distributed import AdamWStep
 
@@ -310,6 +314,7 @@ def train(cfg) -> dict[str, Any]:
             stage = schedule[it]
             perm, pos = order[stage], seen[stage] * m.batch_size
             batch_rows = [rows[stage][perm[(pos + i) % len(perm)]] for i in range(m.batch_size)]
+            batch_rows = dist.shard(batch_rows)  # this process's share of the step's rows
             seen[stage] += 1
             prompts = [wrap(corrector_text(r.question, r.source, settings.row_markers(r), r.kind), ctok,
                             settings.chat, settings.suffix) for r in batch_rows]
@@ -320,7 +325,8 @@ def train(cfg) -> dict[str, Any]:
             run.progress.budget.steps += 1
             step = it + 1
             metrics = {"train/loss": loss, f"metaaligner/loss_{stage}": loss, "train/grad_norm": grad_norm,
-                       "metaaligner/stage": float(STAGES.index(stage)), "time/iteration": time.perf_counter() - tic}
+                       "metaaligner/stage": float(STAGES.index(stage)), "train/processes": dist.world,
+                       "train/rows_per_process": len(batch_rows), "time/iteration": time.perf_counter() - tic}
             run.end_iteration(step, len(schedule), metrics, optimizer, net=bag)
         corrector.eval()
         summary = {"run_dir": run.run_dir, "steps": len(schedule), **run.report.last}
@@ -328,9 +334,10 @@ def train(cfg) -> dict[str, Any]:
             upstream = upstream_responder(cfg, run.policy.model, run.policy.tokenizer, m.stack_on)
             evaluated = Corrected(upstream, corrector, ctok, settings)
             summary.update(run.evaluate(evaluated))
-            if m.zero_shot:
+            if m.zero_shot and dist.main:
                 summary["zero_shot"] = zero_shot_table(cfg, evaluated, run.data.test, run.scoring.normalizer,
                                                        os.path.join(run.run_dir, "zero_shot"))
+            dist.barrier()
         return summary
 
 
