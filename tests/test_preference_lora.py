@@ -68,3 +68,49 @@ def test_functional_call_and_generation_see_the_preference(tiny_llama):
     g = generate(model, tok, ["hello"] * 2, GenerationSettings(max_new_tokens=4), generator_seed=0,
                  prefs=torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     assert len(g.texts) == 2
+
+
+def test_gradient_checkpointing_recomputes_each_layer_with_its_preference(tiny_llama):
+    """The paper's config (policy=llama2_7b_lora, preference-aware LoRA in both paper tasks) checkpoints
+    activations: the backward pass recomputes each layer after the forward pass's preference block has
+    ended. The recomputation must see the same preferences: the real step's gradients and the virtual
+    step's meta-gradient (through the label path, whose preferences carry a graph) are those without
+    checkpointing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from meal.methods.bilevel import InnerLoss, MetaGradSettings, meta_gradient
+
+    def grads(checkpointing):
+        cfg = PolicyConfig(name_or_path=tiny_llama, dtype="float32", gradient_checkpointing=checkpointing,
+                           lora=LoraConfig(enabled=True, r=2, alpha=4, preference_aware=True))
+        model, tok = load_policy(cfg, 2)
+        params = trainable_parameters(model)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in params.values():
+                p.normal_(0, 0.1)
+        w = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
+        batch = build_batch(tok, ["post one", "post two"], ["a b c", "d e"], prefs=w)
+        model.train()
+        per_example_nll(model, batch).mean().backward()
+        real = {n: p.grad.clone() for n, p in params.items()}
+        phi = torch.tensor([0.2, -0.1], requires_grad=True)  # the labels' logits: the label path's preferences
+        inner = InnerLoss(batch, lambda: torch.ones(2), lambda: torch.softmax(phi, 0).expand(2, 2))
+        hyper = {}
+        for mode in ("per_example", "jvp"):  # forward-mode AD too (under the math attention kernel, as Meal)
+            phi.grad = None
+            with sdpa_kernel(SDPBackend.MATH):
+                meta_gradient(model, params, inner, lambda p: per_example_nll(model, batch, p).mean(), [phi],
+                              MetaGradSettings(0.1, engine="directional", mode=mode))
+            hyper[mode] = phi.grad.clone()
+        assert model.model.layers[0].gradient_checkpointing is checkpointing  # back on after the meta step
+        return real, hyper
+
+    plain, hyper = grads(False)
+    checkpointed, hyper_ckpt = grads(True)
+    assert plain.keys() == checkpointed.keys() and any(g.abs().sum() > 0 for g in plain.values())
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n])
+    for mode in hyper:
+        assert hyper[mode].abs().sum() > 0
+        torch.testing.assert_close(hyper_ckpt[mode], hyper[mode])

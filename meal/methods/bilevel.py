@@ -261,12 +261,19 @@ def meta_gradient(model: nn.Module, params: Params, inner: InnerLoss, meta_loss_
     at parameters p. Returns the meta loss and the values D_i = grad_theta l_i(theta) . P v. ``meter``
     times the phases ``inner_step`` (the virtual step) and ``meta_step`` (meta loss, its gradient, the
     hypergradient).
+
+    Gradient checkpointing is off inside (:func:`meal.policy.model.checkpointing_off`): a checkpointed
+    layer recomputes its forward pass with the module's own weights, not the virtual step's theta' that
+    ``functional_call`` put in for the forward pass (torch's checkpoint then refuses, or, where the shapes
+    happen to agree, would differentiate at the wrong weights).
     """
-    if settings.engine == "autograd":
-        return _autograd_engine(model, params, inner, meta_loss_fn, phi, settings, meter)
-    if settings.engine == "directional":
-        return _directional_engine(model, params, inner, meta_loss_fn, phi, settings, meter)
-    raise ValueError(f"unknown meta-gradient engine {settings.engine!r}: directional | autograd")
+    from meal.policy.model import checkpointing_off
+
+    if settings.engine not in ("autograd", "directional"):
+        raise ValueError(f"unknown meta-gradient engine {settings.engine!r}: directional | autograd")
+    engine = _autograd_engine if settings.engine == "autograd" else _directional_engine
+    with checkpointing_off(model):
+        return engine(model, params, inner, meta_loss_fn, phi, settings, meter)
 
 
 def _with_labels(batch: SFTBatch, labels: torch.Tensor | None) -> SFTBatch:

@@ -13,11 +13,13 @@ it, else fp32) and the attention kernel.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from typing import Iterator
 
 import torch
 
@@ -140,9 +142,6 @@ def load_policy(cfg: PolicyConfig, num_objectives: int | None = None, device: st
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     if cfg.lora.enabled and cfg.lora.preference_aware:
         from meal.policy.preference_lora import attach_preference_lora
 
@@ -172,9 +171,35 @@ def load_policy(cfg: PolicyConfig, num_objectives: int | None = None, device: st
     else:
         for p in model.parameters():
             p.requires_grad_(True)
+    if cfg.gradient_checkpointing:  # after the adapters: a preference-aware layer's recomputation needs its w
+        from meal.policy.preference_lora import checkpointing_kwargs
+
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(model))
+        model.config.use_cache = False
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("policy %s on %s in %s: %.2fM trainable parameters", cfg.name_or_path, device, dtype, n_train / 1e6)
     return model, tok
+
+
+@contextlib.contextmanager
+def checkpointing_off(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, the model's checkpointed layers keep their activations (gradient checkpointing off),
+    and the hook that checkpointing adds on the input embeddings (their output made to require a gradient,
+    which forward-mode AD refuses inside its transform) is off too; a model without checkpointing is left
+    as it is."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    hooked = bool(getattr(model, "_require_grads_hooks", None))
+    for m in layers:
+        m.gradient_checkpointing = False
+    if hooked:
+        model.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.gradient_checkpointing = True
+        if hooked:
+            model.enable_input_require_grads()
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

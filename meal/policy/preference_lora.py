@@ -151,6 +151,34 @@ def preference_weights(model: nn.Module, prefs: torch.Tensor | None) -> Iterator
         state.weights = prev
 
 
+def checkpointing_kwargs(model: nn.Module) -> dict:
+    """Keyword arguments for ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)``.
+
+    Non-reentrant checkpointing recomputes a layer's forward pass during the backward pass, after the
+    :func:`preference_weights` block of the forward pass has ended: a preference-aware layer would find
+    no preference then. ``context_fn`` carries the preferences of each checkpointed forward into its
+    recomputation (the same tensor, graph included)."""
+    state = getattr(model, "meal_preference", None)
+    if state is None:
+        return {"use_reentrant": False}
+
+    def context_fn():
+        weights = state.weights  # the preferences this forward pass runs with
+
+        @contextlib.contextmanager
+        def recompute():
+            prev = state.weights
+            state.weights = weights
+            try:
+                yield
+            finally:
+                state.weights = prev
+
+        return contextlib.nullcontext(), recompute()
+
+    return {"use_reentrant": False, "context_fn": context_fn}
+
+
 def base_only(model: nn.Module):
     """A context in which ``model`` runs as its frozen base: peft's adapters or the preference-aware
     layers off (a plain model: nothing to turn off)."""
