@@ -8,7 +8,7 @@ STAMP := $(VENV)/.meal-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow bench reward-conflict conditioning-experiment embedded-experiment methods-experiment meta-learner-experiment meta-learner-test meta-learner-ablation clean
+.PHONY: setup demo test test-slow bench gpu-check reward-conflict conditioning-experiment embedded-experiment methods-experiment meta-learner-experiment meta-learner-test meta-learner-ablation clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,9 @@ test-slow: setup  ## also the slow end-to-end tests on the embedded model
 bench: setup  ## time and memory per phase, static vs Meal with each engine; each phase against the machine's limit -> BENCHMARKS.md
 	$(BIN)/python experiments/benchmark/bench.py
 	$(BIN)/python experiments/benchmark/phases.py
+
+gpu-check: setup  ## the prepared GPU check on the CPU (--dry-run, tiny shapes); on a lent GPU machine: experiments/gpu/README.md
+	bash experiments/gpu/check.sh --dry-run
 
 reward-conflict: setup  ## correlations between the embedded objectives -> docs/reward_conflict.json
 	$(BIN)/python experiments/embedded/reward_conflict.py
