@@ -252,3 +252,43 @@ def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_l
     for kw in ({"checkpoint": "conditioned"}, {"untrained": True}):
         start = json.load(open(evaluate_run(str(out), EvalOptions(prompts=1, **kw))["front_json"]))
         assert len(start["points"]) == 11 and start["extra"]["budget"]["responses"] == 0
+
+
+PORTS = {"morlhf": "29537", "soups": "29538"}  # one port a launch: a port just closed may still be held
+
+
+@pytest.mark.parametrize("method", ["morlhf", "soups"])
+def test_grpo_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path, method):
+    """`accelerate launch` with 2 CPU processes (gloo): TRL's GRPO trainer takes the launch's process group
+    and shards each step's completions (half a step's per process, gradients averaged by its DDP); rank 0
+    writes the policies, the metrics and the front; at every checkpoint the processes' weights are checked
+    identical (the launch fails otherwise). Each process samples its own completions, so the weights are not
+    the single process's: what must match is the work, counted over both processes (the same responses and
+    steps as one process does, test_morlhf_... and test_soups_... above)."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.test_cli import _accelerate_config, _launch, tiny_overrides
+
+    out = tmp_path / method
+    common = [o for o in tiny_overrides(tiny_llama, out) if not o.startswith("method.")] + [
+        f"method={method}", "conditioning.steps=2", "policy.lora.enabled=true", "policy.lora.preference_aware=true",
+        "policy.lora.r=2", "policy.lora.alpha=4", "trainer.iterations=2", "trainer.batch_size=2",
+        "trainer.n_samples=2", "trainer.micro_batch_size=2", "task.pool_instructions=['','Be brief.']"]
+    if method == "morlhf":
+        common.append("method.grid_points=2")
+    _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             _accelerate_config(tmp_path, "multi_gpu.yaml"), "--main_process_port", PORTS[method],
+             "-m", "meal.cli.train", *common], tmp_path)
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl") if "grpo/loss" in x]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and {r["grpo/processes"] for r in rows} == {2}  # one writer
+    front = json.load(open(out / "front.json"))
+    assert front["extra"]["budget"]["responses"] == 2 * 2 * 2 * 2  # 2 policies x 2 steps x 2 prompts x 2 completions
+    assert front["extra"]["budget"]["steps"] == 4
+    assert len(front["points"]) == (2 if method == "morlhf" else 11)
+    start, p0, p1 = (load_file(str(out / "policies" / f"{n}.safetensors")) for n in ("start", "00", "01"))
+    # GRPO moved the policies, each by its own preference (on the tiny model the coverage reward is constant, so
+    # the policy at w = (1, 0) may get no gradient at all: the single-process tests above assert the same)
+    assert any(not torch.equal(p0[n], start[n]) for n in start) or any(not torch.equal(p1[n], start[n]) for n in start)
+    assert any(not torch.equal(p0[n], p1[n]) for n in start)

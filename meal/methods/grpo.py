@@ -85,16 +85,18 @@ def train_policies(cfg, run: Run, prefs: list[list[float]]) -> None:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    t, m = cfg.trainer, cfg.method
-    if run.dist.world > 1:
-        raise ConfigError(f"method={m.recipe}: one process only (launch without accelerate's data parallelism); "
-                          f"TRL's trainer would bring its own, which meal does not wire in")
+    t, m, dist = cfg.trainer, cfg.method, run.dist
+    if (t.batch_size * t.n_samples) % dist.world:
+        raise ConfigError(f"trainer.batch_size: {t.batch_size} prompts x {t.n_samples} completions a step do not "
+                          f"split over {dist.world} processes")
     start_file = os.path.join(run.run_dir, "policies", "start.safetensors")
-    if not os.path.exists(start_file):  # 0. the common start, kept for every policy (and a resume)
+    if dist.main and not os.path.exists(start_file):  # 0. the common start, kept for every policy (and a resume)
         os.makedirs(os.path.dirname(start_file), exist_ok=True)
         save_file({n: p.detach().contiguous().cpu() for n, p in run.policy.params.items()}, start_file)
+    dist.barrier()  # every process, whether or not the file was there when it looked
     start = load_file(start_file)
-    scores = ScoreCache(run.scoring, run.policy.tokenizer, run.progress.budget)
+    scored = Budget()  # what this process scored; the run's budget counts every process's
+    scores = ScoreCache(run.scoring, run.policy.tokenizer, scored)
     texts = run.train_texts
     for i, w in enumerate(prefs):
         if os.path.exists(policy_file(run.run_dir, i)):
@@ -107,24 +109,31 @@ def train_policies(cfg, run: Run, prefs: list[list[float]]) -> None:
         # 2. GRPO on w . R
         args = GRPOConfig(
             output_dir=os.path.join(run.run_dir, "grpo", f"{i:02d}"), max_steps=t.iterations,
-            per_device_train_batch_size=t.batch_size * t.n_samples, num_generations=t.n_samples,
+            per_device_train_batch_size=t.batch_size * t.n_samples // dist.world, num_generations=t.n_samples,
             max_completion_length=cfg.task.max_new_tokens, learning_rate=t.lr, weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
             beta=m.beta, reward_weights=list(w), seed=t.seed + i, data_seed=t.seed, logging_steps=1,
             save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
-            disable_tqdm=not run.dist.main)
+            disable_tqdm=not dist.main)
         trainer = GRPOTrainer(model=run.policy.model, args=args, train_dataset=data,
                               processing_class=run.policy.tokenizer,
                               reward_funcs=[scores.reward_function(k, name) for k, name in enumerate(run.objectives)])
         with preference_weights(run.policy.model, torch.tensor([w])):
             trainer.train()
-        run.progress.budget.steps += trainer.state.global_step
-        run.progress.budget.seconds += time.perf_counter() - tic
-        # 3. keep the policy, record its training, checkpoint
-        save_file({n: p.detach().contiguous().cpu() for n, p in run.policy.params.items()}, policy_file(run.run_dir, i))
-        for entry in trainer.state.log_history:
-            if "loss" in entry or "reward" in entry:
-                metrics = {f"grpo/{k}": v for k, v in entry.items() if isinstance(v, (int, float))}
-                metrics["grpo/policy"] = i
-                run.report.record(run.logger, metrics, i * t.iterations + int(entry.get("step", 0)))
+        budget = run.progress.budget
+        budget.add_sampling(round(dist.mean(scored.responses) * dist.world),
+                            round(dist.mean(scored.tokens) * dist.world), len(run.objectives))
+        scored.responses = scored.tokens = scored.reward_calls = 0
+        budget.steps += trainer.state.global_step
+        budget.seconds += time.perf_counter() - tic
+        # 3. keep the policy, record its training, checkpoint (the processes' policies are one: DDP's)
+        if dist.main:
+            save_file({n: p.detach().contiguous().cpu() for n, p in run.policy.params.items()},
+                      policy_file(run.run_dir, i))
+            for entry in trainer.state.log_history:
+                if "loss" in entry or "reward" in entry:
+                    metrics = {f"grpo/{k}": v for k, v in entry.items() if isinstance(v, (int, float))}
+                    metrics["grpo/policy"] = i
+                    metrics["grpo/processes"] = dist.world
+                    run.report.record(run.logger, metrics, i * t.iterations + int(entry.get("step", 0)))
         run.save(i + 1, trainer.optimizer, policies_done=i + 1)
