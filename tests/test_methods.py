@@ -254,7 +254,37 @@ def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_l
         assert len(start["points"]) == 11 and start["extra"]["budget"]["responses"] == 0
 
 
-PORTS = {"morlhf": "29537", "soups": "29538"}  # one port a launch: a port just closed may still be held
+PORTS = {"morlhf": "29537", "soups": "29538", "static": "29539", "ric": "29540"}  # a port just closed may be held
+
+
+@pytest.mark.parametrize("method", ["static", "ric"])
+def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path, method):
+    """`accelerate launch` with 2 CPU processes (gloo) for the recipes that shard their own online loop as Meal
+    does (Meal's launches: tests/test_cli.py): each process samples, scores and trains on its half of every
+    batch; rank 0 writes; the processes' weights are checked identical at every checkpoint (the launch fails
+    otherwise). Each process samples with its own seed, so the weights are not the single process's: the
+    work is (the budget counts both processes' responses: one process's 2 iterations x 4 prompts x 2)."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.test_cli import _accelerate_config, _launch, tiny_overrides
+
+    out = tmp_path / method
+    common = [o for o in tiny_overrides(tiny_llama, out) if not o.startswith("method.")] + [
+        f"method={method}", "conditioning.steps=2", "policy.lora.enabled=true", "policy.lora.r=2",
+        "policy.lora.alpha=4", "trainer.micro_batch_size=2", "task.pool_instructions=['','Be brief.']"]
+    _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             _accelerate_config(tmp_path, "multi_gpu.yaml"), "--main_process_port", PORTS[method],
+             "-m", "meal.cli.train", *common], tmp_path)
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl") if "train/loss" in x]
+    assert [r["step"] for r in rows] == [1, 2]  # one writer
+    front = json.load(open(out / "front.json"))
+    assert front["extra"]["budget"]["responses"] == 2 * 4 * 2 and front["extra"]["budget"]["steps"] == 2
+    assert len(front["points"]) == 11
+    start = load_file(str(out / "conditioning" / "policy.safetensors"))
+    trained = load_file(str(out / "checkpoints" / "step_000002" / "policy.safetensors"))
+    assert any(not torch.equal(start[n], trained[n]) for n in start)
 
 
 @pytest.mark.parametrize("method", ["morlhf", "soups"])
