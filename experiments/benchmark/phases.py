@@ -112,8 +112,8 @@ def main() -> None:
     from meal.config import register_configs
     from meal.harness.conditioning import achieved_labels
     from meal.harness.distributed import AdamWStep, Dist
+    from meal.harness.preflight import load_task_data
     from meal.harness.profiling import PhaseMeter
-    from meal.harness.run import load_task_data
     from meal.harness.settings import generation_settings
     from meal.methods import typed_config
     from meal.methods.bilevel import dynamic_preference

@@ -24,7 +24,7 @@ import torch
 from meal.cli.compare import experiment_meta, write_results
 from meal.cli.export import Export, base_model_ref, export_run
 from meal.cli.generate import Ask, answer
-from meal.harness.run import load_task_data
+from meal.harness.preflight import load_task_data
 from meal.harness.saved_run import read_run
 from meal.harness.settings import eval_texts
 from meal.policy.model import resolve_dtype

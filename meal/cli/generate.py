@@ -75,7 +75,7 @@ def answer(run_dir: str, ask: Ask, checkpoint: str = "latest", trust: bool = Fal
     prompt and preference (prompt-major). Everything that can be checked is checked before the policy loads."""
     import torch
 
-    from meal.harness.run import build_rewards
+    from meal.harness.preflight import build_rewards
     from meal.harness.settings import generation_settings
     from meal.methods import get
     from meal.rewards import RewardNormalizer

@@ -124,8 +124,8 @@ def evaluate_run(run_dir: str, options: EvalOptions | None = None) -> dict[str, 
 
     from meal.evaluation.front import FrontSpec, evaluate_front, preference_grid
     from meal.harness.checkpoint import load_policy_weights
+    from meal.harness.preflight import build_rewards, load_task_data
     from meal.harness.report import front_provenance, publish_front
-    from meal.harness.run import build_rewards, load_task_data
     from meal.harness.settings import eval_texts, generation_settings, run_provenance
     from meal.policy.model import load_policy, trainable_parameters
     from meal.policy.rollout import Scoring
