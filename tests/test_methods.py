@@ -257,6 +257,23 @@ def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_l
 PORTS = {"morlhf": "29537", "soups": "29538", "static": "29539", "ric": "29540"}  # a port just closed may be held
 
 
+def _two_processes(tiny_llama, tmp_path, method, *extra):
+    """``method`` on the tiny model (stage of 2 steps, LoRA r 2) under `accelerate launch` with 2 CPU processes;
+    returns its run folder."""
+    import sys
+
+    from tests.test_cli import _accelerate_config, _launch, tiny_overrides
+
+    out = tmp_path / method
+    common = [o for o in tiny_overrides(tiny_llama, out) if not o.startswith("method.")] + [
+        f"method={method}", "conditioning.steps=2", "policy.lora.enabled=true", "policy.lora.r=2",
+        "policy.lora.alpha=4", "trainer.micro_batch_size=2", "task.pool_instructions=['','Be brief.']", *extra]
+    _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             _accelerate_config(tmp_path, "multi_gpu.yaml"), "--main_process_port", PORTS[method],
+             "-m", "meal.cli.train", *common], tmp_path)
+    return out
+
+
 @pytest.mark.parametrize("method", ["static", "ric"])
 def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path, method):
     """`accelerate launch` with 2 CPU processes (gloo) for the recipes that shard their own online loop as Meal
@@ -264,19 +281,9 @@ def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path, 
     batch; rank 0 writes; the processes' weights are checked identical at every checkpoint (the launch fails
     otherwise). Each process samples with its own seed, so the weights are not the single process's: the
     work is (the budget counts both processes' responses: one process's 2 iterations x 4 prompts x 2)."""
-    import sys
-
     from safetensors.torch import load_file
 
-    from tests.test_cli import _accelerate_config, _launch, tiny_overrides
-
-    out = tmp_path / method
-    common = [o for o in tiny_overrides(tiny_llama, out) if not o.startswith("method.")] + [
-        f"method={method}", "conditioning.steps=2", "policy.lora.enabled=true", "policy.lora.r=2",
-        "policy.lora.alpha=4", "trainer.micro_batch_size=2", "task.pool_instructions=['','Be brief.']"]
-    _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-             _accelerate_config(tmp_path, "multi_gpu.yaml"), "--main_process_port", PORTS[method],
-             "-m", "meal.cli.train", *common], tmp_path)
+    out = _two_processes(tiny_llama, tmp_path, method)
     rows = [json.loads(x) for x in open(out / "metrics.jsonl") if "train/loss" in x]
     assert [r["step"] for r in rows] == [1, 2]  # one writer
     front = json.load(open(out / "front.json"))
@@ -295,22 +302,11 @@ def test_grpo_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path, me
     identical (the launch fails otherwise). Each process samples its own completions, so the weights are not
     the single process's: what must match is the work, counted over both processes (the same responses and
     steps as one process does, test_morlhf_... and test_soups_... above)."""
-    import sys
-
     from safetensors.torch import load_file
 
-    from tests.test_cli import _accelerate_config, _launch, tiny_overrides
-
-    out = tmp_path / method
-    common = [o for o in tiny_overrides(tiny_llama, out) if not o.startswith("method.")] + [
-        f"method={method}", "conditioning.steps=2", "policy.lora.enabled=true", "policy.lora.preference_aware=true",
-        "policy.lora.r=2", "policy.lora.alpha=4", "trainer.iterations=2", "trainer.batch_size=2",
-        "trainer.n_samples=2", "trainer.micro_batch_size=2", "task.pool_instructions=['','Be brief.']"]
-    if method == "morlhf":
-        common.append("method.grid_points=2")
-    _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-             _accelerate_config(tmp_path, "multi_gpu.yaml"), "--main_process_port", PORTS[method],
-             "-m", "meal.cli.train", *common], tmp_path)
+    out = _two_processes(tiny_llama, tmp_path, method, "policy.lora.preference_aware=true", "trainer.iterations=2",
+                         "trainer.batch_size=2", "trainer.n_samples=2",
+                         *(["method.grid_points=2"] if method == "morlhf" else []))
     rows = [json.loads(x) for x in open(out / "metrics.jsonl") if "grpo/loss" in x]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and {r["grpo/processes"] for r in rows} == {2}  # one writer
     front = json.load(open(out / "front.json"))
