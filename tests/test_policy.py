@@ -37,6 +37,36 @@ def test_flash_attention_needs_cuda(tiny_llama):
         load_policy(PolicyConfig(name_or_path=tiny_llama, attn_implementation="flash_attention_2"))
 
 
+@pytest.mark.parametrize("lora", ["none", "peft", "preference_aware"])
+def test_prompt_embeddings_are_the_base_models_last_hidden_state(tiny_llama, lora):
+    """The net's policy embeddings run the decoder alone; they must be the causal LM's own last hidden
+    state (mean-pooled, normalised), with the adapters off, whatever wraps the model."""
+    from meal.policy.embeddings import policy_embeddings
+    from meal.policy.preference_lora import base_only, preference_weights
+
+    cfg = PolicyConfig(name_or_path=tiny_llama, dtype="float32",
+                       lora=LoraConfig(enabled=lora != "none", preference_aware=lora == "preference_aware", r=2,
+                                       alpha=4, target_modules=["q_proj", "v_proj"]))
+    model, tok = load_policy(cfg, num_objectives=2)
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():  # adapters that would change the answer if left on
+            p.add_(0.5)
+    texts = ["Summarise this post about a cat.", "Hi", "A longer text, padded on the left of its batch."]
+    got = policy_embeddings(model, tok, texts, batch_size=2)
+    with torch.no_grad(), base_only(model):
+        want = []
+        for t in texts:
+            enc = tok([t], return_tensors="pt")
+            hidden = model(**enc, output_hidden_states=True, use_cache=False).hidden_states[-1]
+            want.append(torch.nn.functional.normalize(hidden.mean(1), dim=-1))
+    with torch.no_grad(), preference_weights(model, torch.tensor([[0.3, 0.7]])):
+        adapted = model(**tok([texts[0]], return_tensors="pt"), output_hidden_states=True).hidden_states[-1]
+    assert got.shape == (3, 32)
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
+    if lora != "none":  # the adapters are on again outside the context
+        assert not torch.allclose(torch.nn.functional.normalize(adapted.mean(1), dim=-1), got[:1], atol=1e-3)
+
+
 @pytest.mark.slow
 def test_embedded_smollm2_loads_and_answers(tmp_path):
     """The embedded default, from the installed package, de-quantised into a cache folder (about 15 s)."""

@@ -20,16 +20,24 @@ from meal.policy.preference_lora import base_only
 @torch.no_grad()
 def policy_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 16,
                       max_tokens: int = 512) -> torch.Tensor:
-    """(M, H) mean-pooled last hidden states of the base policy, L2-normalised, float32 on CPU."""
+    """(M, H) mean-pooled last hidden states of the base policy, L2-normalised, float32 on CPU.
+
+    The decoder alone runs where the model exposes it (``get_decoder``): its last hidden state is the
+    causal LM's ``hidden_states[-1]`` (after the final norm) without the vocabulary projection, which
+    for SmolLM2 is a fifth of the forward pass and here thrown away."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     with base_only(model):
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True, truncation=True,
                             max_length=max_tokens).to(device)
-            hidden = model(**enc, output_hidden_states=True, use_cache=False).hidden_states[-1]  # (b, T, H)
+            if decoder is not None:
+                hidden = decoder(**enc, use_cache=False).last_hidden_state  # (b, T, H)
+            else:
+                hidden = model(**enc, output_hidden_states=True, use_cache=False).hidden_states[-1]
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             emb = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
             out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
