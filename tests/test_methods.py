@@ -254,44 +254,51 @@ def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_l
         assert len(start["points"]) == 11 and start["extra"]["budget"]["responses"] == 0
 
 
-PORTS = {"morlhf": "29537", "soups": "29538", "static": "29539", "ric": "29540"}  # a port just closed may be held
+PORTS = {"morlhf": "29537", "soups": "29538", "static,ric": "29539"}  # a port just closed may be held
 
 
 def _two_processes(tiny_llama, tmp_path, method, *extra):
     """``method`` on the tiny model (stage of 2 steps, LoRA r 2) under `accelerate launch` with 2 CPU processes;
-    returns its run folder."""
+    returns its run folder. ``method`` may be a Hydra sweep ("static,ric"): one launch runs each method in
+    turn in the same two processes, each in ``<tmp_path>/<method>``."""
     import sys
 
     from tests.test_cli import _accelerate_config, _launch, tiny_overrides
 
-    out = tmp_path / method
+    sweep = "," in method
+    out = tmp_path / ("${method.name}" if sweep else method)
     common = [o for o in tiny_overrides(tiny_llama, out) if not o.startswith("method.")] + [
         f"method={method}", "conditioning.steps=2", "policy.lora.enabled=true", "policy.lora.r=2",
         "policy.lora.alpha=4", "trainer.micro_batch_size=2", "task.pool_instructions=['','Be brief.']", *extra]
+    if sweep:
+        common = ["--multirun", *common, f"hydra.sweep.dir={tmp_path / 'multirun'}"]
     _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
              _accelerate_config(tmp_path, "multi_gpu.yaml"), "--main_process_port", PORTS[method],
              "-m", "meal.cli.train", *common], tmp_path)
     return out
 
 
-@pytest.mark.parametrize("method", ["static", "ric"])
-def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path, method):
+def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo) for the recipes that shard their own online loop as Meal
-    does (Meal's launches: tests/test_cli.py): each process samples, scores and trains on its half of every
+    does (Meal's launches: tests/test_cli.py), static then RiC as one Hydra sweep in the same two processes
+    (a user's sweep on a multi-GPU node): each process samples, scores and trains on its half of every
     batch; rank 0 writes; the processes' weights are checked identical at every checkpoint (the launch fails
     otherwise). Each process samples with its own seed, so the weights are not the single process's: the
     work is (the budget counts both processes' responses: one process's 2 iterations x 4 prompts x 2)."""
     from safetensors.torch import load_file
 
-    out = _two_processes(tiny_llama, tmp_path, method)
-    rows = [json.loads(x) for x in open(out / "metrics.jsonl") if "train/loss" in x]
-    assert [r["step"] for r in rows] == [1, 2]  # one writer
-    front = json.load(open(out / "front.json"))
-    assert front["extra"]["budget"]["responses"] == 2 * 4 * 2 and front["extra"]["budget"]["steps"] == 2
-    assert len(front["points"]) == 11
-    start = load_file(str(out / "conditioning" / "policy.safetensors"))
-    trained = load_file(str(out / "checkpoints" / "step_000002" / "policy.safetensors"))
-    assert any(not torch.equal(start[n], trained[n]) for n in start)
+    _two_processes(tiny_llama, tmp_path, "static,ric")
+    for method in ("static", "ric"):
+        out = tmp_path / method
+        rows = [json.loads(x) for x in open(out / "metrics.jsonl") if "train/loss" in x]
+        assert [r["step"] for r in rows] == [1, 2]  # one writer
+        front = json.load(open(out / "front.json"))
+        assert front["label"] == method
+        assert front["extra"]["budget"]["responses"] == 2 * 4 * 2 and front["extra"]["budget"]["steps"] == 2
+        assert len(front["points"]) == 11
+        start = load_file(str(out / "conditioning" / "policy.safetensors"))
+        trained = load_file(str(out / "checkpoints" / "step_000002" / "policy.safetensors"))
+        assert any(not torch.equal(start[n], trained[n]) for n in start)
 
 
 @pytest.mark.parametrize("method", ["morlhf", "soups"])
