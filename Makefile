@@ -22,8 +22,8 @@ setup: $(STAMP)
 demo: setup  ## conditioning stage, then Meal on the embedded default, then the front (see README: Measured)
 	$(BIN)/meal-train experiment=demo
 
-test: setup  ## the default test suite (CPU, no network)
-	$(BIN)/python -m pytest -q
+test: setup  ## the default test suite (CPU, no network), spread over one worker per core (pytest-xdist)
+	$(BIN)/python -m pytest -q -n auto
 
 test-slow: setup  ## also the slow end-to-end tests on the embedded model
 	$(BIN)/python -m pytest -q -m "slow or not slow"

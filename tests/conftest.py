@@ -11,7 +11,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# `make test` runs one pytest-xdist worker per core: one thread each (two threads per worker on two cores
+# oversubscribe them and ran the suite slower than one process)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def smollm2_tokenizer_source() -> tuple[str, str]:

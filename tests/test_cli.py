@@ -91,8 +91,9 @@ def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_
                 _accelerate_config(tmp_path, config), "--main_process_port", port, "-m", "meal.cli.train",
                 *tiny_overrides(tiny_llama, out), *common]  # later overrides win
 
+    ports = ("29531", "29532") if lora else ("29533", "29534")  # the two variants may run at once (pytest-xdist)
     dp = tmp_path / "dp"
-    _launch([*launch("multi_gpu.yaml", dp, "29533"), "trainer.iterations=3"], tmp_path)
+    _launch([*launch("multi_gpu.yaml", dp, ports[0]), "trainer.iterations=3"], tmp_path)
     rows = _rows(dp)
     assert [r["step"] for r in rows] == [1, 2, 3]  # one writer
     assert all(r["train/processes"] == 2 for r in rows) and "meta/grad_norm" in rows[0]
@@ -100,7 +101,7 @@ def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_
 
     pytest.importorskip("deepspeed")  # in the dev extra
     ds = tmp_path / "ds"
-    ds_launch = launch("deepspeed_zero2.yaml", ds, "29534")
+    ds_launch = launch("deepspeed_zero2.yaml", ds, ports[1])
     if lora:  # the resume under ZeRO-2 is the full run's (the same code path); one launch less here
         _launch([*ds_launch, "trainer.iterations=3"], tmp_path)
     else:
