@@ -140,6 +140,9 @@ class TrainerConfig:
     top_p: float = knob(0.9, "Nucleus sampling.")
     top_k: int = knob(0, "Top-k sampling (0: off).")
     temperature: float = knob(1.0, "Sampling temperature.")
+    seeding: str = knob("row", "How the online loop's responses are seeded: row (each by (trainer.seed, iteration, "
+                        "prompt, repeat): the same responses on any number of processes and at any gen_batch_size) | "
+                        "rank (each process's own random stream from trainer.seed + rank, as runs before 2026-12-03).")
     dirichlet_alpha: float = knob(1.0, "Concentration of the Dirichlet that draws target preferences (step 1).")
     preference: Optional[List[float]] = knob(None, "Train on this one target preference instead of Dirichlet draws.")
     max_prompt_tokens: int = knob(512, "Prompts are truncated (left) to this many tokens.")
@@ -284,6 +287,7 @@ def validate(cfg: DictConfig, desired_scores: bool = False) -> None:
          f"must divide batch_size * top_m = {kept}, got {t.micro_batch_size}")
     need(0 < t.top_p <= 1, "trainer.top_p", f"must be in (0, 1], got {t.top_p}")
     need(t.temperature > 0, "trainer.temperature", f"must be > 0, got {t.temperature}")
+    need(t.seeding in ("row", "rank"), "trainer.seeding", f"must be row or rank, got {t.seeding!r}")
     need(t.dirichlet_alpha > 0, "trainer.dirichlet_alpha", f"must be > 0, got {t.dirichlet_alpha}")
     if t.preference is not None:
         check_preference(list(t.preference), len(m.objectives), "trainer.preference")

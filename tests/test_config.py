@@ -74,6 +74,7 @@ def test_misspelt_key_fails_at_composition():
 
 BAD = [
     ({"trainer.n_samples": 0}, "trainer.n_samples: N must be >= 1"),
+    ({"trainer.seeding": "process"}, "trainer.seeding: must be row or rank, got 'process'"),
     ({"trainer.micro_batch_size": 3}, "trainer.micro_batch_size: must divide batch_size"),
     ({"trainer.preference": [0.7, 0.7]}, "trainer.preference: weights must sum to 1"),
     ({"trainer.preference": [1.2, -0.2]}, "trainer.preference: weights must be >= 0"),

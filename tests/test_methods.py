@@ -257,19 +257,26 @@ def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_l
 PORTS = {"morlhf": "29537", "soups": "29538", "static,ric": "29539"}  # a port just closed may be held
 
 
+def _overrides(tiny_llama, out, method, *extra):
+    """``method`` on the tiny model: stage of 2 steps, LoRA r 2, 2 iterations of 4 prompts x 2 responses."""
+    from tests.test_cli import tiny_overrides
+
+    return [o for o in tiny_overrides(tiny_llama, out) if not o.startswith("method.")] + [
+        f"method={method}", "conditioning.steps=2", "policy.lora.enabled=true", "policy.lora.r=2",
+        "policy.lora.alpha=4", "trainer.micro_batch_size=2", "task.pool_instructions=['','Be brief.']", *extra]
+
+
 def _two_processes(tiny_llama, tmp_path, method, *extra):
-    """``method`` on the tiny model (stage of 2 steps, LoRA r 2) under `accelerate launch` with 2 CPU processes;
-    returns its run folder. ``method`` may be a Hydra sweep ("static,ric"): one launch runs each method in
-    turn in the same two processes, each in ``<tmp_path>/<method>``."""
+    """``method`` (:func:`_overrides`) under `accelerate launch` with 2 CPU processes; returns its run folder.
+    ``method`` may be a Hydra sweep ("static,ric"): one launch runs each method in turn in the same two
+    processes, each in ``<tmp_path>/<method>``."""
     import sys
 
-    from tests.test_cli import _accelerate_config, _launch, tiny_overrides
+    from tests.test_cli import _accelerate_config, _launch
 
     sweep = "," in method
     out = tmp_path / ("${method.name}" if sweep else method)
-    common = [o for o in tiny_overrides(tiny_llama, out) if not o.startswith("method.")] + [
-        f"method={method}", "conditioning.steps=2", "policy.lora.enabled=true", "policy.lora.r=2",
-        "policy.lora.alpha=4", "trainer.micro_batch_size=2", "task.pool_instructions=['','Be brief.']", *extra]
+    common = _overrides(tiny_llama, out, method, *extra)
     if sweep:
         common = ["--multirun", *common, f"hydra.sweep.dir={tmp_path / 'multirun'}"]
     _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -283,9 +290,15 @@ def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path):
     does (Meal's launches: tests/test_cli.py), static then RiC as one Hydra sweep in the same two processes
     (a user's sweep on a multi-GPU node): each process samples, scores and trains on its half of every
     batch; rank 0 writes; the processes' weights are checked identical at every checkpoint (the launch fails
-    otherwise). Each process samples with its own seed, so the weights are not the single process's: the
-    work is (the budget counts both processes' responses: one process's 2 iterations x 4 prompts x 2)."""
+    otherwise); the budget counts both processes' responses (2 iterations x 4 prompts x 2). Each response is
+    seeded by its prompt (``trainer.seeding=row``), so two processes draw what one draws: static's two
+    processes train the single process's weights, and log the global batch's rewards. (RiC's quantile filter is
+    each process's own, over its half of the samples, and so is Meal's split of its prompts into the inner and
+    the meta half (Meal's launches: tests/test_cli.py): their weights are not one process's.)"""
     from safetensors.torch import load_file
+
+    from meal.methods import train
+    from tests.test_config import _compose
 
     _two_processes(tiny_llama, tmp_path, "static,ric")
     for method in ("static", "ric"):
@@ -299,6 +312,19 @@ def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path):
         start = load_file(str(out / "conditioning" / "policy.safetensors"))
         trained = load_file(str(out / "checkpoints" / "step_000002" / "policy.safetensors"))
         assert any(not torch.equal(start[n], trained[n]) for n in start)
+    one = tmp_path / "one_process"  # static in one process, here: it trains what the two trained
+    train(_compose(_overrides(tiny_llama, one, "static", "trainer.final_eval=false")))
+    two_rows = [json.loads(x) for x in open(tmp_path / "static" / "metrics.jsonl") if "train/loss" in x]
+    one_rows = [json.loads(x) for x in open(one / "metrics.jsonl") if "train/loss" in x]
+    for a, b in zip(one_rows, two_rows, strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
+        for key in ("reward/concise", "reward_norm/concise", "reward_kept/concise", "train/scalarised"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key  # the global batch's, not rank 0's
+    two = load_file(str(tmp_path / "static" / "checkpoints" / "step_000002" / "policy.safetensors"))
+    single = load_file(str(one / "checkpoints" / "step_000002" / "policy.safetensors"))
+    for n in single:
+        torch.testing.assert_close(two[n], single[n], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["morlhf", "soups"])

@@ -86,6 +86,18 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.item() / self.world
 
+    def mean_values(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value's mean over ranks, in one all-reduce (every rank passes the same keys). For a metric
+        that is a mean over this rank's share of the batch, the global batch's mean (the shares are equal)."""
+        if self.world == 1:
+            return dict(values)
+        import torch.distributed as dist
+
+        keys = list(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return dict(zip(keys, (t / self.world).tolist()))
+
     def check_same(self, params: Iterable[torch.Tensor]) -> None:
         """Raise if the ranks' copies of the parameters have drifted apart (a bug, never expected)."""
         if self.world == 1:

@@ -33,7 +33,8 @@ from meal.methods.bilevel import dynamic_preference
 from meal.methods.meta_learner import (IterationBatch, Kept, MetaSettings, NetShape, PolicyHandle, build_learner,
                                        labelled_batch)
 from meal.policy.losses import SFTBatch, build_batch, policy_step
-from meal.policy.rollout import ConditionedPolicy, Conditioner, PromptOrder, Queries, Rollout, draw_preferences, rollout
+from meal.policy.rollout import (ConditionedPolicy, Conditioner, OnlineSampling, PromptOrder, Rollout, draw_preferences,
+                                 rollout)
 from meal.policy.sampling import degenerate_mask, scalarise, select_valid_best
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ def train(cfg) -> dict[str, Any]:
             replay_order = PromptOrder(replay_order.n, t.seed + 2, **(saved.get("replay_order") or {}))
         meter = PhaseMeter(next(lm.model.parameters()).device)
         texts_all = run.train_texts
+        online = OnlineSampling.build(lm.settings, t.seeding, t.seed)
         for it in run.iterations():
             tic = time.perf_counter()
             # 1. target preferences (B, K) for the global batch; this rank keeps its share
@@ -188,7 +190,7 @@ def train(cfg) -> dict[str, Any]:
             w_phi = learner.propose(idx, w_star)
             w_tilde = dynamic_preference(w_star, w_phi, m.lam)
             # 4. rejection sampling: N responses each, scored, best valid one by w~ . R
-            ro = rollout(policy, Queries(texts, w_tilde, t.n_samples), lm.settings, run.scoring, meter)
+            ro = rollout(policy, online.queries(texts, w_tilde, t.n_samples, it), online.settings, run.scoring, meter)
             budget.add_sampling(t.batch_size * t.n_samples, round(dist.mean(ro.num_tokens) * dist.world), k)
             valid = ~degenerate_mask(ro.texts, ro.finished)  # (B, N): an empty or looping response is never kept
             kept = keep_best(ro, w_tilde, valid, t.top_m)
@@ -213,16 +215,17 @@ def train(cfg) -> dict[str, Any]:
                     loss, grad_norm = policy_step(lm.model, optimizer, batch, c, t.micro_batch_size, dist)
                 budget.steps += 1
             step = it + 1
-            metrics.update(run.report.iteration_metrics(ro, kept.rewards, w_star, w_phi if m.lam < 1 else None,
-                                                     loss, grad_norm, c[:len(kept.src)]))
-            metrics["meta/label_shift"] = (labels - w_star[kept.src]).abs().sum(-1).mean().item()
+            batch_means = run.report.iteration_metrics(ro, kept.rewards, w_star, w_phi if m.lam < 1 else None,
+                                                       loss, grad_norm, c[:len(kept.src)])
+            batch_means["meta/label_shift"] = (labels - w_star[kept.src]).abs().sum(-1).mean().item()
+            batch_means["train/kept_valid"] = kept.ok.float().mean().item()
+            batch_means["train/degenerate"] = (~valid).float().mean().item()
+            metrics.update(dist.mean_values(batch_means))  # the global batch's, not this process's share
             diagnostics = learner.diagnostics()  # what the net did: distance from its init, spread over prompts
             metrics.update(diagnostics)
             run.report.diagnostics = diagnostics or None
             metrics.update(meter.pop())
             metrics["time/iteration"] = time.perf_counter() - tic
-            metrics["train/kept_valid"] = kept.ok.float().mean().item()
-            metrics["train/degenerate"] = (~valid).float().mean().item()
             metrics["train/processes"] = dist.world
             metrics["train/replay_rows"] = len(batch) - len(kept.src)
             # a non-finite loss stops the run here; then log, checkpoint, periodic evaluation

@@ -31,7 +31,7 @@ from meal.config import ConfigError, knob, need
 from meal.harness.run import start_run
 from meal.methods import Method
 from meal.policy.losses import build_batch, policy_step
-from meal.policy.rollout import ConditionedPolicy, Queries, ResponderBase, ScoreConditioner, rollout
+from meal.policy.rollout import ConditionedPolicy, OnlineSampling, ResponderBase, ScoreConditioner, rollout
 from meal.policy.sampling import Generation, GenerationSettings, degenerate_mask
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,8 @@ def train(cfg) -> dict[str, Any]:
         if run.progress.state is not None:
             optimizer.load_state_dict(run.progress.state["optimizer"])
         corpus = run.conditioning.replay  # the offline rows, labelled with their own normalised rewards
-        sampling = dataclasses.replace(run.policy.settings, temperature=m.sample_temperature)
+        online = OnlineSampling.build(dataclasses.replace(run.policy.settings, temperature=m.sample_temperature),
+                                      t.seeding, t.seed)
         texts_all = run.train_texts
         for it in run.iterations():
             tic = time.perf_counter()
@@ -158,7 +159,7 @@ def train(cfg) -> dict[str, Any]:
             idx, desired = dist.shard(idx), torch.cat(dist.shard(list(desired.split(1))))
             texts = [texts_all[i] for i in idx]
             # 2. N samples each, scored
-            ro = rollout(policy, Queries(texts, desired, t.n_samples), sampling, run.scoring)
+            ro = rollout(policy, online.queries(texts, desired, t.n_samples, it), online.settings, run.scoring)
             budget.add_sampling(t.batch_size * t.n_samples, round(dist.mean(ro.num_tokens) * dist.world), k)
             # 3. the quantile filter over the iteration's samples (valid ones only)
             valid = ~degenerate_mask(ro.texts, ro.finished)  # (B, N)
@@ -195,13 +196,15 @@ def train(cfg) -> dict[str, Any]:
                 budget.steps += 1
             step = it + 1
             metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/kept": float(len(rows)),
-                       "train/replay_rows": float(n_replay), "train/degenerate": (~valid).float().mean().item(),
+                       "train/replay_rows": float(n_replay),
                        "train/response_tokens": ro.num_tokens / max(1, keep.numel()),
                        "time/iteration": time.perf_counter() - tic}
+            means = {"train/degenerate": (~valid).float().mean().item()}
             for j, name in enumerate(run.objectives):
-                metrics[f"reward/{name}"] = ro.raw[..., j].mean().item()
-                metrics[f"reward_norm/{name}"] = ro.rewards[..., j].mean().item()
-                metrics[f"ric/threshold/{name}"] = thresholds[j].item()
+                means[f"reward/{name}"] = ro.raw[..., j].mean().item()
+                means[f"reward_norm/{name}"] = ro.rewards[..., j].mean().item()
+                metrics[f"ric/threshold/{name}"] = thresholds[j].item()  # this process's own (its half's quantile)
+            metrics.update(dist.mean_values(means))  # the global batch's, not this process's share
             run.end_iteration(step, t.iterations, metrics, optimizer, responder=evaluated,
                               table=(texts, desired, ro))
         summary = {"run_dir": run.run_dir, "iterations": t.iterations, **run.report.last}

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 
 from meal.config import TemplateConfig
 from meal.harness.profiling import NoMeter
-from meal.policy.sampling import Generation, GenerationSettings, generate
+from meal.policy.sampling import Generation, GenerationSettings, generate, iteration_seed
 from meal.policy.templates import build_prompt, format_preference, format_scores, render_prompt
 from meal.rewards import RewardNormalizer, RewardSet
 
@@ -151,6 +151,26 @@ class Queries:
     n: int = 1
     seed: int | None = None
     reward_texts: Sequence[str] | None = None
+
+
+@dataclass(frozen=True)
+class OnlineSampling:
+    """How an online loop samples (``trainer.seeding``): with ``seed``, each iteration's responses are drawn
+    per row from :func:`~meal.policy.sampling.iteration_seed` hashed with the prompt and the repeat, so every
+    process draws what one process would draw for the same prompt (a run does not depend on the launcher);
+    ``seed`` None: each process's own random stream."""
+
+    settings: GenerationSettings
+    seed: int | None = None
+
+    @classmethod
+    def build(cls, settings: GenerationSettings, seeding: str, seed: int) -> "OnlineSampling":
+        if seeding == "row":
+            return cls(replace(settings, seeding="row"), seed)
+        return cls(settings, None)
+
+    def queries(self, texts: Sequence[str], prefs: torch.Tensor, n: int, iteration: int) -> Queries:
+        return Queries(texts, prefs, n, None if self.seed is None else iteration_seed(self.seed, iteration))
 
 
 @dataclass

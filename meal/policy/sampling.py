@@ -118,6 +118,13 @@ def row_seeds(seed: int, keys: Sequence[str]) -> list[int]:
     return out
 
 
+def iteration_seed(seed: int, iteration: int) -> int:
+    """The seed of an online iteration's rollout (with ``seeding="row"``, each response's own seed then
+    hashes it with its prompt and repeat: :func:`row_seeds`), the same on every process."""
+    digest = hashlib.blake2b(f"{seed}\x1fiteration\x1f{iteration}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class RowDraw:
     """Draws each row's next token with that row's own generator, by the Gumbel-max trick: the argmax
     of the warped log-probabilities plus Gumbel noise (one draw per vocabulary entry from the row's
