@@ -124,9 +124,12 @@ def test_training_hands_vllm_the_current_adapter_each_rollout(fake_vllm, tiny_ll
         "generation.backend": "vllm", "trainer.iterations": 3, "trainer.lr": 1e-2})
     train(cfg)
     calls = fake_vllm[0].calls
-    # the normalisation pass (seeded) and the three training rollouts (unseeded) went through vLLM
-    assert len(calls) == 4 and all(p.seed is not None for p in calls[0]["params"])
-    assert all(p.seed is None for c in calls[1:] for p in c["params"])
+    # the normalisation pass (seeded per call) and the three training rollouts (each response seeded by
+    # (trainer.seed, iteration, prompt, repeat): trainer.seeding=row) went through vLLM
+    assert len(calls) == 4 and all(p.seed is not None for c in calls for p in c["params"])
+    online = [[p.seed for p in c["params"]] for c in calls[1:]]
+    assert all(len(set(seeds)) == len(seeds) for seeds in online)  # every response of an iteration its own seed
+    assert not set(online[0]) & set(online[1])  # and a new seed every iteration
     ids = [c["lora"].lora_int_id for c in calls]
     assert ids == sorted(set(ids)) and ids[0] >= 1  # a new adapter id every time
     folders = [c["lora"].lora_path for c in calls]
