@@ -23,8 +23,8 @@ def policy_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 
     """(M, H) mean-pooled last hidden states of the base policy, L2-normalised, float32 on CPU.
 
     The decoder alone runs where the model exposes it (``get_decoder``): its last hidden state is the
-    causal LM's ``hidden_states[-1]`` (after the final norm) without the vocabulary projection, which
-    for SmolLM2 is a fifth of the forward pass and here thrown away."""
+    causal LM's ``hidden_states[-1]`` (after the final norm) without the vocabulary projection, thrown
+    away here (on SmolLM2 a third of this pass's time in float32: BENCHMARKS.md)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -113,15 +113,19 @@ def row_seeds(seed: int, keys: Sequence[str]) -> list[int]:
     for key in keys:
         repeat = seen[key]
         seen[key] += 1
-        digest = hashlib.blake2b(f"{seed}\x1f{repeat}\x1f{key}".encode(), digest_size=8).digest()
-        out.append(int.from_bytes(digest, "little") >> 1)
+        out.append(_hashed_seed(seed, repeat, key))
     return out
 
 
 def iteration_seed(seed: int, iteration: int) -> int:
     """The seed of an online iteration's rollout (with ``seeding="row"``, each response's own seed then
     hashes it with its prompt and repeat: :func:`row_seeds`), the same on every process."""
-    digest = hashlib.blake2b(f"{seed}\x1fiteration\x1f{iteration}".encode(), digest_size=8).digest()
+    return _hashed_seed(seed, "iteration", iteration)
+
+
+def _hashed_seed(*parts) -> int:
+    """A 63-bit seed from a hash of ``parts`` (joined by the unit separator)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
