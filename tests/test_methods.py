@@ -291,16 +291,19 @@ def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path):
     (a user's sweep on a multi-GPU node): each process samples, scores and trains on its half of every
     batch; rank 0 writes; the processes' weights are checked identical at every checkpoint (the launch fails
     otherwise); the budget counts both processes' responses (2 iterations x 4 prompts x 2). Each response is
-    seeded by its prompt (``trainer.seeding=row``), so two processes draw what one draws: static's two
-    processes train the single process's weights, and log the global batch's rewards. (RiC's quantile filter is
-    each process's own, over its half of the samples, and so is Meal's split of its prompts into the inner and
-    the meta half (Meal's launches: tests/test_cli.py): their weights are not one process's.)"""
+    seeded by its prompt (``trainer.seeding=row``), so two processes draw what one draws, and both recipes
+    train the single process's weights: static's shares are equal; RiC's quantile is taken over every
+    process's samples, its replayed rows drawn for the whole batch, and its step averages over every kept
+    row, however many each process kept. (Meal splits each process's own prompts into the inner and the meta
+    half: its weights are not one process's; Meal's launches: tests/test_cli.py.)"""
     from safetensors.torch import load_file
 
-    from meal.methods import train
     from tests.test_config import _compose
 
-    _two_processes(tiny_llama, tmp_path, "static,ric")
+    from meal.methods import train
+
+    varies = "task.objectives=[harmless,concise]"  # ROUGE coverage ties on random tokens: every sample would pass
+    _two_processes(tiny_llama, tmp_path, "static,ric", varies)
     for method in ("static", "ric"):
         out = tmp_path / method
         rows = [json.loads(x) for x in open(out / "metrics.jsonl") if "train/loss" in x]
@@ -312,19 +315,25 @@ def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path):
         start = load_file(str(out / "conditioning" / "policy.safetensors"))
         trained = load_file(str(out / "checkpoints" / "step_000002" / "policy.safetensors"))
         assert any(not torch.equal(start[n], trained[n]) for n in start)
-    one = tmp_path / "one_process"  # static in one process, here: it trains what the two trained
-    train(_compose(_overrides(tiny_llama, one, "static", "trainer.final_eval=false")))
-    two_rows = [json.loads(x) for x in open(tmp_path / "static" / "metrics.jsonl") if "train/loss" in x]
-    one_rows = [json.loads(x) for x in open(one / "metrics.jsonl") if "train/loss" in x]
-    for a, b in zip(one_rows, two_rows, strict=True):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
-        for key in ("reward/concise", "reward_norm/concise", "reward_kept/concise", "train/scalarised"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key  # the global batch's, not rank 0's
-    two = load_file(str(tmp_path / "static" / "checkpoints" / "step_000002" / "policy.safetensors"))
-    single = load_file(str(one / "checkpoints" / "step_000002" / "policy.safetensors"))
-    for n in single:
-        torch.testing.assert_close(two[n], single[n], rtol=1e-4, atol=1e-6)
+    same = {"static": ("reward/concise", "reward_norm/concise", "reward_kept/concise", "train/scalarised"),
+            "ric": ("reward/concise", "reward_norm/concise", "train/kept", "train/replay_rows",
+                    "ric/threshold/harmless", "ric/threshold/concise")}
+    for method, keys in same.items():  # in one process, here: it trains what the two trained
+        one = tmp_path / f"one_{method}"
+        train(_compose(_overrides(tiny_llama, one, method, varies, "trainer.final_eval=false")))
+        two_rows = [json.loads(x) for x in open(tmp_path / method / "metrics.jsonl") if "train/loss" in x]
+        one_rows = [json.loads(x) for x in open(one / "metrics.jsonl") if "train/loss" in x]
+        for a, b in zip(one_rows, two_rows, strict=True):
+            assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4), method
+            assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3), method
+            for key in keys:  # the global batch's, not rank 0's
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (method, key)
+        if method == "ric":  # the filter kept some and not all, and the step trained on replayed rows too
+            assert all(0 < r["train/kept"] < 4 * 2 and r["train/replay_rows"] > 0 for r in one_rows), one_rows
+        two = load_file(str(tmp_path / method / "checkpoints" / "step_000002" / "policy.safetensors"))
+        single = load_file(str(one / "checkpoints" / "step_000002" / "policy.safetensors"))
+        for n in single:
+            torch.testing.assert_close(two[n], single[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{method} {n}: {m}")
 
 
 @pytest.mark.parametrize("method", ["morlhf", "soups"])

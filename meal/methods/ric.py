@@ -128,6 +128,17 @@ def start_responder(cfg, model, tokenizer) -> RicPolicy:
     return responder(cfg, model, tokenizer)
 
 
+def global_quantile(rewards: torch.Tensor, valid: torch.Tensor, q: float, dist) -> torch.Tensor:
+    """Each objective's ``q`` quantile over the valid samples of every process (all samples when none is
+    valid anywhere): the threshold one process would compute over the whole batch. (K,)"""
+    flat = rewards.reshape(-1, rewards.shape[-1])
+    shares = dist.all_gather((flat[valid.reshape(-1)], flat))  # rank order; a quantile ignores the order
+    pool = torch.cat([v for v, _ in shares])
+    if not len(pool):
+        pool = torch.cat([f for _, f in shares])
+    return torch.quantile(pool, q, dim=0)
+
+
 def quantile_filter(rewards: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Step 3: True where any objective reaches its threshold. rewards (..., K), thresholds (K,)."""
     return (rewards >= thresholds).any(-1)
@@ -161,49 +172,50 @@ def train(cfg) -> dict[str, Any]:
             # 2. N samples each, scored
             ro = rollout(policy, online.queries(texts, desired, t.n_samples, it), online.settings, run.scoring)
             budget.add_sampling(t.batch_size * t.n_samples, round(dist.mean(ro.num_tokens) * dist.world), k)
-            # 3. the quantile filter over the iteration's samples (valid ones only)
+            # 3. the quantile filter over the iteration's samples (valid ones only), every process's
             valid = ~degenerate_mask(ro.texts, ro.finished)  # (B, N)
-            flat = ro.rewards.reshape(-1, k)
-            pool = flat[valid.reshape(-1)] if valid.any() else flat
-            thresholds = torch.quantile(pool, m.quantile, dim=0)  # (K,)
+            thresholds = global_quantile(ro.rewards, valid, m.quantile, dist)  # (K,)
             keep = quantile_filter(ro.rewards, thresholds) & valid  # (B, N)
             rows, cols = keep.nonzero(as_tuple=True)
+            counts = dist.all_gather(len(rows))  # each process's kept samples, in rank order
+            n_kept, first = sum(counts), sum(counts[:dist.rank])  # this process's rows: [first, first + len)
             # 4. relabel with the obtained scores
             labels = ro.rewards[rows, cols]  # (n_kept, K)
             prompts = [texts[i] for i in rows.tolist()]
             responses = [ro.texts[i][j] for i, j in zip(rows.tolist(), cols.tolist())]
             finished = [ro.finished[i][j] for i, j in zip(rows.tolist(), cols.tolist())]
-            # 5. as many offline rows passing the same filter
+            # 5. as many offline rows passing the same filter: drawn for the whole batch (the same draw on
+            #    every process), this process taking the share that matches its kept samples
             n_replay = 0
-            if m.replay_filtered and len(rows):
+            if m.replay_filtered and n_kept:
                 passing = quantile_filter(corpus.labels, thresholds).nonzero().flatten().numpy()
                 if len(passing):
-                    pick = run.progress.draws.choice(passing, size=len(rows), replace=len(passing) < len(rows))
+                    pick = run.progress.draws.choice(passing, size=n_kept, replace=len(passing) < n_kept)
+                    n_replay = n_kept
+                    pick = pick[first:first + len(rows)]
                     prompts += [corpus.texts[i] for i in pick]
                     responses += [corpus.responses[i] for i in pick]
                     finished += [corpus.finished[i] for i in pick]
-                    labels = torch.cat([labels, corpus.labels[torch.as_tensor(pick)]])
-                    n_replay = len(pick)
-            # 6. one SFT step on them
+                    labels = torch.cat([labels, corpus.labels[torch.as_tensor(pick, dtype=torch.long)]])
+            # 6. one SFT step on them: the mean over every process's rows (a process may hold none)
             loss, grad_norm = 0.0, 0.0
-            if dist.mean(float(len(responses) > 0)) == 0:
+            if n_kept == 0:
                 log.warning("iteration %d: no sample passed the filter; no step taken", it + 1)
-            elif len(responses):
+            else:
                 batch = build_batch(run.policy.tokenizer, run.policy.condition(prompts, labels), responses, finished,
-                                    t.max_prompt_tokens, prefs=labels)
-                loss, grad_norm = policy_step(run.policy.model, optimizer, batch, torch.ones(len(batch)),
-                                              t.micro_batch_size, dist)
+                                    t.max_prompt_tokens, prefs=labels) if responses else None
+                loss, grad_norm = policy_step(run.policy.model, optimizer, batch, torch.ones(len(responses)),
+                                              t.micro_batch_size, dist, global_rows=n_kept + n_replay)
                 budget.steps += 1
             step = it + 1
-            metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/kept": float(len(rows)),
-                       "train/replay_rows": float(n_replay),
-                       "train/response_tokens": ro.num_tokens / max(1, keep.numel()),
-                       "time/iteration": time.perf_counter() - tic}
-            means = {"train/degenerate": (~valid).float().mean().item()}
+            metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/kept": float(n_kept),
+                       "train/replay_rows": float(n_replay), "time/iteration": time.perf_counter() - tic}
+            means = {"train/degenerate": (~valid).float().mean().item(),
+                     "train/response_tokens": ro.num_tokens / max(1, keep.numel())}
             for j, name in enumerate(run.objectives):
                 means[f"reward/{name}"] = ro.raw[..., j].mean().item()
                 means[f"reward_norm/{name}"] = ro.rewards[..., j].mean().item()
-                metrics[f"ric/threshold/{name}"] = thresholds[j].item()  # this process's own (its half's quantile)
+                metrics[f"ric/threshold/{name}"] = thresholds[j].item()  # over every process's samples
             metrics.update(dist.mean_values(means))  # the global batch's, not this process's share
             run.end_iteration(step, t.iterations, metrics, optimizer, responder=evaluated,
                               table=(texts, desired, ro))

@@ -119,19 +119,28 @@ def per_example_nll(model: torch.nn.Module, batch: SFTBatch,
 
 
 def policy_step(model, optimizer, batch, weights, micro_batch_size: int,
-                dist=None) -> tuple[float, float]:
+                dist=None, global_rows: int | None = None) -> tuple[float, float]:
     """Step 10: one AdamW step on L_in = mean_i c_i l_i (weights c detached), micro-batched, clipped.
 
     ``optimizer`` is an engine of ``meal.harness.distributed`` (plain AdamW with gradients averaged over
     data-parallel ranks, or DeepSpeed ZeRO). Returns (weighted loss, gradient norm before clipping).
+
+    ``global_rows``: the whole batch's row count over all processes, for batches whose shares differ
+    in size between processes (RiC keeps what passes its filter). Each process's loss is then its rows'
+    sum divided by ``global_rows / world``, so the averaged gradient is the mean over the whole batch, as
+    one process takes it; a process with no row (``batch`` None) still joins the average. Without it
+    each share is averaged on its own (equal shares: the same).
     """
     device = next(model.parameters()).device
     optimizer.zero_grad()
-    total, n = 0.0, len(batch)
+    n = 0 if batch is None else len(batch)
+    world = 1 if dist is None else dist.world
+    denom = n if global_rows is None else global_rows / world
+    total = 0.0
     starts = range(0, n, micro_batch_size)
     for s in starts:
         part = batch.slice(slice(s, s + micro_batch_size)).to(device)
-        loss = (weights[s:s + micro_batch_size].to(device) * per_example_nll(model, part)).sum() / n
+        loss = (weights[s:s + micro_batch_size].to(device) * per_example_nll(model, part)).sum() / denom
         optimizer.backward(loss, last=s == starts[-1])
         total += loss.item()
     if dist is not None:
