@@ -141,8 +141,10 @@ class TrainerConfig:
     top_k: int = knob(0, "Top-k sampling (0: off).")
     temperature: float = knob(1.0, "Sampling temperature.")
     seeding: str = knob("row", "How the online loop's responses are seeded: row (each by (trainer.seed, iteration, "
-                        "prompt, repeat): the same responses on any number of processes and at any gen_batch_size) | "
-                        "rank (each process's own random stream from trainer.seed + rank, as runs before 2026-12-03).")
+                        "prompt, repeat): the same responses on any number of processes and at any gen_batch_size; "
+                        "MORLHF and Rewarded Soups then sample GRPO's completions with meal's sampler too) | rank "
+                        "(each process's own random stream from trainer.seed + rank, and TRL's own generation for "
+                        "GRPO, as runs before 2026-12-03).")
     dirichlet_alpha: float = knob(1.0, "Concentration of the Dirichlet that draws target preferences (step 1).")
     preference: Optional[List[float]] = knob(None, "Train on this one target preference instead of Dirichlet draws.")
     max_prompt_tokens: int = knob(512, "Prompts are truncated (left) to this many tokens.")

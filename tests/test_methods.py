@@ -223,8 +223,12 @@ def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_l
         "conditioning.micro_batch_size": 2, "conditioning.pool_prompts": 4, "conditioning.cache": str(tmp_path / "c"),
         "task.pool_instructions": ["", "Be brief."],
         "policy.lora": {"enabled": True, "preference_aware": True, "r": 2, "alpha": 4},
-        "trainer.iterations": 1, "trainer.batch_size": 2, "trainer.n_samples": 2, "trainer.final_eval": True,
+        "trainer.iterations": 1, "trainer.batch_size": 2, "trainer.n_samples": 4, "trainer.final_eval": True,
         "trainer.final_eval_prompts": 2})
+    # ROUGE coverage ties on the tiny model's random tokens (no gradient for the expert at w = (1, 0)): harmlessness
+    cfg["task"]["objectives"] = ["harmless", "concise"]
+    cfg["rewards"] = {"harmless": {"_target_": "meal.rewards.embedded.ProfanityHarmlessness"},
+                      "concise": cfg["rewards"]["concise"]}
     cfg["method"] = {"recipe": "soups", "name": "soups"}
     summary = train(cfg)
     assert sorted(os.listdir(out / "policies")) == ["00.safetensors", "01.safetensors", "start.safetensors"]
@@ -235,7 +239,7 @@ def test_soups_train_one_expert_per_objective_and_evaluate_the_whole_grid(tiny_l
     assert any(not torch.equal(e0[n], start[n]) for n in start) and any(not torch.equal(e1[n], start[n]) for n in start)
     front = json.load(open(out / "front.json"))
     assert len(front["points"]) == 11 and front["label"] == "soups"
-    assert summary["budget"]["responses"] == 2 * 1 * 2 * 2
+    assert summary["budget"]["responses"] == 2 * 1 * 2 * 4
     from tests.test_export import assert_export_answers_as_the_run
 
     assert_export_answers_as_the_run(out, [0.3, 0.7], tmp_path / "exported")  # meal-export: the soup at w
@@ -341,14 +345,19 @@ def test_grpo_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path, me
     """`accelerate launch` with 2 CPU processes (gloo): TRL's GRPO trainer takes the launch's process group
     and shards each step's completions (half a step's per process, gradients averaged by its DDP); rank 0
     writes the policies, the metrics and the front; at every checkpoint the processes' weights are checked
-    identical (the launch fails otherwise). Each process samples its own completions, so the weights are not
-    the single process's: what must match is the work, counted over both processes (the same responses and
-    steps as one process does, test_morlhf_... and test_soups_... above)."""
+    identical (the launch fails otherwise). The work is counted over both processes (the same responses and
+    steps as one process does, test_morlhf_... and test_soups_... above). Each completion is drawn by meal's
+    sampler with its own seed (``trainer.seeding=row``: TRL's rollout_func), so the two processes train the
+    single process's policies (GRPO's losses and every weight within 1e-4)."""
     from safetensors.torch import load_file
 
-    out = _two_processes(tiny_llama, tmp_path, method, "policy.lora.preference_aware=true", "trainer.iterations=2",
-                         "trainer.batch_size=2", "trainer.n_samples=2",
-                         *(["method.grid_points=2"] if method == "morlhf" else []))
+    from tests.test_config import _compose
+
+    from meal.methods import train
+
+    extra = ["policy.lora.preference_aware=true", "trainer.iterations=2", "trainer.batch_size=2", "trainer.n_samples=2",
+             *(["method.grid_points=2"] if method == "morlhf" else [])]
+    out = _two_processes(tiny_llama, tmp_path, method, *extra)
     rows = [json.loads(x) for x in open(out / "metrics.jsonl") if "grpo/loss" in x]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and {r["grpo/processes"] for r in rows} == {2}  # one writer
     front = json.load(open(out / "front.json"))
@@ -360,3 +369,13 @@ def test_grpo_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path, me
     # the policy at w = (1, 0) may get no gradient at all: the single-process tests above assert the same)
     assert any(not torch.equal(p0[n], start[n]) for n in start) or any(not torch.equal(p1[n], start[n]) for n in start)
     assert any(not torch.equal(p0[n], p1[n]) for n in start)
+    one = tmp_path / "one_process"  # the same in one process, here
+    train(_compose(_overrides(tiny_llama, one, method, *extra, "trainer.final_eval=false")))
+    one_rows = [json.loads(x) for x in open(one / "metrics.jsonl") if "grpo/loss" in x]
+    for a, b in zip(one_rows, rows, strict=True):
+        assert b["grpo/loss"] == pytest.approx(a["grpo/loss"], rel=1e-4, abs=1e-7)
+        assert b["grpo/reward"] == pytest.approx(a["grpo/reward"], rel=1e-4, abs=1e-6)  # the same completions
+    for name in ("00", "01"):
+        single, two = (load_file(str(d / "policies" / f"{name}.safetensors")) for d in (one, out))
+        for n in single:
+            torch.testing.assert_close(two[n], single[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name} {n}: {m}")

@@ -6,7 +6,9 @@ Rewarded Soups share (MORLHF at the preferences of a grid, Rewarded Soups at the
     1  the policy restarts from the common start, conditioned on w (prompt and, with preference-aware
        LoRA, the adapters' mix)
     2  GRPO: ``trainer.iterations`` steps of ``trainer.batch_size`` prompts x ``trainer.n_samples``
-       completions; the objectives are its reward functions (normalised rewards), ``reward_weights`` = w
+       completions; the objectives are its reward functions (normalised rewards), ``reward_weights`` = w;
+       with ``trainer.seeding=row`` each completion is drawn by meal's sampler with its own seed
+       (``SeededCompletions``), so that the run does not depend on the number of processes
     3  the policy's trainable weights saved (``policies/<i>.safetensors``), the run checkpointed
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from typing import Sequence
 
 import torch
@@ -24,7 +27,8 @@ from meal.config import ConfigError, need
 from meal.harness.budget import Budget
 from meal.harness.run import Run
 from meal.policy.preference_lora import preference_weights
-from meal.policy.rollout import Scoring
+from meal.policy.rollout import OnlineSampling, Scoring
+from meal.policy.sampling import GenerationSettings, generate
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,27 @@ class ScoreCache:
         return fn
 
 
+class SeededCompletions:
+    """TRL's ``rollout_func`` under ``trainer.seeding=row``: the completions of GRPO's step drawn by meal's
+    sampler, each with its own generator seeded by (``seed``, the step, the prompt, its repeat), as the online
+    loop of static, Meal and RiC draws its responses. A process therefore draws for its share of a step what
+    one process draws for those prompts, and two processes train the single process's policy. (TRL's own
+    generation, ``trainer.seeding=rank``, draws from each process's random stream.) ``w`` (1, K): the policy's
+    preference, read by preference-aware LoRA while it samples."""
+
+    def __init__(self, model, tokenizer, settings: GenerationSettings, seed: int, w: torch.Tensor):
+        self.model, self.tokenizer, self.w = model, tokenizer, w
+        self.online = OnlineSampling.build(settings, "row", seed)
+
+    def __call__(self, prompts: list[str], trainer) -> dict:
+        q = self.online.queries(prompts, self.w.expand(len(prompts), -1), 1, trainer.state.global_step)
+        gen = generate(self.model, self.tokenizer, prompts, self.online.settings, q.seed, q.prefs)
+        settings = self.online.settings
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False, truncation=True,
+                                     max_length=settings.max_prompt_tokens)["input_ids"] for p in prompts]
+        return {"prompt_ids": prompt_ids, "completion_ids": gen.ids, "logprobs": None}
+
+
 def policy_file(folder: str, i: int) -> str:
     return os.path.join(folder, "policies", f"{i:02d}.safetensors")
 
@@ -89,6 +114,9 @@ def train_policies(cfg, run: Run, prefs: list[list[float]]) -> None:
     if (t.batch_size * t.n_samples) % dist.world:
         raise ConfigError(f"trainer.batch_size: {t.batch_size} prompts x {t.n_samples} completions a step do not "
                           f"split over {dist.world} processes")
+    if t.seeding == "row" and t.batch_size % dist.world:  # a prompt's repeats are counted within one process
+        raise ConfigError(f"trainer.batch_size: with trainer.seeding=row each process samples whole groups of "
+                          f"completions; {t.batch_size} prompts do not split over {dist.world} processes")
     start_file = os.path.join(run.run_dir, "policies", "start.safetensors")
     if dist.main and not os.path.exists(start_file):  # 0. the common start, kept for every policy (and a resume)
         os.makedirs(os.path.dirname(start_file), exist_ok=True)
@@ -115,9 +143,16 @@ def train_policies(cfg, run: Run, prefs: list[list[float]]) -> None:
             beta=m.beta, reward_weights=list(w), seed=t.seed + i, data_seed=t.seed, logging_steps=1,
             save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
             disable_tqdm=not dist.main)
-        trainer = GRPOTrainer(model=run.policy.model, args=args, train_dataset=data,
-                              processing_class=run.policy.tokenizer,
-                              reward_funcs=[scores.reward_function(k, name) for k, name in enumerate(run.objectives)])
+        seeded = None
+        if t.seeding == "row":
+            seeded = SeededCompletions(run.policy.model, run.policy.tokenizer, run.policy.settings, t.seed + i,
+                                       torch.tensor([w], dtype=torch.float32))
+        with warnings.catch_warnings():  # rollout_func is "experimental" in TRL: a warning for TRL's users, not meal's
+            warnings.filterwarnings("ignore", message="You are using 'rollout_func'")
+            trainer = GRPOTrainer(model=run.policy.model, args=args, train_dataset=data,
+                                  processing_class=run.policy.tokenizer, rollout_func=seeded,
+                                  reward_funcs=[scores.reward_function(k, name)
+                                                for k, name in enumerate(run.objectives)])
         with preference_weights(run.policy.model, torch.tensor([w])):
             trainer.train()
         budget = run.progress.budget

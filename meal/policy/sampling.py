@@ -47,11 +47,13 @@ class GenerationSettings:
 
 @dataclass
 class Generation:
-    """Sampled responses: ``texts[b]`` for ``prompts[b]``; ``finished[b]`` is False when cut at the budget."""
+    """Sampled responses: ``texts[b]`` for ``prompts[b]``; ``finished[b]`` is False when cut at the budget;
+    ``ids[b]``: its token ids, eos included when it finished (None where the sampler does not return them)."""
 
     texts: list[str]
     finished: list[bool]
     num_tokens: int
+    ids: list[list[int]] | None = None
 
 
 class SamplingWarper:
@@ -184,7 +186,7 @@ def _generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSett
     model.eval()
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
-    texts, finished, n_tokens = [], [], 0
+    texts, finished, n_tokens, ids = [], [], 0, []
     warper = LogitsProcessorList([SamplingWarper(settings.temperature, settings.top_k, settings.top_p)])
     for i in range(0, len(prompts), settings.batch_size):
         chunk = list(prompts[i:i + settings.batch_size])
@@ -207,8 +209,9 @@ def _generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSett
             n_tokens += end
             finished.append(bool(len(hit)))
             texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+            ids.append(row[:end + 1].tolist())
     model.train(was_training)
-    return Generation(texts, finished, n_tokens)
+    return Generation(texts, finished, n_tokens, ids)
 
 
 # the conditioning text echoed back: "(Preference weights: helpful 0.50, ...)", "Prefrence weight",
