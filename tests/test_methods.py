@@ -270,10 +270,10 @@ def _overrides(tiny_llama, out, method, *extra):
         "policy.lora.alpha=4", "trainer.micro_batch_size=2", "task.pool_instructions=['','Be brief.']", *extra]
 
 
-def _two_processes(tiny_llama, tmp_path, method, *extra):
-    """``method`` (:func:`_overrides`) under `accelerate launch` with 2 CPU processes; returns its run folder.
-    ``method`` may be a Hydra sweep ("static,ric"): one launch runs each method in turn in the same two
-    processes, each in ``<tmp_path>/<method>``."""
+def _two_processes(tiny_llama, tmp_path, method, *extra, config="multi_gpu.yaml"):
+    """``method`` (:func:`_overrides`) under `accelerate launch` with 2 CPU processes (the shipped accelerate
+    ``config``); returns its run folder. ``method`` may be a Hydra sweep ("static,ric"): one launch runs each
+    method in turn in the same two processes, each in ``<tmp_path>/<method>``."""
     import sys
 
     from tests.test_cli import _accelerate_config, _launch
@@ -284,7 +284,7 @@ def _two_processes(tiny_llama, tmp_path, method, *extra):
     if sweep:
         common = ["--multirun", *common, f"hydra.sweep.dir={tmp_path / 'multirun'}"]
     _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-             _accelerate_config(tmp_path, "multi_gpu.yaml"), "--main_process_port", PORTS[method],
+             _accelerate_config(tmp_path, config), "--main_process_port", PORTS[method],
              "-m", "meal.cli.train", *common], tmp_path)
     return out
 
@@ -340,10 +340,11 @@ def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path):
             torch.testing.assert_close(two[n], single[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{method} {n}: {m}")
 
 
-@pytest.mark.parametrize("method", ["morlhf", "soups"])
-def test_grpo_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path, method):
+@pytest.mark.parametrize("method,config", [("morlhf", "deepspeed_zero2.yaml"), ("soups", "multi_gpu.yaml")])
+def test_grpo_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path, method, config):
     """`accelerate launch` with 2 CPU processes (gloo): TRL's GRPO trainer takes the launch's process group
-    and shards each step's completions (half a step's per process, gradients averaged by its DDP); rank 0
+    and shards each step's completions (half a step's per process, gradients averaged by its DDP, or by
+    DeepSpeed ZeRO-2 under the shipped DeepSpeed config: MORLHF's launch here); rank 0
     writes the policies, the metrics and the front; at every checkpoint the processes' weights are checked
     identical (the launch fails otherwise). The work is counted over both processes (the same responses and
     steps as one process does, test_morlhf_... and test_soups_... above). Each completion is drawn by meal's
@@ -355,19 +356,22 @@ def test_grpo_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path, me
 
     from meal.methods import train
 
+    if config.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")  # in the dev extra
     extra = ["policy.lora.preference_aware=true", "trainer.iterations=2", "trainer.batch_size=2", "trainer.n_samples=2",
+             "task.objectives=[harmless,concise]",  # ROUGE coverage ties on random tokens: no gradient at w = (1, 0)
              *(["method.grid_points=2"] if method == "morlhf" else [])]
-    out = _two_processes(tiny_llama, tmp_path, method, *extra)
+    out = _two_processes(tiny_llama, tmp_path, method, *extra, config=config)
     rows = [json.loads(x) for x in open(out / "metrics.jsonl") if "grpo/loss" in x]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and {r["grpo/processes"] for r in rows} == {2}  # one writer
+    assert {r["grpo/zero_stage"] for r in rows} == {2 if config.startswith("deepspeed") else 0}
     front = json.load(open(out / "front.json"))
     assert front["extra"]["budget"]["responses"] == 2 * 2 * 2 * 2  # 2 policies x 2 steps x 2 prompts x 2 completions
     assert front["extra"]["budget"]["steps"] == 4
     assert len(front["points"]) == (2 if method == "morlhf" else 11)
     start, p0, p1 = (load_file(str(out / "policies" / f"{n}.safetensors")) for n in ("start", "00", "01"))
-    # GRPO moved the policies, each by its own preference (on the tiny model the coverage reward is constant, so
-    # the policy at w = (1, 0) may get no gradient at all: the single-process tests above assert the same)
-    assert any(not torch.equal(p0[n], start[n]) for n in start) or any(not torch.equal(p1[n], start[n]) for n in start)
+    # GRPO moved both policies, each by its own preference
+    assert any(not torch.equal(p0[n], start[n]) for n in start) and any(not torch.equal(p1[n], start[n]) for n in start)
     assert any(not torch.equal(p0[n], p1[n]) for n in start)
     one = tmp_path / "one_process"  # the same in one process, here
     train(_compose(_overrides(tiny_llama, one, method, *extra, "trainer.final_eval=false")))

@@ -155,6 +155,8 @@ def train_policies(cfg, run: Run, prefs: list[list[float]]) -> None:
                                                 for k, name in enumerate(run.objectives)])
         with preference_weights(run.policy.model, torch.tensor([w])):
             trainer.train()
+        plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+        zero_stage = int(plugin.zero_stage) if trainer.is_deepspeed_enabled and plugin is not None else 0
         budget = run.progress.budget
         budget.add_sampling(round(dist.mean(scored.responses) * dist.world),
                             round(dist.mean(scored.tokens) * dist.world), len(run.objectives))
@@ -170,5 +172,6 @@ def train_policies(cfg, run: Run, prefs: list[list[float]]) -> None:
                     metrics = {f"grpo/{k}": v for k, v in entry.items() if isinstance(v, (int, float))}
                     metrics["grpo/policy"] = i
                     metrics["grpo/processes"] = dist.world
+                    metrics["grpo/zero_stage"] = zero_stage  # 0: plain DDP; 1 or 2: TRL's trainer ran DeepSpeed ZeRO
                     run.report.record(run.logger, metrics, i * t.iterations + int(entry.get("step", 0)))
         run.save(i + 1, trainer.optimizer, policies_done=i + 1)
