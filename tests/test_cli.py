@@ -74,7 +74,9 @@ def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_
     identical at every checkpoint. Then DeepSpeed ZeRO-2 (deepspeed_zero2.yaml, 2 micro-batches per
     rank), stopped after 2 iterations and resumed for a third (full fine-tuning; with LoRA 3 iterations in
     one launch): it must reproduce the plain run's losses and gradient norms. With LoRA, whose random init
-    draws from each rank's own seed, rank 0's start must reach every rank."""
+    draws from each rank's own seed, rank 0's start must reach every rank. Both launches train what one
+    process trains (in-process here): each process holds its share of the batch's inner and meta halves, the
+    virtual step takes the global inner gradient and the meta-gradient the global meta loss's direction."""
     # a plain SGD virtual step: DeepSpeed keeps AdamW's moments partitioned, so the Adam preconditioner of the
     # virtual step differs between the two launches (as the run logs)
     common = ["method=meal", "trainer.final_eval=false", "trainer.batch_size=8", "trainer.micro_batch_size=2",
@@ -117,3 +119,22 @@ def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
         assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
         assert b["meta/grad_norm"] == pytest.approx(a["meta/grad_norm"], rel=1e-3)
+    from tests.test_config import _compose
+
+    from meal.methods import train
+
+    one = tmp_path / "one_process"
+    train(_compose([*tiny_overrides(tiny_llama, one), *common, "trainer.iterations=3"]))
+    one_rows = _rows(one)
+    for a, b in zip(one_rows, rows, strict=True):  # the data-parallel run, against the single process's
+        for key in ("train/loss", "meta/loss", "reward/concise", "meta/label_shift"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (b["step"], key)
+        for key in ("train/grad_norm", "meta/grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3), (b["step"], key)
+    assert one_rows[-1]["meta/param_distance"] > 0  # the net moved
+    from safetensors.torch import load_file
+
+    for name in ("policy", "net"):
+        single, two = (load_file(str(d / "checkpoints" / "step_000003" / f"{name}.safetensors")) for d in (one, dp))
+        for n in single:
+            torch.testing.assert_close(two[n], single[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name} {n}: {m}")

@@ -298,8 +298,7 @@ def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path):
     seeded by its prompt (``trainer.seeding=row``), so two processes draw what one draws, and both recipes
     train the single process's weights: static's shares are equal; RiC's quantile is taken over every
     process's samples, its replayed rows drawn for the whole batch, and its step averages over every kept
-    row, however many each process kept. (Meal splits each process's own prompts into the inner and the meta
-    half: its weights are not one process's; Meal's launches: tests/test_cli.py.)"""
+    row, however many each process kept. (Meal's launches, against one process too: tests/test_cli.py.)"""
     from safetensors.torch import load_file
 
     from tests.test_config import _compose

@@ -55,6 +55,38 @@ class Dist:
         per = len(items) // self.world
         return items[self.rank * per:(self.rank + 1) * per]
 
+    def shard_halves(self, items: list) -> list:
+        """This rank's share of each half of a global batch, its share of the first half first: Meal's meta
+        step splits a rank's prompts into the inner and the meta half, and these are then the global
+        batch's halves on any number of processes (one process: ``items`` unchanged)."""
+        if len(items) % (2 * self.world):
+            raise ValueError(f"trainer.batch_size: the inner and the meta half of {len(items)} prompts do not split "
+                             f"over {self.world} processes")
+        half = len(items) // 2
+        return self.shard(items[:half]) + self.shard(items[half:])
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its sum over ranks, in place, in one all-reduce (one process: unchanged)."""
+        if self.world == 1 or not tensors:
+            return
+        import torch.distributed as dist
+
+        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]).to(self._comm_device())
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t).to(t))
+            offset += n
+
+    def sum_autograd(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``'s sum over ranks as a new tensor, differentiable: its gradient reaches every rank's ``t``
+        (torch.distributed.nn's all-reduce, whose backward all-reduces the gradients); a collective, in
+        forward and in backward."""
+        if self.world == 1:
+            return t
+        return _SumOverRanks.apply(t.to(self._comm_device())).to(t.device)
+
     def average_grads(self, params: Iterable[torch.Tensor]) -> None:
         """All-reduce the mean of each parameter's ``.grad`` (missing grads count as zeros)."""
         if self.world == 1:
@@ -139,6 +171,27 @@ class Dist:
 
     def _comm_device(self):
         return self.device if self.device is not None and self.device.type == "cuda" else torch.device("cpu")
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """y = the sum of x over ranks; dL/dx on each rank = the sum over ranks of dL_r/dy (every rank's loss
+    depends on y). A collective in forward and in backward: every rank must take both."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        y = x.detach().clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
 
 
 def deepspeed_requested() -> bool:

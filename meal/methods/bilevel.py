@@ -44,6 +44,7 @@ from meal.harness.profiling import NoMeter
 from meal.policy.losses import SFTBatch, per_example_nll
 
 Params = dict[str, torch.Tensor]
+SumFn = Callable[[torch.Tensor], torch.Tensor]  # a tensor's sum over data-parallel processes (autograd through it)
 
 
 @dataclass
@@ -150,31 +151,43 @@ def label_preference(w_tilde: torch.Tensor, h: torch.Tensor, lam: float) -> torc
     return w_tilde if lam == 1.0 else lam * w_tilde + (1.0 - lam) * h
 
 
-def masked_ones(ok: torch.Tensor | None, n: int | None = None) -> torch.Tensor:
+def masked_ones(ok: torch.Tensor | None, n: int | None = None, total: SumFn | None = None) -> torch.Tensor:
     """Weights 1 on the rows where ``ok`` (B,) holds and 0 elsewhere, rescaled to mean 1 over all rows
-    (so that mean_i c_i l_i is the mean over the valid rows); all ones without a mask."""
+    (so that mean_i c_i l_i is the mean over the valid rows); all ones without a mask. ``total``: the sum
+    over data-parallel processes (None: one process), so that the share of valid rows is the whole batch's."""
     if ok is None:
         return torch.ones(n)
     okf = ok.float()
-    return okf / okf.mean() if okf.any() else okf
+    if total is None:
+        return okf / okf.mean() if okf.any() else okf
+    valid, rows = total(torch.stack([okf.sum(), torch.tensor(float(len(okf)))])).tolist()
+    return okf / (valid / rows) if valid > 0 else okf
 
 
-def sample_weights(w_phi: torch.Tensor, rewards: torch.Tensor, lam: float, ok: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+def sample_weights(w_phi: torch.Tensor, rewards: torch.Tensor, lam: float, ok: torch.Tensor | None = None,
+                   total: SumFn | None = None) -> torch.Tensor:
     """c_i = lam + (1 - lam) * c^_i with c^_i = w_phi(x_i) . sigmoid(R_i), normalised to mean 1 (B,).
 
     Differentiable in w_phi; with lam = 1 every weight is exactly 1. ``ok`` (B,) marks the rows whose
     kept response is valid: the others get weight 0, c^ is normalised over the valid rows, and the
     weights are rescaled by :func:`masked_ones` so that the weighted mean covers the valid rows only.
+    ``total``: a differentiable sum over data-parallel processes (None: one process): the mean that
+    normalises c^ is then the whole batch's, and its gradient reaches every process's w_phi.
     """
-    mask = masked_ones(ok, rewards.shape[0]).to(rewards.device)
+    mask = masked_ones(ok, rewards.shape[0], total).to(rewards.device)
     if lam == 1.0:
         return mask.to(rewards.dtype)
     c_hat = (w_phi * torch.sigmoid(rewards.to(w_phi.dtype))).sum(-1)
     valid = mask > 0
-    if not valid.any():
-        return mask.to(c_hat.dtype)
-    c_hat = c_hat / c_hat[valid].mean()
+    if total is None:
+        if not valid.any():
+            return mask.to(c_hat.dtype)
+        c_hat = c_hat / c_hat[valid].mean()
+    else:  # every process joins the sum, whether or not it holds a valid row
+        sums = total(torch.stack([c_hat[valid].sum(), valid.sum().to(c_hat.dtype)]))
+        if sums[1].item() == 0:
+            return mask.to(c_hat.dtype)
+        c_hat = c_hat / (sums[0] / sums[1].detach())
     return (lam + (1.0 - lam) * c_hat) * mask.to(c_hat.dtype)
 
 
@@ -236,6 +249,16 @@ class MetaGradSettings:
     micro_batch_size: int | None = None
     # P (name -> tensor), or a function of the inner gradient g (detached) that returns it; None: plain SGD
     precondition: Params | Callable[[Params], Params] | None = None
+    # data parallelism: sums a list of tensors over the processes in place (None: one process), and their
+    # number. Each process holds an equal share of the inner batch and its share of the meta loss (the
+    # shares summing to L_meta); the virtual step then takes the global inner gradient and the direction v
+    # is the global meta loss's, so the processes' averaged meta-gradient is the single process's
+    sum_over_processes: Callable[[list[torch.Tensor]], None] | None = None
+    processes: int = 1
+
+    def global_sum(self, tensors: list[torch.Tensor]) -> None:
+        if self.sum_over_processes is not None and self.processes > 1:
+            self.sum_over_processes(tensors)
 
 
 @dataclass
@@ -288,13 +311,27 @@ def _autograd_engine(model, params, inner: InnerLoss, meta_loss_fn, phi, s: Meta
         losses = per_example_nll(model, _with_labels(inner.batch, inner.labels()), params)  # graph to theta, phi
         grads = torch.autograd.grad((c * losses).mean(), [params[n] for n in names], create_graph=True)
         g = dict(zip(names, grads))
+        if s.processes > 1:  # the global mean's value, this process's own graph to phi
+            mean = [x.detach().clone() for x in grads]
+            s.global_sum(mean)
+            g = {n: x + (m / s.processes - x.detach()) for (n, x), m in zip(g.items(), mean)}
         s = replace(s, precondition=_resolve(s.precondition, g))
     with meter.phase("meta_step"):
         if s.first_order:  # linearise L_meta around theta: v . (theta' - theta)
             v = _grad(meta_loss_fn, params)
-            meta_loss = meta_loss_fn(params).item()
+            loss = meta_loss_fn(params).detach().reshape(1)
+            s.global_sum([*v.values(), loss])
             step = virtual_step({n: torch.zeros_like(p) for n, p in params.items()}, g, s.alpha, s.precondition)
             surrogate = sum((v[n] * step[n]).sum() for n in names)
+            meta_loss = loss.item()
+        elif s.processes > 1:  # v = grad of the global L_meta at theta', then v . theta'(phi)
+            theta_prime = virtual_step(params, g, s.alpha, s.precondition)
+            local = meta_loss_fn(theta_prime)
+            v = list(torch.autograd.grad(local, [theta_prime[n] for n in names], retain_graph=True))
+            loss = local.detach().reshape(1)
+            s.global_sum([*v, loss])
+            surrogate = sum((vi * theta_prime[n]).sum() for n, vi in zip(names, v))
+            meta_loss = loss.item()
         else:
             theta_prime = virtual_step(params, g, s.alpha, s.precondition)
             surrogate = meta_loss_fn(theta_prime)
@@ -355,6 +392,9 @@ def _directional_engine(model, params, inner: InnerLoss, meta_loss_fn, phi, s: M
                     scale = 1.0
                 for n, gi in zip(leaf, grads):
                     g[n] += scale * gi
+            s.global_sum(list(g.values()))  # the global inner gradient: the processes' equal shares' mean
+            if s.processes > 1:
+                g = {n: x / s.processes for n, x in g.items()}
             s = replace(s, precondition=_resolve(s.precondition, g))
             at = theta if s.first_order else virtual_step(theta, g, s.alpha, s.precondition)
     with meter.phase("meta_step"):
@@ -362,6 +402,8 @@ def _directional_engine(model, params, inner: InnerLoss, meta_loss_fn, phi, s: M
         leaf = {n: p.detach().clone().requires_grad_(True) for n, p in at.items()}
         meta_loss = meta_loss_fn(leaf)
         v = dict(zip(leaf, torch.autograd.grad(meta_loss, list(leaf.values()))))
+        meta_loss = meta_loss.detach().reshape(1)
+        s.global_sum([*v.values(), meta_loss])  # v and L_meta of the global meta batch: the shares' sums
         u = v if s.precondition is None else {n: s.precondition[n] * v[n] for n in v}
         del leaf, at
         # D_i = grad l_i(theta) . u for every inner example

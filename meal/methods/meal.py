@@ -155,6 +155,12 @@ def train(cfg) -> dict[str, Any]:
         if m.lam < 1 and t.batch_size // dist.world < 2:
             raise ConfigError(f"trainer.batch_size: Meal needs at least 2 prompts per process, got {t.batch_size} over "
                               f"{dist.world}")
+        # a process holds its share of each half of the batch: the meta step's inner and meta halves (5-9) are
+        # then the global batch's on any number of processes (static: a contiguous share)
+        shard = dist.shard_halves if m.lam < 1 and dist.world > 1 else dist.shard
+        if shard == dist.shard_halves and t.batch_size % (2 * dist.world):
+            raise ConfigError(f"trainer.batch_size: Meal shards the inner and the meta half of the batch over the "
+                              f"processes; {t.batch_size} prompts do not split into 2 x {dist.world} equal shares")
         lm = run.policy  # the language model: its tokenizer, trainable tensors, template, sampling, optimiser
         budget, saved = run.progress.budget, run.progress.state  # saved: the checkpoint's state (a resume)
         policy = responder(cfg, lm.model, lm.tokenizer)
@@ -183,7 +189,7 @@ def train(cfg) -> dict[str, Any]:
             # 1. target preferences (B, K) for the global batch; this rank keeps its share
             idx = run.progress.order.next(t.batch_size)
             w_star = draw_preferences(len(idx), k, t.dirichlet_alpha, run.progress.draws, t.preference)
-            idx, w_star = dist.shard(idx), torch.cat(dist.shard(list(w_star.split(1))))
+            idx, w_star = shard(idx), torch.cat(shard(list(w_star.split(1))))
             texts = [texts_all[i] for i in idx]
             learner.begin(it, len(idx))
             # 2-3. the net's proposal and the preference the policy samples under
@@ -204,7 +210,7 @@ def train(cfg) -> dict[str, Any]:
             # 10. real update with the new, detached labels and weights (0 where nothing valid was kept), and
             #     rows of the conditioning stage with their labels at weight 1
             labels = learner.labels(idx, w_star, kept)
-            c = learner.weights(idx, w_star, kept)
+            c = learner.weights(idx, w_star, kept, dist.sum_autograd if dist.world > 1 else None)
             batch, c = with_replay(run, labelled_batch(handle, texts, ro.texts, ro.finished, kept, labels), c,
                                    Replay(replay, replay_order, t.replay, t.max_prompt_tokens))
             if dist.mean(float(kept.ok.any())) == 0:  # every response of the batch degenerate: no step at all

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from meal.methods.bilevel import (InnerLoss, MetaGradientStats, MetaGradSettings, PreferenceWeightNet, PromptFeatures,
-                                  achieved_preference, adam_preconditioner, dynamic_preference, label_preference,
+                                  SumFn, achieved_preference, adam_preconditioner, dynamic_preference, label_preference,
                                   masked_ones, meta_gradient, sample_weights)
 from meal.policy.losses import SFTBatch, build_batch, per_example_nll
 from meal.policy.sampling import scalarise, select_valid_best
@@ -110,10 +110,11 @@ class FixedLearner:
         w_tilde = dynamic_preference(w_star, self.propose(idx, w_star), self.s.lam)
         return label_preference(w_tilde[kept.src], achieved_preference(kept.rewards, self.s.tau), self.s.lam)
 
-    def weights(self, idx: Sequence[int], w_star: torch.Tensor, kept: Kept) -> torch.Tensor:
+    def weights(self, idx: Sequence[int], w_star: torch.Tensor, kept: Kept, total: SumFn | None = None
+                ) -> torch.Tensor:
         if self.s.weight_path and self.s.lam < 1:
-            return sample_weights(self.propose(idx, w_star)[kept.src], kept.rewards, self.s.lam, kept.ok)
-        return masked_ones(kept.ok)
+            return sample_weights(self.propose(idx, w_star)[kept.src], kept.rewards, self.s.lam, kept.ok, total)
+        return masked_ones(kept.ok, total=total)
 
     def begin(self, iteration: int, batch_size: int) -> None:
         pass
@@ -172,10 +173,13 @@ class NetLearner:
         return label_preference(w_tilde[src], h, self.s.lam).float()
 
     @torch.no_grad()
-    def weights(self, idx: Sequence[int], w_star: torch.Tensor, kept: Kept) -> torch.Tensor:
+    def weights(self, idx: Sequence[int], w_star: torch.Tensor, kept: Kept, total: SumFn | None = None
+                ) -> torch.Tensor:
+        """Step 10's c (detached), normalised over the whole batch (``total``: the sum over data-parallel
+        processes; None: one process)."""
         if not self.s.weight_path:
-            return masked_ones(kept.ok)
-        return sample_weights(self.propose(idx, w_star)[kept.src], kept.rewards, self.s.lam, kept.ok).float()
+            return masked_ones(kept.ok, total=total)
+        return sample_weights(self.propose(idx, w_star)[kept.src], kept.rewards, self.s.lam, kept.ok, total).float()
 
     # the outer update (steps 6-9)
 
@@ -202,16 +206,18 @@ class NetLearner:
         def labels() -> torch.Tensor | None:  # the label path (None: off, the labels are fixed)
             return net_labels() if label_on else None
 
+        total = dist.sum_autograd if dist.world > 1 else None  # normalised over every process's inner half
+
         def weights() -> torch.Tensor:  # c(phi) of the inner rows (the weight path), else the 0/1 validity
             if not s.weight_path:
-                return masked_ones(kept_in.ok).to(device)
+                return masked_ones(kept_in.ok, total=total).to(device)
             return sample_weights(net.propose(z, it.w_star)[kept_in.src], kept_in.rewards, s.lam,
-                                  kept_in.ok).to(device)
+                                  kept_in.ok, total).to(device)
 
         with torch.no_grad():
             lab0 = net_labels().float()
         inner = labelled_batch(policy, it.texts, it.responses, it.finished, kept_in, lab0).to(device)
-        meta_batch, meta_w = self._meta_batch(it, half, policy)
+        meta_batch, meta_w = self._meta_batch(it, half, policy, dist)
         meta_batch, meta_w = meta_batch.to(device), meta_w.to(device)
 
         def meta_loss(p) -> torch.Tensor:
@@ -221,7 +227,7 @@ class NetLearner:
         if s.precondition == "adam":
             precondition = functools.partial(adam_preconditioner, policy.optimizer, policy.params)
         settings = MetaGradSettings(s.alpha_in, s.engine, s.mode, s.fd_eps, s.first_order, s.micro_batch_size,
-                                    precondition)
+                                    precondition, sum_over_processes=dist.sum_, processes=dist.world)
         self.optimizer.zero_grad(set_to_none=True)
         kernel = contextlib.nullcontext()
         if s.engine == "autograd" or s.mode == "jvp":
@@ -232,25 +238,30 @@ class NetLearner:
         with kernel:
             res = meta_gradient(policy.model, policy.params, InnerLoss(inner, weights, labels), meta_loss,
                                 list(net.parameters()), settings, meter)
-        dist.average_grads(net.parameters())  # the meta-gradient, averaged over data-parallel ranks
+        dist.average_grads(net.parameters())  # the meta-gradient: each rank's share of the inner batch, averaged
         out = {"meta/loss": res.meta_loss, **self.stats.update(list(net.parameters()))}
         self.optimizer.step()
         return out
 
-    def _meta_batch(self, it: IterationBatch, half: int, policy: PolicyHandle) -> tuple[SFTBatch, torch.Tensor]:
-        """Step 8's batch on the second half of the prompts, written with the target w*, and its row weights."""
+    def _meta_batch(self, it: IterationBatch, half: int, policy: PolicyHandle, dist
+                    ) -> tuple[SFTBatch, torch.Tensor]:
+        """Step 8's batch on the second half of the prompts, written with the target w*, and its row weights,
+        normalised over the whole batch (every process's meta half): the processes' meta losses sum to the
+        single process's."""
         meta_idx = list(range(half, len(it.texts)))
         scores = scalarise(it.w_star[meta_idx], it.rewards[meta_idx])  # (B_meta, N) under the target
         if self.s.meta_objective == "best":  # the best valid response under the target (none: weight 0)
             best, good = select_valid_best(scores, it.valid[meta_idx])
             pairs = list(zip(meta_idx, best[:, 0].tolist()))
             good = good[:, 0].float()
-            prefs, weights = it.w_star[meta_idx], good / good.sum().clamp_min(1.0)
+            total = good.sum().reshape(1)
+            dist.sum_([total])
+            prefs, weights = it.w_star[meta_idx], good / total.clamp_min(1.0)
         else:  # advantage: every sample, weighted by its group-normalised target score
             n = scores.shape[1]
             adv = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).nan_to_num(1.0).clamp_min(1e-6)
             pairs = [(i, j) for i in meta_idx for j in range(n)]
-            prefs, weights = it.w_star[meta_idx].repeat_interleave(n, 0), adv.reshape(-1) / adv.numel()
+            prefs, weights = it.w_star[meta_idx].repeat_interleave(n, 0), adv.reshape(-1) / (adv.numel() * dist.world)
         prompts = policy.condition([it.texts[i] for i, _ in pairs], prefs)
         batch = build_batch(policy.tokenizer, prompts, [it.responses[i][j] for i, j in pairs],
                             [it.finished[i][j] for i, j in pairs], policy.max_prompt_tokens, prefs=prefs)
