@@ -9,7 +9,10 @@ through the library functions the training loop calls, at the demo's shapes, onc
 times timed, and once under ``torch.utils.flop_counter.FlopCounterMode`` (matmul and attention FLOPs;
 that pass is not timed):
 
-- ``generate``: 32 rows sampled at once (pool sampling: 12 such calls; online generation: one an iteration)
+- ``generate``: 32 rows sampled at once with one seed for the call (pool sampling: 12 such calls)
+- ``online_generate``: the online loop's rollout of those 32 rows, each response drawn with its own seed
+  (``trainer.seeding=row``: one generator a row, Gumbel-max over the vocabulary; one call an iteration). Before
+  2026-12-03 the online loop drew from the process's stream, the ``generate`` phase's code path
 - ``score``: the rewards of those 32 responses
 - ``sft_step``: one conditioning-stage step (its batch of labelled corpus rows)
 - ``inner_step``, ``meta_step``: Meal's virtual step and meta step (the learner's own ``step``, default engine)
@@ -19,9 +22,11 @@ that pass is not timed):
 For each phase: seconds, tokens (prompt + response tokens the policy reads), GFLOP, GFLOP/s and the share of
 the matmul peak; for the generating phases also the weight bytes read per second (every decode step reads
 all weights once) and the share of the copy bandwidth. Writes ``experiments/benchmark/phases.json`` and the
-table into BENCHMARKS.md (section "Per phase against the machine's limit").
+table into BENCHMARKS.md (section "Per phase against the machine's limit"); with ``--before`` (the JSON of
+an earlier run on the same machine, e.g. of an earlier commit) the table shows each phase's seconds then
+and now.
 
-    python experiments/benchmark/phases.py [--repeat 2]
+    python experiments/benchmark/phases.py [--repeat 2] [--overrides policy.dtype=float32] [--before old.json]
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SECTION = "## Per phase against the machine's limit"
+BEFORE_ALIAS = {"online_generate": "generate"}  # a run before 2026-12-03 has no row-seeded online phase
 
 
 def matmul_peak(dtype: torch.dtype, rows: int, k: int = 576, n: int = 1536, seconds: float = 2.0) -> float:
@@ -93,7 +99,7 @@ def measure(name: str, fn, repeat: int, calls: Counter, weight_bytes: int) -> di
     out = {"phase": name, "seconds": statistics.mean(seconds), "tokens": int(tokens),
            "flops": float(fc.get_total_flops()), "forwards": forwards}
     out["flops_per_s"] = out["flops"] / out["seconds"]
-    if name in ("generate", "evaluate"):
+    if name in ("generate", "online_generate", "evaluate"):
         out["weight_bytes_per_s"] = forwards * weight_bytes / out["seconds"]
     print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}, flush=True)
     return out
@@ -105,6 +111,8 @@ def main() -> None:
     ap.add_argument("--overrides", nargs="*", default=[], help="more Hydra overrides of experiment=demo")
     ap.add_argument("--json", default=os.path.join(ROOT, "experiments", "benchmark", "phases.json"))
     ap.add_argument("--markdown", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    ap.add_argument("--before", default=None, help="phases JSON of an earlier run on this machine: a before column")
+    ap.add_argument("--before-commit", default="an earlier commit", help="the commit that --before's run measured")
     args = ap.parse_args()
     from hydra import compose, initialize_config_dir
 
@@ -122,7 +130,7 @@ def main() -> None:
     from meal.policy.embeddings import embed_prompts
     from meal.policy.losses import build_batch, policy_step
     from meal.policy.model import load_policy, trainable_parameters
-    from meal.policy.rollout import ConditionedPolicy, Conditioner, Queries, Scoring, rollout
+    from meal.policy.rollout import ConditionedPolicy, Conditioner, OnlineSampling, Queries, Scoring, rollout
     from meal.policy.sampling import degenerate_mask, generate
     from meal.rewards import RewardNormalizer, RewardSet
 
@@ -165,6 +173,13 @@ def main() -> None:
 
     results = [measure("generate", gen_phase, args.repeat, calls, weight_bytes)]
     ro = ro_box["ro"]
+    online = OnlineSampling.build(settings, t.seeding, t.seed)  # as the recipe's loop samples
+
+    def online_phase() -> int:
+        got = rollout(policy, online.queries(texts, w_star, t.n_samples, 0), online.settings, Scoring(rewards))
+        return prompt_tokens(cond(texts, w_star), t.n_samples) + got.num_tokens
+
+    results.append(measure("online_generate", online_phase, args.repeat, calls, weight_bytes))
     responses = [r for row in ro.texts for r in row]
     scored = [x for x in texts for _ in range(t.n_samples)]
     scored_tokens = prompt_tokens(scored) + ro.num_tokens  # what the rewards read, in the policy's tokens
@@ -238,6 +253,13 @@ def main() -> None:
     out = experiment_meta(limits=limits, phases=results, config="experiment=demo " + " ".join(args.overrides),
                           repeat=args.repeat, command="python experiments/benchmark/phases.py" + (f" --overrides {' '.join(args.overrides)}"
                                                                   if args.overrides else ""))
+    if args.before:
+        before = json.load(open(args.before))
+        out["before"] = {k: before.get(k) for k in ("date", "machine", "command", "limits")}
+        out["before"]["commit"] = args.before_commit
+        seconds = {r["phase"]: r["seconds"] for r in before["phases"]}
+        for r in results:  # the online loop drew from the process's stream then: the generate phase's path
+            r["seconds_before"] = seconds.get(r["phase"], seconds.get(BEFORE_ALIAS.get(r["phase"])))
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
     write_section(out, args.markdown)
@@ -257,17 +279,33 @@ def write_section(out: dict, path: str) -> None:
              f"step's 32 rows; copy bandwidth {lim['copy_bytes_per_s'] / 1e9:.1f} GB/s.", "",
              "| phase | seconds | tokens read (policy's tokenizer) | GFLOP | GFLOP/s | share of matmul peak | weights read GB/s | share of "
              "bandwidth |", "|---|---|---|---|---|---|---|---|"]
+    before = out.get("before")
+    if before:
+        then = before["limits"]["matmul_train_flops_per_s"] / 1e9
+        note = (f"The before column: `{before['command']}` at {before['commit']}, run on {before['date']} on the same "
+                f"machine at the same dtype (matmul {then:.1f} GFLOP/s then). Its online loop drew from the process's "
+                f"stream through the `generate` phase's code path: that is its `online_generate` time.")
+        lines[4:4] = [note, ""]
+        lines[-2] = lines[-2].replace("| seconds |", "| seconds before | seconds |")
+        lines[-1] = "|---" + lines[-1]
+
+    def secs(r) -> str:
+        if not before:
+            return f"{r['seconds']:.2f}"
+        b = r.get("seconds_before")
+        return f"{b:.2f} | {r['seconds']:.2f}" if b is not None else f" | {r['seconds']:.2f}"
+
     for r in out["phases"]:
         if "of_pair" in r:
-            lines.append(f"| {r['phase']} | {r['seconds']:.2f} | | | | | | |")
+            lines.append(f"| {r['phase']} | {secs(r)} | | | | | | |")
             continue
         bw = (f"{r['weight_bytes_per_s'] / 1e9:.1f} | {r['share_of_bandwidth']:.0%}" if "weight_bytes_per_s" in r
               else " | ")
-        lines.append(f"| {r['phase']} | {r['seconds']:.2f} | {r['tokens']} | {r['flops'] / 1e9:.1f} | "
+        lines.append(f"| {r['phase']} | {secs(r)} | {r['tokens']} | {r['flops'] / 1e9:.1f} | "
                      f"{r['flops_per_s'] / 1e9:.1f} | {r['share_of_matmul_peak']:.0%} | {bw} |")
     lines += ["", "The demo pays: pool sampling 12 `generate` + `score` calls, then `conditioning.steps` (150) "
-              "`sft_step`s; 12 iterations of `generate`, `score`, `inner_step + meta_step` and `real_step`; the "
-              "final evaluation 11 `evaluate` calls (each with scoring).", ""]
+              "`sft_step`s; 12 iterations of `online_generate`, `score`, `inner_step + meta_step` and `real_step`; "
+              "the final evaluation 11 `evaluate` calls (each with scoring).", ""]
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
     if SECTION in text:
         text = re.sub(re.escape(SECTION) + r".*?(?=\n## |\Z)", "\n".join(lines).rstrip() + "\n", text, flags=re.S)
