@@ -203,7 +203,11 @@ def test_metaaligner_under_accelerate_on_two_processes_trains_as_one_process(tin
     def tiny(out):  # the CLI tests' tiny run, less Meal's own knob
         return [o for o in tiny_overrides(tiny_llama, out) if not o.startswith("method.")] + common
 
-    _launch([sys.executable, "-m", "meal.cli.train", *tiny(one)], tmp_path)
+    from tests.test_config import _compose
+
+    from meal.methods import train
+
+    train(_compose(tiny(one)))  # one process, here
     _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
              _accelerate_config(tmp_path, "multi_gpu.yaml"), "--main_process_port", "29535", "-m", "meal.cli.train",
              *tiny(two)], tmp_path)
