@@ -21,6 +21,7 @@ The policy's optimiser step (step 10) is one of two engines, chosen by the launc
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 from typing import Any, Iterable
@@ -71,7 +72,8 @@ class Dist:
             return
         import torch.distributed as dist
 
-        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]).to(self._comm_device())
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors], torch.float32)  # never below fp32
+        flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors]).to(self._comm_device())
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0
         for t in tensors:
@@ -81,11 +83,17 @@ class Dist:
 
     def sum_autograd(self, t: torch.Tensor) -> torch.Tensor:
         """``t``'s sum over ranks as a new tensor, differentiable: its gradient reaches every rank's ``t``
-        (torch.distributed.nn's all-reduce, whose backward all-reduces the gradients); a collective, in
-        forward and in backward."""
+        (:class:`_SumOverRanks`, whose backward sums the gradients over ranks); a collective, in forward and
+        in backward."""
         if self.world == 1:
             return t
         return _SumOverRanks.apply(t.to(self._comm_device())).to(t.device)
+
+    @property
+    def batch_sum(self):
+        """The sum over ranks that normalises a weight over the whole batch (``sum_autograd``), or None in one
+        process (the single-process code path, unchanged)."""
+        return self.sum_autograd if self.world > 1 else None
 
     def average_grads(self, params: Iterable[torch.Tensor]) -> None:
         """All-reduce the mean of each parameter's ``.grad`` (missing grads count as zeros)."""

@@ -82,9 +82,9 @@ class SeededCompletions:
         self.online = OnlineSampling.build(settings, "row", seed)
 
     def __call__(self, prompts: list[str], trainer) -> dict:
-        q = self.online.queries(prompts, self.w.expand(len(prompts), -1), 1, trainer.state.global_step)
-        gen = generate(self.model, self.tokenizer, prompts, self.online.settings, q.seed, q.prefs)
         settings = self.online.settings
+        q = self.online.queries(prompts, self.w.expand(len(prompts), -1), 1, trainer.state.global_step)
+        gen = generate(self.model, self.tokenizer, prompts, settings, q.seed, q.prefs)
         prompt_ids = [self.tokenizer(p, add_special_tokens=False, truncation=True,
                                      max_length=settings.max_prompt_tokens)["input_ids"] for p in prompts]
         return {"prompt_ids": prompt_ids, "completion_ids": gen.ids, "logprobs": None}

@@ -157,8 +157,9 @@ def train(cfg) -> dict[str, Any]:
                               f"{dist.world}")
         # a process holds its share of each half of the batch: the meta step's inner and meta halves (5-9) are
         # then the global batch's on any number of processes (static: a contiguous share)
-        shard = dist.shard_halves if m.lam < 1 and dist.world > 1 else dist.shard
-        if shard == dist.shard_halves and t.batch_size % (2 * dist.world):
+        halves = m.lam < 1 and dist.world > 1
+        shard = dist.shard_halves if halves else dist.shard
+        if halves and t.batch_size % (2 * dist.world):
             raise ConfigError(f"trainer.batch_size: Meal shards the inner and the meta half of the batch over the "
                               f"processes; {t.batch_size} prompts do not split into 2 x {dist.world} equal shares")
         lm = run.policy  # the language model: its tokenizer, trainable tensors, template, sampling, optimiser
@@ -210,7 +211,7 @@ def train(cfg) -> dict[str, Any]:
             # 10. real update with the new, detached labels and weights (0 where nothing valid was kept), and
             #     rows of the conditioning stage with their labels at weight 1
             labels = learner.labels(idx, w_star, kept)
-            c = learner.weights(idx, w_star, kept, dist.sum_autograd if dist.world > 1 else None)
+            c = learner.weights(idx, w_star, kept, dist.batch_sum)
             batch, c = with_replay(run, labelled_batch(handle, texts, ro.texts, ro.finished, kept, labels), c,
                                    Replay(replay, replay_order, t.replay, t.max_prompt_tokens))
             if dist.mean(float(kept.ok.any())) == 0:  # every response of the batch degenerate: no step at all

@@ -206,7 +206,7 @@ class NetLearner:
         def labels() -> torch.Tensor | None:  # the label path (None: off, the labels are fixed)
             return net_labels() if label_on else None
 
-        total = dist.sum_autograd if dist.world > 1 else None  # normalised over every process's inner half
+        total = dist.batch_sum  # normalised over every process's inner half
 
         def weights() -> torch.Tensor:  # c(phi) of the inner rows (the weight path), else the 0/1 validity
             if not s.weight_path:
