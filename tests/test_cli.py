@@ -67,24 +67,25 @@ def _accelerate_config(tmp_path, name):
     return str(out)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_path, lora):
-    """`accelerate launch` with the shipped configs on two CPU processes (gloo). Plain data parallelism
-    (multi_gpu.yaml): sharded batch, averaged gradients, rank 0 writes, ranks' parameters checked
-    identical at every checkpoint. Then DeepSpeed ZeRO-2 (deepspeed_zero2.yaml, 2 micro-batches per
-    rank), stopped after 2 iterations and resumed for a third (full fine-tuning; with LoRA 3 iterations in
-    one launch): it must reproduce the plain run's losses and gradient norms. With LoRA, whose random init
-    draws from each rank's own seed, rank 0's start must reach every rank. Both launches train what one
-    process trains (in-process here): each process holds its share of the batch's inner and meta halves, the
-    virtual step takes the global inner gradient and the meta-gradient the global meta loss's direction."""
+    """`accelerate launch` with the shipped configs on two CPU processes (gloo), against one process (in-process
+    here), whose training both launches must reproduce: each process holds its share of the batch's inner and
+    meta halves, the virtual step takes the global inner gradient and the meta-gradient the global meta loss's
+    direction. Full fine-tuning: plain data parallelism (multi_gpu.yaml: sharded batch, averaged gradients,
+    rank 0 writes, ranks' parameters checked identical at every checkpoint), then DeepSpeed ZeRO-2
+    (deepspeed_zero2.yaml, 2 micro-batches per rank), which must reproduce the plain run's losses and gradient
+    norms. With LoRA (whose random init draws from each rank's own seed: rank 0's start must reach every rank)
+    and the stage (it runs under the launch, and no gradient of it may leak into step 1): ZeRO-2 stopped after
+    2 iterations, its optimizer's two shards saved, and resumed for a third."""
     # a plain SGD virtual step: DeepSpeed keeps AdamW's moments partitioned, so the Adam preconditioner of the
     # virtual step differs between the two launches (as the run logs)
     common = ["method=meal", "trainer.final_eval=false", "trainer.batch_size=8", "trainer.micro_batch_size=2",
               "method.precondition=none"]
     if not lora:  # the online loop alone, from the base weights (where the meta-gradient is not ~1e-6)
         common += ["conditioning.enabled=false"]
-    if lora:  # the stage too: it runs under both launches, and no gradient of it may leak into step 1; Meal's
-        # default label path through preference-aware LoRA
+    if lora:  # the stage too, and Meal's default label path through preference-aware LoRA
         common += ["policy.lora.enabled=true", "policy.lora.preference_aware=true", "policy.lora.r=4",
                    "policy.lora.target_modules=[q_proj,v_proj]", "trainer.lr=1e-2", "method.weight_path=false"]
 
@@ -93,32 +94,33 @@ def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_
                 _accelerate_config(tmp_path, config), "--main_process_port", port, "-m", "meal.cli.train",
                 *tiny_overrides(tiny_llama, out), *common]  # later overrides win
 
-    ports = ("29531", "29532") if lora else ("29533", "29534")  # the two variants may run at once (pytest-xdist)
-    dp = tmp_path / "dp"
-    _launch([*launch("multi_gpu.yaml", dp, ports[0]), "trainer.iterations=3"], tmp_path)
-    rows = _rows(dp)
-    assert [r["step"] for r in rows] == [1, 2, 3]  # one writer
-    assert all(r["train/processes"] == 2 for r in rows) and "meta/grad_norm" in rows[0]
-    assert (dp / "checkpoints" / "latest").read_text() == "step_000003"
-
+    ports = ("29531", "29532") if lora else ("29533", "29534")  # distinct: a port just closed may still be held
+    dp, ds = tmp_path / "dp", tmp_path / "ds"
+    if not lora:
+        _launch([*launch("multi_gpu.yaml", dp, ports[0]), "trainer.iterations=3"], tmp_path)
     pytest.importorskip("deepspeed")  # in the dev extra
-    ds = tmp_path / "ds"
     ds_launch = launch("deepspeed_zero2.yaml", ds, ports[1])
-    if lora:  # the resume under ZeRO-2 is the full run's (the same code path); one launch less here
-        _launch([*ds_launch, "trainer.iterations=3"], tmp_path)
-    else:
+    if lora:
         _launch([*ds_launch, "trainer.iterations=2"], tmp_path)
         state = torch.load(ds / "checkpoints" / "step_000002" / "state.pt", weights_only=False)
         shards = state["optimizer"]["deepspeed_zero"]
         assert len(shards) == 2 and all(sh["partition_count"] == [2] and int(sh["zero_stage"]) == 2 for sh in shards)
         proc = _launch([*ds_launch, "trainer.iterations=3", "trainer.resume=true"], tmp_path)
         assert "resumed" in proc.stdout + proc.stderr
-    ds_rows = _rows(ds)
-    assert [r["step"] for r in ds_rows] == [1, 2, 3]
-    for a, b in zip(rows, ds_rows):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
-        assert b["meta/grad_norm"] == pytest.approx(a["meta/grad_norm"], rel=1e-3)
+    else:
+        _launch([*ds_launch, "trainer.iterations=3"], tmp_path)
+    launched = ds if lora else dp  # the launch held against one process
+    rows = _rows(launched)
+    assert [r["step"] for r in rows] == [1, 2, 3]  # one writer
+    assert all(r["train/processes"] == 2 for r in rows) and "meta/grad_norm" in rows[0]
+    assert (launched / "checkpoints" / "latest").read_text() == "step_000003"
+    if not lora:  # ZeRO-2 against the plain launch
+        ds_rows = _rows(ds)
+        assert [r["step"] for r in ds_rows] == [1, 2, 3]
+        for a, b in zip(rows, ds_rows):
+            assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+            assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
+            assert b["meta/grad_norm"] == pytest.approx(a["meta/grad_norm"], rel=1e-3)
     from tests.test_config import _compose
 
     from meal.methods import train
@@ -126,7 +128,7 @@ def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_
     one = tmp_path / "one_process"
     train(_compose([*tiny_overrides(tiny_llama, one), *common, "trainer.iterations=3"]))
     one_rows = _rows(one)
-    for a, b in zip(one_rows, rows, strict=True):  # the data-parallel run, against the single process's
+    for a, b in zip(one_rows, rows, strict=True):  # the launch, against the single process's
         for key in ("train/loss", "meta/loss", "reward/concise", "meta/label_shift"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (b["step"], key)
         for key in ("train/grad_norm", "meta/grad_norm"):
@@ -135,6 +137,7 @@ def test_data_parallel_and_deepspeed_zero2_on_two_cpu_processes(tiny_llama, tmp_
     from safetensors.torch import load_file
 
     for name in ("policy", "net"):
-        single, two = (load_file(str(d / "checkpoints" / "step_000003" / f"{name}.safetensors")) for d in (one, dp))
+        single, two = (load_file(str(d / "checkpoints" / "step_000003" / f"{name}.safetensors"))
+                       for d in (one, launched))
         for n in single:
             torch.testing.assert_close(two[n], single[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name} {n}: {m}")

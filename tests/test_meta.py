@@ -234,6 +234,7 @@ def _shared_meta_gradients(rank, world, tiny_llama, port, out):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.processes
 def test_every_engine_on_two_processes_gives_the_single_process_meta_gradient(tiny_llama, tmp_path):
     """Meal's meta step under data parallelism (two gloo processes, each an equal share of the inner and of
     the meta batch): the virtual step takes the global inner gradient, v is the global meta loss's, the

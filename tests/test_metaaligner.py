@@ -182,6 +182,7 @@ def test_a_metaaligner_config_that_contradicts_itself_names_the_field(tiny_llama
         train(cfg)
 
 
+@pytest.mark.processes
 def test_metaaligner_under_accelerate_on_two_processes_trains_as_one_process(tiny_llama, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): each process trains on its half of every step's rows,
     gradients averaged, the corrector's LoRA start broadcast from rank 0. The corpus (and so every stage's

@@ -289,6 +289,7 @@ def _two_processes(tiny_llama, tmp_path, method, *extra, config="multi_gpu.yaml"
     return out
 
 
+@pytest.mark.processes
 def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo) for the recipes that shard their own online loop as Meal
     does (Meal's launches: tests/test_cli.py), static then RiC as one Hydra sweep in the same two processes
@@ -305,8 +306,10 @@ def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path):
 
     from meal.methods import train
 
-    varies = "task.objectives=[harmless,concise]"  # ROUGE coverage ties on random tokens: every sample would pass
-    _two_processes(tiny_llama, tmp_path, "static,ric", varies)
+    # ROUGE coverage ties on random tokens, and so does brevity on 6 tokens of the tiny tokenizer (a word or two):
+    # every sample would pass
+    varies = ["task.objectives=[harmless,concise]", "task.max_new_tokens=12"]
+    _two_processes(tiny_llama, tmp_path, "static,ric", *varies)
     for method in ("static", "ric"):
         out = tmp_path / method
         rows = [json.loads(x) for x in open(out / "metrics.jsonl") if "train/loss" in x]
@@ -323,7 +326,7 @@ def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path):
                     "ric/threshold/harmless", "ric/threshold/concise")}
     for method, keys in same.items():  # in one process, here: it trains what the two trained
         one = tmp_path / f"one_{method}"
-        train(_compose(_overrides(tiny_llama, one, method, varies, "trainer.final_eval=false")))
+        train(_compose(_overrides(tiny_llama, one, method, *varies, "trainer.final_eval=false")))
         two_rows = [json.loads(x) for x in open(tmp_path / method / "metrics.jsonl") if "train/loss" in x]
         one_rows = [json.loads(x) for x in open(one / "metrics.jsonl") if "train/loss" in x]
         for a, b in zip(one_rows, two_rows, strict=True):
@@ -339,6 +342,7 @@ def test_online_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path):
             torch.testing.assert_close(two[n], single[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{method} {n}: {m}")
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("method,config", [("morlhf", "deepspeed_zero2.yaml"), ("soups", "multi_gpu.yaml")])
 def test_grpo_methods_under_accelerate_on_two_processes(tiny_llama, tmp_path, method, config):
     """`accelerate launch` with 2 CPU processes (gloo): TRL's GRPO trainer takes the launch's process group
