@@ -14,7 +14,7 @@ BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/conditioning}
 DOCS=docs/results/conditioning
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
-COMMON=(experiment=demo trainer.iterations=0 trainer.eval_every=0 logger=none)
+COMMON=(experiment=assistant_study trainer.iterations=0 trainer.eval_every=0 logger=none)
 start=${START:-$(date +%s)}  # START (epoch seconds): when a resumed experiment first began, for its wall time
 # RUNS picks a subset of the six (LABEL-weights or LABEL-text); the first one is the reference's run
 RUNS=${RUNS:-region-weights rank-weights softmax-weights region-text rank-text softmax-text}

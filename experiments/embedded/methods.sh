@@ -23,7 +23,7 @@ declare -A ITERS=([static]=12 [meal]=12 [ric]=12 [morlhf]=4 [soups]=6)
 start=$(date +%s)
 for seed in ${SEEDS//,/ }; do
   for method in $METHODS; do  # one run after the other (2 cores)
-    [ -f "$OUT/$method-s$seed/front.json" ] || "$BIN/meal-train" experiment=demo "method=$method" \
+    [ -f "$OUT/$method-s$seed/front.json" ] || "$BIN/meal-train" experiment=assistant_study "method=$method" \
       "trainer.seed=$seed" "trainer.iterations=${ITERS[$method]}" "trainer.out_dir=$OUT/$method-s$seed"
   done
 done
@@ -31,7 +31,7 @@ done
 # base policy (its own front) and on that seed's Meal run (meal-eval stack_on=...)
 if [ "${METAALIGNER:-1}" = 1 ]; then
   for seed in ${SEEDS//,/ }; do
-    [ -f "$OUT/metaaligner-s$seed/front.json" ] || "$BIN/meal-train" experiment=demo method=metaaligner \
+    [ -f "$OUT/metaaligner-s$seed/front.json" ] || "$BIN/meal-train" experiment=assistant_study method=metaaligner \
       'method.zero_shot=[positive]' method.stack_on=base "trainer.seed=$seed" "trainer.out_dir=$OUT/metaaligner-s$seed"
     [ -f "$OUT/metaaligner-s$seed/eval-on-meal-s$seed/front.json" ] || "$BIN/meal-eval" \
       "run_dir=$OUT/metaaligner-s$seed" "stack_on=$OUT/meal-s$seed" prompts=24 'label=metaaligner on meal'

@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
 start=$(date +%s)
 for seed in ${SEEDS//,/ }; do
   for method in static meal; do  # one run after the other (2 cores); a run whose front exists is kept
-    [ -f "$OUT/$method-s$seed/front.json" ] || "$BIN/meal-train" experiment=demo "method=$method" \
+    [ -f "$OUT/$method-s$seed/front.json" ] || "$BIN/meal-train" experiment=assistant_study "method=$method" \
       "trainer.seed=$seed" "trainer.iterations=$ITERATIONS" "trainer.out_dir=$OUT/$method-s$seed"
   done
 done

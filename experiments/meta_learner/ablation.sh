@@ -22,7 +22,7 @@ train() {  # name seed overrides...
   local name=$1 seed=$2 method=meal; shift 2
   [ "$name" = static ] && method=static
   [ -f "$OUT/$name-s$seed/front.json" ] && return 0
-  "$BIN/meal-train" experiment=demo "method=$method" "method.name=$name" "$@" "trainer.seed=$seed" \
+  "$BIN/meal-train" experiment=assistant_study "method=$method" "method.name=$name" "$@" "trainer.seed=$seed" \
     "trainer.iterations=$ITERATIONS" "trainer.eval_every=$EVAL_EVERY" "trainer.final_eval_split=validation" \
     "trainer.out_dir=$OUT/$name-s$seed" "hydra.run.dir=$OUT/hydra/$name-s$seed"
 }

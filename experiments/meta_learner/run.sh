@@ -40,7 +40,7 @@ train() {  # method seed
     "$BIN/meal-eval" "run_dir=$run" "split=$SPLIT" "out_dir=$run" "hydra.run.dir=$OUT/hydra/eval-$1-s$2"
     return 0
   fi
-  "$BIN/meal-train" experiment=demo "method=$1" "trainer.seed=$2" \
+  "$BIN/meal-train" experiment=assistant_study "method=$1" "trainer.seed=$2" \
     "trainer.iterations=$iters" "trainer.eval_every=$EVAL_EVERY" "trainer.final_eval_split=$SPLIT" \
     "trainer.out_dir=$run" "hydra.run.dir=$OUT/hydra/$1-s$2" $EXTRA
 }
