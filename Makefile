@@ -10,7 +10,7 @@ STAMP := $(VENV)/.meal-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow bench gpu-check reward-conflict conditioning-experiment embedded-experiment methods-experiment meta-learner-experiment meta-learner-test meta-learner-ablation clean
+.PHONY: setup demo test test-slow bench gpu-check reward-conflict conditioning-experiment embedded-experiment methods-experiment meta-learner-experiment meta-learner-test meta-learner-ablation demo-budget-experiment clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -60,6 +60,9 @@ meta-learner-test: setup  ## the 5-seed test comparison: static, Meal, Rewarded 
 
 meta-learner-ablation: setup  ## the paper's lam (1, 0.5, 0.3, 0.2) and tau (0.5, 1, 2) ablation on validation prompts (lam 1 and 0.5: the pilot's 2 seeds; the others 1) -> docs/results/meta_learner_validation/ablation/
 	SEEDS=0,1 VARIANT_SEEDS=0 bash experiments/meta_learner/ablation.sh
+
+demo-budget-experiment: setup  ## the demo's budget against the earlier one (assistant_study), Meal at 2 seeds, validation fronts -> docs/results/demo_budget/
+	SEEDS=0,1 bash experiments/demo_budget/run.sh
 
 clean:
 	rm -rf runs multirun outputs bench_out
