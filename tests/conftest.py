@@ -67,14 +67,14 @@ def small_tokenizer_dir(tmp_path_factory, tokenizer_dir) -> str:
 
 def build_small_tokenizer(out: str, tokenizer_dir: str, vocab_size: int = 512) -> str:
     import glob
-    import json
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    from meal.tasks import DATA_DIR, read_jsonl
+
     smol = AutoTokenizer.from_pretrained(tokenizer_dir)
-    data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "meal", "tasks", "data")
-    texts = [json.loads(line)["text"] for f in sorted(glob.glob(os.path.join(data, "*.jsonl"))) for line in open(f)]
+    texts = [e.text for f in sorted(glob.glob(os.path.join(DATA_DIR, "*.jsonl"))) for e in read_jsonl(f)]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

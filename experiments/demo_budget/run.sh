@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 21, part 2: less work for the same front? The demo's earlier configuration (experiment=assistant_study,
 # labelled meal-demo) against the same with the cuts in CUT (labelled meal-cut; the default is the demo's
-# configuration since this experiment: 100 stage SFT steps instead of 150, a pool of 64 prompts x 4 instructions instead of 96 x 4,
-# preference-aware LoRA on the upper 15 of the 30 decoder layers only, so that every backward pass stops at
-# layer 15), Meal at each of SEEDS, each final front on the 24 validation prompts (the knobs are chosen there;
+# configuration since this experiment: 100 stage SFT steps instead of 150, a pool of 64 prompts x 4
+# instructions instead of 96 x 4, preference-aware LoRA on the upper 15 of the 30 decoder layers only, so that
+# every backward pass stops at layer 15), Meal at each of SEEDS, each final front on the 24 validation prompts (the knobs are chosen there;
 # the test prompts are for reported fronts). Each configuration builds its conditioning stage once (stage seed
 # 0, cached in ~/.cache/meal/conditioning): the first run of a configuration pays it, and its summary says what
 # it cost. A run whose front.json exists is kept. Writes docs/results/demo_budget/{compare.json,md,png}.
