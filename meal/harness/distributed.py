@@ -41,6 +41,8 @@ class Dist:
         if self.world > 1:
             from accelerate import PartialState
 
+            if deepspeed_requested() and not torch.cuda.is_available():
+                _skip_deepspeed_cpu_shm_build()
             # initialises the process group from the launcher's environment (gloo on CPU-only machines)
             state = PartialState(cpu=not torch.cuda.is_available())
             self.rank, self.world, self.device = state.process_index, state.num_processes, state.device
@@ -200,6 +202,17 @@ class _SumOverRanks(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad
+
+
+def _skip_deepspeed_cpu_shm_build() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce (``deepspeed_shm_comm``, g++ -O2) when its
+    process group starts: 40-80 s on 2 cores, again in every new environment (a fresh clone's first DeepSpeed
+    launch). That kernel serves DeepSpeed-Inference's ``inference_all_reduce`` alone, which meal never calls
+    (ZeRO's collectives go through torch.distributed, gloo on CPU, with or without it), so it is marked
+    incompatible in DeepSpeed's probe of its ops, which DeepSpeed keeps for such edits (deepspeed/ops/__init__.py)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def deepspeed_requested() -> bool:
