@@ -13,13 +13,16 @@
 # checkpoint at ITERATIONS is copied and its front re-evaluated on SPLIT with meal-eval (the training is the
 # same command; only trainer.final_eval_split differs), so the learning-curve runs are the final comparison's.
 # Run from the repository root: `bash experiments/meta_learner/run.sh` (or `make meta-learner-experiment`);
-# e.g. `SEEDS=0,1,2 CONTROL_SEEDS=0 SPLIT=validation`; CONTROLS="meal_frozen:0,1,2 meal_uniform" gives a control
+# e.g. `SEEDS=0,1,2 CONTROL_SEEDS=0 SPLIT=validation`; EXPERIMENT=demo runs the demo's (cut) budget instead of
+# experiment=assistant_study's, into runs/meta_learner_demo_$SPLIT and docs/results/meta_learner_demo_$SPLIT; CONTROLS="meal_frozen:0,1,2 meal_uniform" gives a control
 # its own seeds. compare.json records the command and the commit of the code that ran.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
 SPLIT=${SPLIT:-validation}
-OUT=${OUT:-runs/meta_learner_$SPLIT}
+EXPERIMENT=${EXPERIMENT:-assistant_study}  # the budget (experiment=demo: the cut demo's stage and adapters)
+tag=$([ "$EXPERIMENT" = assistant_study ] || echo "_$EXPERIMENT")
+OUT=${OUT:-runs/meta_learner${tag}_$SPLIT}
 SEEDS=${SEEDS:-0,1,2}
 CONTROL_SEEDS=${CONTROL_SEEDS:-0}
 METHODS=${METHODS:-static meal soups}
@@ -28,7 +31,7 @@ ITERATIONS=${ITERATIONS:-12}
 EVAL_EVERY=${EVAL_EVERY:-4}
 EXTRA=${EXTRA:-}
 REUSE=${REUSE:-}
-DOCS=${DOCS:-docs/results/meta_learner_$SPLIT}
+DOCS=${DOCS:-docs/results/meta_learner${tag}_$SPLIT}
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
 start=$(date +%s)
 train() {  # method seed
@@ -40,7 +43,7 @@ train() {  # method seed
     "$BIN/meal-eval" "run_dir=$run" "split=$SPLIT" "out_dir=$run" "hydra.run.dir=$OUT/hydra/eval-$1-s$2"
     return 0
   fi
-  "$BIN/meal-train" experiment=assistant_study "method=$1" "trainer.seed=$2" \
+  "$BIN/meal-train" "experiment=$EXPERIMENT" "method=$1" "trainer.seed=$2" \
     "trainer.iterations=$iters" "trainer.eval_every=$EVAL_EVERY" "trainer.final_eval_split=$SPLIT" \
     "trainer.out_dir=$run" "hydra.run.dir=$OUT/hydra/$1-s$2" $EXTRA
 }
@@ -54,6 +57,7 @@ mkdir -p "$DOCS"
 cmd="SPLIT=$SPLIT SEEDS=$SEEDS CONTROL_SEEDS=$CONTROL_SEEDS ITERATIONS=$ITERATIONS EVAL_EVERY=$EVAL_EVERY"
 [ "$METHODS" != "static meal soups" ] && cmd="METHODS=\\\"$METHODS\\\" $cmd"
 [ -n "$REUSE" ] && cmd="REUSE=$REUSE $cmd"
+[ "$EXPERIMENT" != assistant_study ] && cmd="EXPERIMENT=$EXPERIMENT $cmd"
 [ "$CONTROLS" != "meal_frozen meal_uniform meal_shuffled" ] && cmd="CONTROLS=\\\"$CONTROLS\\\" $cmd"
 meta=$(printf '{"experiment": "%s", "split": "%s", "wall_seconds": %d, "seeds": "%s", "control_seeds": "%s", "online_iterations": %d, "command": "%s bash experiments/meta_learner/run.sh", "code": "%s"}' \
   "$(basename "$DOCS")" "$SPLIT" "$(( $(date +%s) - start ))" "$SEEDS" "$CONTROL_SEEDS" "$ITERATIONS" "$cmd" \
