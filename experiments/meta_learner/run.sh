@@ -63,5 +63,5 @@ meta=$(printf '{"experiment": "%s", "split": "%s", "wall_seconds": %d, "seeds": 
   "$(basename "$DOCS")" "$SPLIT" "$(( $(date +%s) - start ))" "$SEEDS" "$CONTROL_SEEDS" "$ITERATIONS" "$cmd" \
   "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)")
 "$BIN/meal-compare" $runs --reference static --out "$DOCS" --meta "$meta" \
-  --title "Assistant task, $SPLIT prompts: static, Meal, Rewarded Soups and the net's controls (labels: w1)"
+  --title "Assistant task (experiment=$EXPERIMENT), $SPLIT prompts: ${METHODS// /, } and the net's controls (labels: w1)"
 "$BIN/python" experiments/meta_learner/curves.py $runs --out "$DOCS"
