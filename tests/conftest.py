@@ -17,7 +17,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # subprocess 23.6 -> 12.9 s on 2 cores
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the group

@@ -14,8 +14,8 @@
 # same command; only trainer.final_eval_split differs), so the learning-curve runs are the final comparison's.
 # Run from the repository root: `bash experiments/meta_learner/run.sh` (or `make meta-learner-experiment`);
 # e.g. `SEEDS=0,1,2 CONTROL_SEEDS=0 SPLIT=validation`; EXPERIMENT=demo runs the demo's (cut) budget instead of
-# experiment=assistant_study's, into runs/meta_learner_demo_$SPLIT and docs/results/meta_learner_demo_$SPLIT; CONTROLS="meal_frozen:0,1,2 meal_uniform" gives a control
-# its own seeds. compare.json records the command and the commit of the code that ran.
+# experiment=assistant_study's, into runs/meta_learner_demo_$SPLIT and docs/results/meta_learner_demo_$SPLIT;
+# CONTROLS="meal_frozen:0,1,2 meal_uniform" gives a control its own seeds. compare.json records the command and the commit of the code that ran.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}

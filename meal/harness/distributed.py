@@ -41,10 +41,11 @@ class Dist:
         if self.world > 1:
             from accelerate import PartialState
 
-            if deepspeed_requested() and not torch.cuda.is_available():
+            cpu = not torch.cuda.is_available()
+            if cpu and deepspeed_requested():
                 _skip_deepspeed_cpu_shm_build()
             # initialises the process group from the launcher's environment (gloo on CPU-only machines)
-            state = PartialState(cpu=not torch.cuda.is_available())
+            state = PartialState(cpu=cpu)
             self.rank, self.world, self.device = state.process_index, state.num_processes, state.device
 
     @property
