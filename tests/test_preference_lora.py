@@ -114,3 +114,35 @@ def test_gradient_checkpointing_recomputes_each_layer_with_its_preference(tiny_l
     for mode in hyper:
         assert hyper[mode].abs().sum() > 0
         torch.testing.assert_close(hyper_ckpt[mode], hyper[mode])
+
+
+def test_repeated_rows_read_their_prompt_once_and_sample_what_unshared_rows_sample(tiny_llama, monkeypatch):
+    """Issue 21: an online rollout's N samples of one (prompt, preference) share the prompt's cache. The
+    prompt is read once per distinct row (same text and same preference: a row with the same text under
+    another preference is another row for preference-aware layers), and every response is the one the
+    unshared call samples (row-seeded draws, float32)."""
+    import meal.policy.sampling as sampling
+    from meal.policy.sampling import GenerationSettings, generate
+
+    model, tok = _policy(tiny_llama)
+    with torch.no_grad():
+        for n, p in trainable_parameters(model).items():
+            if "pref_lora_B" in n:
+                p.normal_(std=0.5)
+    prompts = ["hello there", "a much longer prompt about the weather", "hello there"]
+    prefs = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.0, 1.0]])
+    rows = [p for p in prompts for _ in range(3)]
+    row_prefs = prefs.repeat_interleave(3, 0)
+    settings = GenerationSettings(max_new_tokens=10, batch_size=9, seeding="row")
+    read = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: read.append(kw["input_ids"].shape), with_kwargs=True)
+    shared = generate(model, tok, rows, settings, generator_seed=3, prefs=row_prefs, row_keys=rows)
+    hook.remove()
+    full = tok(rows, padding=True, add_special_tokens=False)["input_ids"]
+    assert read[0] == (3, len(full[0]) - 1)  # the 3 distinct rows, all but the last prompt token
+    assert read[1] == (9, 1)  # then every row reads its last prompt token against the copied cache
+    monkeypatch.setattr(sampling, "shared_prefill", lambda *args: {})
+    unshared = generate(model, tok, rows, settings, generator_seed=3, prefs=row_prefs, row_keys=rows)
+    assert shared.texts == unshared.texts and shared.ids == unshared.ids
+    assert len(set(shared.texts)) > 3  # sampled: repeats of a row get different responses
+    assert sampling.shared_prefill(model, tok(prompts, return_tensors="pt", padding=True), prompts, prefs) == {}
