@@ -8,11 +8,17 @@
 # 0, cached in ~/.cache/meal/conditioning): the first run of a configuration pays it, and its summary says what
 # it cost. A run whose front.json exists is kept. Writes docs/results/demo_budget/{compare.json,md,png}.
 # Run from the repository root: `bash experiments/demo_budget/run.sh` (e.g. SEEDS=0,1,2, or another CUT).
+# Other studies of the same shape: BASE (the overrides both variants start from; default experiment=assistant_study),
+# NAME (the experiment's name: runs/NAME, docs/results/NAME) and TITLE, e.g. the demo without SmolLM2's default
+# system prompt: NAME=demo_system_prompt BASE=experiment=demo CUT="task.template.system=''".
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
-OUT=${OUT:-runs/demo_budget}
-DOCS=${DOCS:-docs/results/demo_budget}
+NAME=${NAME:-demo_budget}
+OUT=${OUT:-runs/$NAME}
+DOCS=${DOCS:-docs/results/$NAME}
+BASE=${BASE:-experiment=assistant_study}
+TITLE=${TITLE:-The demo against its cut budget (validation prompts; labels: w1)}
 SEEDS=${SEEDS:-0,1}
 CUT=${CUT:-conditioning.steps=100 conditioning.pool_prompts=64 policy.lora.layers_from=15}
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
@@ -21,11 +27,11 @@ runs=()
 for seed in ${SEEDS//,/ }; do
   for variant in demo cut; do
     run=$OUT/$variant-s$seed
-    extra=()
-    [ "$variant" = cut ] && read -r -a extra <<< "$CUT"
-    [ -f "$run/front.json" ] || "$BIN/meal-train" experiment=assistant_study "method.name=meal-$variant" "trainer.seed=$seed" \
+    read -r -a extra <<< "$BASE"
+    [ "$variant" = cut ] && read -r -a more <<< "$CUT" && extra+=("${more[@]}")
+    [ -f "$run/front.json" ] || "$BIN/meal-train" "${extra[@]}" "method.name=meal-$variant" "trainer.seed=$seed" \
       trainer.final_eval_split=validation "trainer.out_dir=$run" "hydra.run.dir=$OUT/hydra/$variant-s$seed" \
-      logger=none "${extra[@]}"
+      logger=none
     runs+=("$run")
   done
 done
@@ -45,8 +51,12 @@ for run in "${runs[@]}"; do
     *) compared+=("$run") ;;
   esac
 done
-meta=$(printf '{"experiment": "demo_budget", "split": "validation", "wall_seconds": %d, "seeds": "%s", "cut": "%s", "command": "SEEDS=%s bash experiments/demo_budget/run.sh", "code": "%s"}' \
-  "$(( $(date +%s) - start ))" "$SEEDS" "$CUT" "$SEEDS" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)")
+command="SEEDS=$SEEDS bash experiments/demo_budget/run.sh"
+[ "$NAME" = demo_budget ] || command="NAME=$NAME BASE=\"$BASE\" CUT=\"$CUT\" $command"
+meta=$(BASE="$BASE" CUT="$CUT" COMMAND="$command" "$BIN/python" -c 'import json, os, sys
+print(json.dumps({"experiment": sys.argv[1], "split": "validation", "wall_seconds": int(sys.argv[2]), "seeds": sys.argv[3],
+                  "base": os.environ["BASE"], "cut": os.environ["CUT"], "command": os.environ["COMMAND"], "code": sys.argv[4]}))' \
+  "$NAME" "$(( $(date +%s) - start ))" "$SEEDS" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)")
 mkdir -p "$DOCS"
 "$BIN/meal-compare" "${compared[@]}" --reference meal-demo --out "$DOCS" --meta "$meta" \
-  --title "The demo against its cut budget (validation prompts; labels: w1)"
+  --title "$TITLE"
