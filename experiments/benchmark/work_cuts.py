@@ -1,4 +1,4 @@
-"""Two measured work cuts of issue 21 on the embedded policy (SmolLM2-135M-Instruct + preference-aware LoRA r 8 on
+"""Three measured work cuts of issue 21 on the embedded policy (SmolLM2-135M-Instruct + preference-aware LoRA r 8 on
 q, v, the demo's), each at float32 and bfloat16, alone on the machine, second of two timed runs:
 
 1. the net's prompt embeddings of the demo's training prompts through the decoder alone (``get_decoder()``, what
@@ -6,23 +6,31 @@ q, v, the demo's), each at float32 and bfloat16, alone on the machine, second of
    vocabulary projection computed and thrown away, as before 2026-12-03), and that both give the same embeddings;
 2. what the preference-aware adapters cost in generation: 24 prompts x 48 new tokens at one preference (the
    evaluation's case, where merging the adapters into the weights would be possible) with the adapters against
-   the same model without them (what a merged model would cost at most).
+   the same model without them (what a merged model would cost at most);
+3. the online rollout's shared prompt cache: the demo's 32 rows (8 prompts, each under its own preference,
+   x 4 samples, 48 new tokens, row-seeded draws) with each repeated (prompt, preference) read once
+   (``meal.policy.sampling.shared_prefill``) against every row reading its prompt, and how many of the 32
+   responses are the same.
 
-Run: ``python experiments/benchmark/work_cuts.py`` (prints a JSON line per dtype).
+Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill] [dtype ...]`` (prints a JSON
+line per dtype).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
+from unittest import mock
 
 import torch
 
-from meal.config import LoraConfig, PolicyConfig
+from meal.config import LoraConfig, PolicyConfig, TemplateConfig
+from meal.policy import sampling
 from meal.policy.embeddings import policy_embeddings
 from meal.policy.model import load_policy
 from meal.policy.sampling import GenerationSettings, generate
+from meal.policy.templates import build_prompt
 from meal.tasks import load_embedded
 
 
@@ -59,26 +67,45 @@ def policy(dtype: str, lora: bool):
                        num_objectives=2)
 
 
-def main(dtypes: list[str]) -> None:
+def main(dtypes: list[str], cuts: list[str]) -> None:
     texts = [e.text for e in load_embedded("assistant").train]
     for dtype in dtypes:
+        out = {"dtype": dtype, "threads": torch.get_num_threads()}
         model, tok = policy(dtype, lora=True)
-        dec_s, dec = timed(lambda: policy_embeddings(model, tok, texts))
-        whole_s, whole = timed(lambda: policy_embeddings(WholeModel(model), tok, texts))
-        prompts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-                   for t in texts[:24]]
+        if "embed" in cuts:
+            dec_s, dec = timed(lambda: policy_embeddings(model, tok, texts))
+            whole_s, whole = timed(lambda: policy_embeddings(WholeModel(model), tok, texts))
+            out.update(prompts_embedded=len(texts), embed_decoder_s=round(dec_s, 2),
+                       embed_whole_model_s=round(whole_s, 2), embed_max_abs_diff=(dec - whole).abs().max().item())
         settings = GenerationSettings(48, 0.9, 0, 1.0, 32, 256, seeding="row")
-        prefs = torch.tensor([[0.3, 0.7]]).repeat(len(prompts), 1)
-        lora_s, lora_gen = timed(lambda: generate(model, tok, prompts, settings, 0, prefs=prefs))
-        plain, _ = policy(dtype, lora=False)
-        plain_s, plain_gen = timed(lambda: generate(plain, tok, prompts, settings, 0))
-        print(json.dumps({"dtype": dtype, "prompts_embedded": len(texts), "embed_decoder_s": round(dec_s, 2),
-                          "embed_whole_model_s": round(whole_s, 2),
-                          "embed_max_abs_diff": (dec - whole).abs().max().item(),
-                          "generate_with_adapters_s": round(lora_s, 2), "generate_without_s": round(plain_s, 2),
-                          "tokens_with": lora_gen.num_tokens, "tokens_without": plain_gen.num_tokens,
-                          "threads": torch.get_num_threads()}), flush=True)
+        if "adapters" in cuts:
+            prompts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                               add_generation_prompt=True) for t in texts[:24]]
+            prefs = torch.tensor([[0.3, 0.7]]).repeat(len(prompts), 1)
+            lora_s, lora_gen = timed(lambda: generate(model, tok, prompts, settings, 0, prefs=prefs))
+            plain, _ = policy(dtype, lora=False)
+            plain_s, plain_gen = timed(lambda: generate(plain, tok, prompts, settings, 0))
+            out.update(generate_with_adapters_s=round(lora_s, 2), generate_without_s=round(plain_s, 2),
+                       tokens_with=lora_gen.num_tokens, tokens_without=plain_gen.num_tokens)
+        if "prefill" in cuts:
+            torch.manual_seed(0)
+            prefs = torch.distributions.Dirichlet(torch.ones(2)).sample((8,)).repeat_interleave(4, 0)
+            rows = [t for t in texts[:8] for _ in range(4)]
+            template = TemplateConfig(user="{text}\n\n(Preference weights: {preference}.)", chat=True)  # the task's
+            prompts = [build_prompt(template, t, w.tolist(), ["helpful", "concise"], tok) for t, w in zip(rows, prefs)]
+            shared_s, shared = timed(lambda: generate(model, tok, prompts, settings, 0, prefs=prefs, row_keys=rows))
+            with mock.patch.object(sampling, "shared_prefill", lambda *args: {}):
+                unshared_s, unshared = timed(lambda: generate(model, tok, prompts, settings, 0, prefs=prefs,
+                                                              row_keys=rows))
+            out.update(rollout_shared_prefill_s=round(shared_s, 2), rollout_every_row_s=round(unshared_s, 2),
+                       rollout_same_responses=sum(a == b for a, b in zip(shared.texts, unshared.texts)),
+                       rollout_responses=len(rows))
+        print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["float32", "bfloat16"])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dtypes", nargs="*", default=["float32", "bfloat16"])
+    ap.add_argument("--cuts", default="embed,adapters,prefill", help="comma-separated: embed, adapters, prefill")
+    args = ap.parse_args()
+    main(args.dtypes, args.cuts.split(","))
