@@ -18,7 +18,8 @@ from transformers import DynamicCache, GenerationMixin, LogitsProcessorList
 
 from meal.policy.preference_lora import preference_weights
 
-# what a model's forward and ``generate`` call the key/value cache ("past_key_values" before transformers 5.2x)
+# what a model's forward and ``generate`` call the key/value cache ("past_key_values" in transformers releases
+# before its rename to "cache")
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
     else "past_key_values"
 
@@ -221,8 +222,8 @@ def _generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSett
 
 
 def shared_prefill(model, enc, prompts: Sequence[str], prefs: torch.Tensor | None) -> dict:
-    """The prompt's key/value cache of a batch whose rows repeat, computed once per distinct row: ``{"cache":
-    ...}`` for ``model.generate`` (which then reads only each row's last prompt token), or ``{}`` when no row
+    """The prompt's key/value cache of a batch whose rows repeat, computed once per distinct row, as keyword
+    arguments of ``model.generate`` (which then reads only each row's last prompt token), or ``{}`` when no row
     repeats.
 
     An online rollout asks for N samples of each (prompt, preference): N identical rows, whose prompts were
@@ -230,20 +231,26 @@ def shared_prefill(model, enc, prompts: Sequence[str], prefs: torch.Tensor | Non
     are the same when their prompt string and their preference (what preference-aware LoRA layers read) are;
     the distinct ones read their prompt but its last token with the positions ``generate`` gives them (left
     padding), and the cache is copied to every row that repeats them. The responses are the ones an unshared
-    call samples, up to the floating-point rounding of another batch shape."""
-    keys = [(p, None if prefs is None else tuple(prefs[j].tolist())) for j, p in enumerate(prompts)]
-    first: dict = {}
-    rows = torch.tensor([first.setdefault(key, len(first)) for key in keys])
-    if len(first) == len(keys) or enc["input_ids"].shape[1] < 2:
+    call samples in float32; in bf16 the last prompt token, now a decode step, rounds differently and the draws
+    part after a few tokens (docs/results/demo_shared_prefill/)."""
+    slot: dict = {}  # (prompt, preference) -> its place among the distinct rows
+    firsts, rows = [], []  # the first row of each distinct one; each row's distinct one
+    for j, prompt in enumerate(prompts):
+        key = (prompt, None if prefs is None else tuple(prefs[j].tolist()))
+        if key not in slot:
+            slot[key] = len(firsts)
+            firsts.append(j)
+        rows.append(slot[key])
+    if len(firsts) == len(rows) or enc["input_ids"].shape[1] < 2:
         return {}
-    distinct = torch.tensor([keys.index(key) for key in first])
+    distinct = torch.tensor(firsts)
     mask = enc["attention_mask"][distinct, :-1]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers a left-padded row
     cache = DynamicCache(config=model.config)
     with preference_weights(model, None if prefs is None else prefs[distinct]):
         model(input_ids=enc["input_ids"][distinct, :-1], attention_mask=mask, position_ids=positions,
               use_cache=True, logits_to_keep=1, **{_CACHE_KWARG: cache})
-    cache.batch_select_indices(rows.to(mask.device))
+    cache.batch_select_indices(torch.tensor(rows, device=mask.device))
     return {_CACHE_KWARG: cache}
 
 
