@@ -146,3 +146,64 @@ def test_repeated_rows_read_their_prompt_once_and_sample_what_unshared_rows_samp
     assert shared.texts == unshared.texts and shared.ids == unshared.ids
     assert len(set(shared.texts)) > 3  # sampled: repeats of a row get different responses
     assert sampling.shared_prefill(model, tok(prompts, return_tensors="pt", padding=True), prompts, prefs) == {}
+
+
+@pytest.mark.parametrize("mode", ["row", "call", "greedy"])
+def test_ended_rows_leave_the_batch_and_the_others_get_what_generate_gives_them(tiny_llama, mode):
+    """Issue 21: meal's decoding loop drops a row from the batch (cache, mask, preferences) once it ends, and
+    every response is still the one Hugging Face's ``generate`` gives it with the same draws, which keeps
+    ended rows to the last step: per-row generators ("row"), the process's stream ("call": multinomial of
+    the warped softmax) and greedy. Rows repeat (the shared prompt cache is in play) and have their own
+    preferences; the end-of-sequence token is one the responses draw at different steps, so rows end
+    early, at different steps, and leave the batch."""
+    from transformers import LogitsProcessorList
+
+    from meal.policy.sampling import GenerationSettings, RowDraw, SamplingWarper, generate, row_seeds
+
+    model, tok = _policy(tiny_llama)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in trainable_parameters(model).items():
+            if "pref_lora_B" in n:
+                p.normal_(std=0.5)
+    prompts = ["hello there", "hello there", "a much longer prompt about the weather", "hi", "hi",
+               "tell me about cats", "one two three four five six", "why"]
+    prefs = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.3, 0.7], [0.5, 0.5], [0.5, 0.5], [0.0, 1.0], [0.8, 0.2],
+                          [0.1, 0.9]])
+    settings = GenerationSettings(max_new_tokens=12, batch_size=8, seeding="row" if mode == "row" else "call",
+                                  greedy=mode == "greedy")
+    probe = generate(model, tok, prompts, settings, generator_seed=5, prefs=prefs)
+    first = {}  # token -> the step at which each row first draws it
+    for b, row in enumerate(probe.ids):
+        for t, token in enumerate(row[:-1]):
+            first.setdefault(token, {}).setdefault(b, t)
+    eos = max(first, key=lambda k: (len(set(first[k].values())), -len(first[k])))  # ends rows at the most steps
+    tok.eos_token = tok.convert_ids_to_tokens(eos)
+    assert tok.eos_token_id == eos != tok.pad_token_id
+
+    rows_read = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: rows_read.append(kw["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    ours = generate(model, tok, prompts, settings, generator_seed=5, prefs=prefs)
+    hook.remove()
+
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad(), torch.random.fork_rng(), preference_weights(model, prefs):
+        torch.manual_seed(5)
+        if mode == "row":
+            gens = [torch.Generator().manual_seed(s) for s in row_seeds(5, prompts)]
+            kw = {"do_sample": False, "logits_processor": LogitsProcessorList([RowDraw(SamplingWarper(top_p=0.9), gens)])}
+        elif mode == "greedy":
+            kw = {"do_sample": False}
+        else:
+            kw = {"do_sample": True, "top_p": 1.0, "top_k": 0, "temperature": 1.0,
+                  "logits_processor": LogitsProcessorList([SamplingWarper(top_p=0.9)])}
+        out = model.generate(**enc, max_new_tokens=12, eos_token_id=eos, pad_token_id=tok.pad_token_id, **kw)
+    reference = []
+    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        reference.append(row[:row.index(eos) + 1] if eos in row else row)
+    assert ours.ids == reference
+    ends = [len(r) for r, done in zip(ours.ids, ours.finished) if done]
+    assert len(set(ends)) >= 2 and min(ends) < 12  # rows ended early, at different steps
+    assert rows_read[0] == 6 and rows_read[1] == 8  # the distinct rows' shared prompt pass, then every row
+    assert min(rows_read[2:]) < 8  # and the rows that ended left the batch

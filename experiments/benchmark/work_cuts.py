@@ -1,4 +1,4 @@
-"""Three measured work cuts of issue 21 on the embedded policy (SmolLM2-135M-Instruct + preference-aware LoRA r 8 on
+"""Four measured work cuts of issue 21 on the embedded policy (SmolLM2-135M-Instruct + preference-aware LoRA r 8 on
 q, v, the demo's), each at float32 and bfloat16, alone on the machine, second of two timed runs:
 
 1. the net's prompt embeddings of the demo's training prompts through the decoder alone (``get_decoder()``, what
@@ -10,15 +10,24 @@ q, v, the demo's), each at float32 and bfloat16, alone on the machine, second of
 3. the online rollout's shared prompt cache: the demo's 32 rows (8 prompts, each under its own preference,
    x 4 samples, 48 new tokens, row-seeded draws) with each repeated (prompt, preference) read once
    (``meal.policy.sampling.shared_prefill``) against every row reading its prompt, and how many of the 32
-   responses are the same.
+   responses are the same;
+4. ended rows leaving the batch (``meal.policy.sampling.decode``'s ``compact``) against their staying to the last
+   step (Hugging Face's ``generate`` loop), on a trained policy whose responses end at different lengths
+   (``--run``: a run folder, its latest checkpoint; the untrained policy rarely ends within 48 tokens): the
+   online rollout (8 training prompts x 4 samples, each prompt under its own preference, row-seeded), an
+   evaluation grid point (24 training prompts at one preference, row-seeded; at w1 = 0.1, 0.5 and 0.9) and a
+   batch drawn as the conditioning stage draws its pool (32 training prompts under their own preferences, one
+   seed for the call; from the same trained policy, the pool's own being the untrained one), each with how many of
+   its responses are the same and the share of the decode row-steps spent on rows that had ended.
 
-Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill] [dtype ...]`` (prints a JSON
-line per dtype).
+Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill,compact] [--run RUN] [dtype ...]``
+(prints a JSON line per dtype).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from unittest import mock
@@ -26,6 +35,7 @@ from unittest import mock
 import torch
 
 from meal.config import LoraConfig, PolicyConfig, TemplateConfig
+from meal.harness.saved_run import load_run
 from meal.policy import sampling
 from meal.policy.embeddings import policy_embeddings
 from meal.policy.model import load_policy
@@ -67,7 +77,47 @@ def policy(dtype: str, lora: bool):
                        num_objectives=2)
 
 
-def main(dtypes: list[str], cuts: list[str]) -> None:
+def ended_share(gen, batch_size: int) -> float:
+    """The share of a call's decode row-steps (rows x steps, batch by batch) spent on rows that had ended."""
+    lengths = [len(ids) for ids in gen.ids]
+    spent = useful = 0
+    for i in range(0, len(lengths), batch_size):
+        chunk = lengths[i:i + batch_size]
+        spent += len(chunk) * max(chunk)
+        useful += sum(chunk)
+    return 1 - useful / spent
+
+
+def compact_cut(run_dir: str, dtype: str) -> dict:
+    """Cut 4 on ``run_dir``'s latest policy at ``dtype``: seconds with ended rows leaving the batch and with
+    them staying, same responses, ended share of the row-steps, per case."""
+    cfg, model, tok, _ = load_run(run_dir, dtype=dtype)
+    objectives = list(cfg.task.objectives)
+    texts = [e.text for e in load_embedded("assistant").train]
+    torch.manual_seed(0)
+    rollout_prefs = torch.distributions.Dirichlet(torch.ones(2)).sample((8,)).repeat_interleave(4, 0)
+    rollout = [t for t in texts[:8] for _ in range(4)]
+    pool_prefs = torch.distributions.Dirichlet(torch.ones(2)).sample((32,))
+    cases = {"rollout": (rollout, rollout_prefs, "row")}
+    for w1 in (0.1, 0.5, 0.9):
+        cases[f"evaluate_w{w1}"] = (texts[8:32], torch.tensor([[w1, 1 - w1]]).repeat(24, 1), "row")
+    cases["pool"] = (texts[32:64], pool_prefs, "call")
+    keep_ended = functools.partial(sampling.decode, compact=False)
+    out = {}
+    for name, (rows, prefs, seeding) in cases.items():
+        settings = GenerationSettings(48, 0.9, 0, 1.0, 32, 256, seeding=seeding)
+        prompts = [build_prompt(cfg.task.template, t, w.tolist(), objectives, tok) for t, w in zip(rows, prefs)]
+        compact_s, compact = timed(lambda: generate(model, tok, prompts, settings, 0, prefs=prefs, row_keys=rows))
+        with mock.patch.object(sampling, "decode", keep_ended):
+            kept_s, kept = timed(lambda: generate(model, tok, prompts, settings, 0, prefs=prefs, row_keys=rows))
+        out[name] = {"rows": len(rows), "ended_rows_leave_s": round(compact_s, 2), "ended_rows_stay_s": round(kept_s, 2),
+                     "same_responses": sum(a == b for a, b in zip(compact.ids, kept.ids)),
+                     "ended_share_of_row_steps": round(ended_share(kept, settings.batch_size), 3),
+                     "tokens": kept.num_tokens}
+    return out
+
+
+def main(dtypes: list[str], cuts: list[str], run_dir: str | None = None) -> None:
     texts = [e.text for e in load_embedded("assistant").train]
     for dtype in dtypes:
         out = {"dtype": dtype, "threads": torch.get_num_threads()}
@@ -100,12 +150,18 @@ def main(dtypes: list[str], cuts: list[str]) -> None:
             out.update(rollout_shared_prefill_s=round(shared_s, 2), rollout_every_row_s=round(unshared_s, 2),
                        rollout_same_responses=sum(a == b for a, b in zip(shared.texts, unshared.texts)),
                        rollout_responses=len(rows))
+        if "compact" in cuts:
+            if run_dir is None:
+                raise SystemExit("--cuts compact needs --run RUN (a trained run folder)")
+            out.update(run=run_dir, compact=compact_cut(run_dir, dtype))
         print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dtypes", nargs="*", default=["float32", "bfloat16"])
-    ap.add_argument("--cuts", default="embed,adapters,prefill", help="comma-separated: embed, adapters, prefill")
+    ap.add_argument("--cuts", default="embed,adapters,prefill",
+                    help="comma-separated: embed, adapters, prefill, compact")
+    ap.add_argument("--run", default=None, help="a trained run folder (meal-train's out_dir), for --cuts compact")
     args = ap.parse_args()
-    main(args.dtypes, args.cuts.split(","))
+    main(args.dtypes, args.cuts.split(","), args.run)
