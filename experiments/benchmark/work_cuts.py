@@ -121,7 +121,8 @@ def main(dtypes: list[str], cuts: list[str], run_dir: str | None = None) -> None
     texts = [e.text for e in load_embedded("assistant").train]
     for dtype in dtypes:
         out = {"dtype": dtype, "threads": torch.get_num_threads()}
-        model, tok = policy(dtype, lora=True)
+        if {"embed", "adapters", "prefill"} & set(cuts):  # the untrained policy (compact loads a trained run)
+            model, tok = policy(dtype, lora=True)
         if "embed" in cuts:
             dec_s, dec = timed(lambda: policy_embeddings(model, tok, texts))
             whole_s, whole = timed(lambda: policy_embeddings(WholeModel(model), tok, texts))

@@ -264,8 +264,8 @@ def decode(model, enc, prefs: torch.Tensor | None, shared: dict, choose, max_new
     row-steps of a fresh-clone demo's final evaluation, README), and a decode step's time grows with its rows
     (SmolLM2-135M on 2 CPU cores, float32: 97 ms at 8 rows, 243 ms at 32). Here the rows that ended are
     dropped from the key/value cache, the attention mask and the preferences before the next step; the other
-    rows' logits are those of the whole batch (bit for bit in bf16 on the 2-core machine, within 4e-5 in
-    float32). ``choose(scores, live)`` picks the next token of each row of the batch from its float32 logits
+    rows' logits are those of the whole batch up to the rounding of another batch shape (within 4e-5 in
+    float32; in bf16 bit for bit on most shapes, docs/results/demo_compact/). ``choose(scores, live)`` picks the next token of each row of the batch from its float32 logits
     (``live``: their rows in the chunk); without ``compact`` it is the loop of ``generate`` (the ended rows
     computed and given ``pad``). ``shared``: :func:`shared_prefill`'s cache of all but the last prompt
     token, or ``{}``."""
@@ -277,7 +277,7 @@ def decode(model, enc, prefs: torch.Tensor | None, shared: dict, choose, max_new
     live = torch.arange(rows, device=mask.device)
     ended = torch.zeros(rows, dtype=torch.bool, device=mask.device)
     for t in range(max_new_tokens):
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -step.shape[1]:]
+        positions = _positions(mask)[:, -step.shape[1]:]
         with preference_weights(model, None if prefs is None else prefs[live.to(prefs.device)]):
             logits = model(input_ids=step, attention_mask=mask, position_ids=positions, use_cache=True,
                            logits_to_keep=1, **{_CACHE_KWARG: cache}).logits[:, -1].float()
@@ -295,16 +295,20 @@ def decode(model, enc, prefs: torch.Tensor | None, shared: dict, choose, max_new
     return out[:, :0]
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """The position of each token of left-padded rows, as ``generate`` numbers them (padding at 1, masked)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
 def shared_prefill(model, enc, prompts: Sequence[str], prefs: torch.Tensor | None) -> dict:
-    """The prompt's key/value cache of a batch whose rows repeat, computed once per distinct row, as keyword
-    arguments of ``model.generate`` (which then reads only each row's last prompt token), or ``{}`` when no row
-    repeats.
+    """The prompt's key/value cache of a batch whose rows repeat, computed once per distinct row, as
+    ``{cache keyword: cache}`` for :func:`decode` (which then reads only each row's last prompt token), or
+    ``{}`` when no row repeats.
 
     An online rollout asks for N samples of each (prompt, preference): N identical rows, whose prompts were
     each read N times (40% of a 32-row rollout's time for SmolLM2-135M on 2 CPU cores, BENCHMARKS.md). Rows
     are the same when their prompt string and their preference (what preference-aware LoRA layers read) are;
-    the distinct ones read their prompt but its last token with the positions ``generate`` gives them (left
-    padding), and the cache is copied to every row that repeats them. The responses are the ones an unshared
+    the distinct ones read their prompt but its last token (:func:`_positions`), and the cache is copied to every row that repeats them. The responses are the ones an unshared
     call samples in float32; in bf16 the last prompt token, now a decode step, rounds differently and the draws
     part after a few tokens (docs/results/demo_shared_prefill/)."""
     slot: dict = {}  # (prompt, preference) -> its place among the distinct rows
@@ -319,7 +323,7 @@ def shared_prefill(model, enc, prompts: Sequence[str], prefs: torch.Tensor | Non
         return {}
     distinct = torch.tensor(firsts)
     mask = enc["attention_mask"][distinct, :-1]
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers a left-padded row
+    positions = _positions(mask)
     cache = DynamicCache(config=model.config)
     with preference_weights(model, None if prefs is None else prefs[distinct]):
         model(input_ids=enc["input_ids"][distinct, :-1], attention_mask=mask, position_ids=positions,
