@@ -130,6 +130,13 @@ def test_stage_end_to_end_cached_and_rebuilt_when_a_reward_changes(tiny_llama, t
     after = sorted(os.listdir(cache))
     assert sum(f.startswith("corpus-") and f.endswith(".jsonl") for f in after) == 2
 
+    # a pool sampled in bf16 is not the float32 one: another precision builds its own corpus and stage
+    train(_stage_config(tiny_llama, str(tmp_path / "d"), cache, **{"policy.dtype": "bfloat16"}))
+    bf16 = sorted(set(os.listdir(cache)) - set(after))
+    assert sum(f.startswith("corpus-") and f.endswith(".jsonl") for f in bf16) == 1
+    assert sum(f.startswith("stage-") for f in bf16) == 1
+    assert json.load(open(tmp_path / "d" / "conditioning" / "stage.json"))["key"]["policy"]["dtype"] == "bfloat16"
+
 
 def test_stage_resumes_from_its_checkpoint(tiny_llama, tmp_path):
     """A stage stopped after its step-2 checkpoint continues from it: same weights as an uninterrupted stage."""

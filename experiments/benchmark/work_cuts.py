@@ -18,9 +18,13 @@ q, v, the demo's), each at float32 and bfloat16, alone on the machine, second of
    evaluation grid point (24 training prompts at one preference, row-seeded; at w1 = 0.1, 0.5 and 0.9) and a
    batch drawn as the conditioning stage draws its pool (32 training prompts under their own preferences, one
    seed for the call; from the same trained policy, the pool's own being the untrained one), each with how many of
-   its responses are the same and the share of the decode row-steps spent on rows that had ended.
+   its responses are the same and the share of the decode row-steps spent on rows that had ended;
+5. (``--cuts steps``) what one decode step costs against the rows in the batch (8, 16, 24, 32 rows, each with 100
+   tokens of key/value cache, the untrained policy with its adapters): the fixed part and the part per row that
+   bound what cut 4 can save.
 
-Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill,compact] [--run RUN] [dtype ...]``
+Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill,compact,steps] [--run RUN]
+[dtype ...]``
 (prints a JSON line per dtype).
 """
 
@@ -39,6 +43,7 @@ from meal.harness.saved_run import load_run
 from meal.policy import sampling
 from meal.policy.embeddings import policy_embeddings
 from meal.policy.model import load_policy
+from meal.policy.preference_lora import preference_weights
 from meal.policy.sampling import GenerationSettings, generate
 from meal.policy.templates import build_prompt
 from meal.tasks import load_embedded
@@ -117,11 +122,31 @@ def compact_cut(run_dir: str, dtype: str) -> dict:
     return out
 
 
+def step_seconds(model, rows: int, context: int = 100, steps: int = 20) -> float:
+    """Median seconds of one decode step (one new token a row, through the preference-aware adapters) for ``rows``
+    rows with ``context`` tokens of key/value cache each."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(100, 1000, (rows, context))
+    prefs = torch.tensor([[0.5, 0.5]]).repeat(rows, 1)
+    with torch.no_grad(), preference_weights(model, prefs):
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, use_cache=True, **{sampling._CACHE_KWARG: cache}, logits_to_keep=1)
+        times = []
+        for t in range(steps):
+            mask = torch.ones(rows, context + t + 1, dtype=torch.long)
+            tic = time.perf_counter()
+            model(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True, **{sampling._CACHE_KWARG: cache},
+                  logits_to_keep=1)
+            times.append(time.perf_counter() - tic)
+    return sorted(times)[len(times) // 2]
+
+
 def main(dtypes: list[str], cuts: list[str], run_dir: str | None = None) -> None:
     texts = [e.text for e in load_embedded("assistant").train]
     for dtype in dtypes:
         out = {"dtype": dtype, "threads": torch.get_num_threads()}
-        if {"embed", "adapters", "prefill"} & set(cuts):  # the untrained policy (compact loads a trained run)
+        if {"embed", "adapters", "prefill", "steps"} & set(cuts):  # the untrained policy (compact loads a trained run)
             model, tok = policy(dtype, lora=True)
         if "embed" in cuts:
             dec_s, dec = timed(lambda: policy_embeddings(model, tok, texts))
@@ -151,6 +176,9 @@ def main(dtypes: list[str], cuts: list[str], run_dir: str | None = None) -> None
             out.update(rollout_shared_prefill_s=round(shared_s, 2), rollout_every_row_s=round(unshared_s, 2),
                        rollout_same_responses=sum(a == b for a, b in zip(shared.texts, unshared.texts)),
                        rollout_responses=len(rows))
+        if "steps" in cuts:
+            step_seconds(model, 8)  # warm-up
+            out.update(decode_step_ms={rows: round(1000 * step_seconds(model, rows), 1) for rows in (8, 16, 24, 32)})
         if "compact" in cuts:
             if run_dir is None:
                 raise SystemExit("--cuts compact needs --run RUN (a trained run folder)")
@@ -162,7 +190,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dtypes", nargs="*", default=["float32", "bfloat16"])
     ap.add_argument("--cuts", default="embed,adapters,prefill",
-                    help="comma-separated: embed, adapters, prefill, compact")
+                    help="comma-separated: embed, adapters, prefill, compact, steps")
     ap.add_argument("--run", default=None, help="a trained run folder (meal-train's out_dir), for --cuts compact")
     args = ap.parse_args()
     main(args.dtypes, args.cuts.split(","), args.run)

@@ -211,15 +211,16 @@ class StageSettings:
     resolved: dict
 
 
-def corpus_key(c: dict, source: str) -> dict:
-    """What the scored corpus depends on: data, rewards, and for a pool the policy and how it was sampled
-    (``c``: the run's resolved config)."""
+def corpus_key(c: dict, source: str, precision: str) -> dict:
+    """What the scored corpus depends on: data, rewards, and for a pool the policy, the precision it ran in
+    (``precision``: its parameters' dtype, ``policy.dtype=auto`` resolved; a pool sampled in bf16 is not one
+    sampled in float32) and how it was sampled (``c``: the run's resolved config)."""
     key = {"source": source, "data": c["task"]["data"],
            "rewards": {o: c["rewards"][o] for o in c["task"]["objectives"]},
            "max_rows": c["conditioning"]["max_rows"], "seed": c["conditioning"]["seed"]}
     if source == "pool":
         t = c["trainer"]
-        key.update(policy=[c["policy"]["name_or_path"], c["policy"]["gguf_file"]],
+        key.update(policy=[c["policy"]["name_or_path"], c["policy"]["gguf_file"], precision],
                    template=c["task"]["template"], instructions=c["task"]["pool_instructions"],
                    max_new_tokens=c["task"]["max_new_tokens"], prompts=c["conditioning"]["pool_prompts"],
                    samples=c["conditioning"]["pool_samples"],
@@ -227,13 +228,13 @@ def corpus_key(c: dict, source: str) -> dict:
     return key
 
 
-def stage_key(c: dict, corpus_digest: str) -> dict:
-    """What the conditioned policy depends on: the corpus, labels, policy and adapter, template, SFT
-    (``c``: the run's resolved config)."""
+def stage_key(c: dict, corpus_digest: str, precision: str) -> dict:
+    """What the conditioned policy depends on: the corpus, labels, policy (in ``precision``, as
+    :func:`corpus_key`) and adapter, template, SFT (``c``: the run's resolved config)."""
     p, cond = c["policy"], dict(c["conditioning"])
     cond.pop("cache", None)
     return {"corpus": corpus_digest, "conditioning": cond, "template": c["task"]["template"],
-            "policy": {k: p[k] for k in ("name_or_path", "gguf_file", "dtype", "lora")},
+            "policy": {**{k: p[k] for k in ("name_or_path", "gguf_file", "lora")}, "dtype": precision},
             "trainer": {k: c["trainer"][k] for k in ("max_prompt_tokens", "weight_decay", "max_grad_norm")}}
 
 
@@ -303,6 +304,11 @@ class StagePolicy:
         return ConditionedPolicy(self.model, self.condition)
 
 
+def _precision(model: torch.nn.Module) -> str:
+    """The dtype the policy computes in ("float32", "bfloat16"), for the cache keys."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def _corpus(s: StageSettings, data: TaskData, policy: StagePolicy, reward_set: RewardSet, root: str, dist: Dist
             ) -> tuple[ScoredCorpus, str]:
     """The scored corpus (0a), from the cache when the same key was built before."""
@@ -310,7 +316,7 @@ def _corpus(s: StageSettings, data: TaskData, policy: StagePolicy, reward_set: R
     source = c.source if c.source != "auto" else ("dataset" if data.responses else "pool")
     if source == "dataset" and not data.responses:
         raise ValueError(f"conditioning.source: task {s.task_name} has no responses of its own; use pool")
-    key = corpus_key(s.resolved, source)
+    key = corpus_key(s.resolved, source, _precision(policy.model))
     digest = _digest(key)
     path = os.path.join(root, f"corpus-{digest}.jsonl")
     if os.path.exists(path):
@@ -355,7 +361,8 @@ def condition_policy(s: StageSettings, data: TaskData, policy: StagePolicy, rewa
         torch.manual_seed(c.seed)
         corpus, corpus_digest = _corpus(s, data, policy, reward_set, root, dist)
         normalizer = RewardNormalizer.fit(corpus.raw, corpus.objectives)
-        folder = os.path.join(root, f"stage-{_digest(stage_key(s.resolved, corpus_digest))}")
+        key = stage_key(s.resolved, corpus_digest, _precision(policy.model))
+        folder = os.path.join(root, f"stage-{_digest(key)}")
         done = os.path.join(folder, "stage.json")
         rows, labels = achieved_labels(normalizer(corpus.raw), corpus.groups, c.label,
                                        np.random.default_rng(c.seed), c.tau, c.labels_per_group)
@@ -366,7 +373,7 @@ def condition_policy(s: StageSettings, data: TaskData, policy: StagePolicy, rewa
                     "labels": {"rule": c.label, "rows": int(len(rows)),
                                "distinct_responses": int(len(set(rows.tolist())))},
                     "sft": budget.as_dict(), "normalizer": normalizer.__dict__,
-                    "budget": _total(corpus.budget, budget).as_dict(), "key": stage_key(s.resolved, corpus_digest)}
+                    "budget": _total(corpus.budget, budget).as_dict(), "key": key}
             if dist.main:
                 _finish_stage(folder, policy.params, info)
             dist.barrier()

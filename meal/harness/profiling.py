@@ -24,7 +24,8 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 def machine() -> str:
     """What a measurement ran on, for results files: the GPU, or the CPU cores, model and whether the
-    policy could run in bf16 there (``policy.dtype=auto``), with the torch and Python versions."""
+    policy could run in bf16 there (``policy.dtype=auto``), the torch threads when fewer than the cores (a
+    one-thread run stands in for a slower machine, BENCHMARKS.md), with the torch and Python versions."""
     if torch.cuda.is_available():
         dev = f"{torch.cuda.get_device_name(0)} GPU"
     else:
@@ -35,7 +36,9 @@ def machine() -> str:
         except OSError:
             pass
         bf16 = "with bf16 arithmetic: bf16 policy" if cpu_supports_bf16() else "no AVX-512 BF16: fp32 policy"
-        dev = f"{os.cpu_count()} CPU cores ({cpu}, {bf16}), no GPU"
+        threads = torch.get_num_threads()
+        used = f", {threads} torch thread{'s' if threads > 1 else ''}" if threads < (os.cpu_count() or 1) else ""
+        dev = f"{os.cpu_count()} CPU cores ({cpu}, {bf16}){used}, no GPU"
     return f"{dev}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
