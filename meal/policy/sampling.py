@@ -262,13 +262,13 @@ def decode(model, enc, prefs: torch.Tensor | None, shared: dict, choose, max_new
 
     Hugging Face's ``generate`` keeps an ended row in every forward pass to the last step (29% of the decode
     row-steps of a fresh-clone demo's final evaluation, README), and a decode step's time grows with its rows
-    (SmolLM2-135M on 2 CPU cores, float32: 97 ms at 8 rows, 243 ms at 32). Here the rows that ended are
-    dropped from the key/value cache, the attention mask and the preferences before the next step; the other
-    rows' logits are those of the whole batch up to the rounding of another batch shape (within 4e-5 in
-    float32; in bf16 bit for bit on most shapes, docs/results/demo_compact/). ``choose(scores, live)`` picks the next token of each row of the batch from its float32 logits
-    (``live``: their rows in the chunk); without ``compact`` it is the loop of ``generate`` (the ended rows
-    computed and given ``pad``). ``shared``: :func:`shared_prefill`'s cache of all but the last prompt
-    token, or ``{}``."""
+    (SmolLM2-135M on 2 CPU cores, float32: 123-139 ms at 8 rows, 190-242 ms at 32; BENCHMARKS.md). Here the rows
+    that ended are dropped from the key/value cache, the attention mask and the preferences before the next step;
+    the other rows' logits are those of the whole batch up to the rounding of another batch shape (within 4e-5 in
+    float32; in bf16 bit for bit on most shapes, docs/results/demo_compact/). ``choose(scores, live)`` picks the
+    next token of each row of the batch from its float32 logits (``live``: their rows in the chunk); without
+    ``compact`` it is the loop of ``generate`` (the ended rows computed and given ``pad``). ``shared``:
+    :func:`shared_prefill`'s cache of all but the last prompt token, or ``{}``."""
     mask = enc["attention_mask"]
     rows = mask.shape[0]
     step = enc["input_ids"][:, -1:] if shared else enc["input_ids"]
@@ -305,12 +305,12 @@ def shared_prefill(model, enc, prompts: Sequence[str], prefs: torch.Tensor | Non
     ``{cache keyword: cache}`` for :func:`decode` (which then reads only each row's last prompt token), or
     ``{}`` when no row repeats.
 
-    An online rollout asks for N samples of each (prompt, preference): N identical rows, whose prompts were
-    each read N times (40% of a 32-row rollout's time for SmolLM2-135M on 2 CPU cores, BENCHMARKS.md). Rows
-    are the same when their prompt string and their preference (what preference-aware LoRA layers read) are;
-    the distinct ones read their prompt but its last token (:func:`_positions`), and the cache is copied to every row that repeats them. The responses are the ones an unshared
-    call samples in float32; in bf16 the last prompt token, now a decode step, rounds differently and the draws
-    part after a few tokens (docs/results/demo_shared_prefill/)."""
+    An online rollout asks for N samples of each (prompt, preference): N identical rows, whose prompts were each
+    read N times (40% of a 32-row rollout's time for SmolLM2-135M on 2 CPU cores, BENCHMARKS.md). Rows are the same
+    when their prompt string and their preference (what preference-aware LoRA layers read) are; the distinct ones
+    read their prompt but its last token (:func:`_positions`), and the cache is copied to every row that repeats
+    them. The responses are the ones an unshared call samples in float32; in bf16 the last prompt token, now a
+    decode step, rounds differently and the draws part after a few tokens (docs/results/demo_shared_prefill/)."""
     slot: dict = {}  # (prompt, preference) -> its place among the distinct rows
     firsts, rows = [], []  # the first row of each distinct one; each row's distinct one
     for j, prompt in enumerate(prompts):
