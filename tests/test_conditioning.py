@@ -12,7 +12,8 @@ from tests.conftest import tiny_config
 
 from meal.config import TemplateConfig
 from meal.harness.budget import Budget
-from meal.harness.conditioning import ScoredCorpus, achieved_labels
+from meal.harness.conditioning import achieved_labels
+from meal.harness.corpus import ScoredCorpus
 from meal.methods import train
 from meal.policy.losses import IGNORE, build_batch
 from meal.policy.rollout import Conditioner
@@ -207,7 +208,7 @@ def test_replay_mixes_the_stage_rows_into_each_step_and_resumes_exactly(tiny_lla
     replays the same rows as an uninterrupted one (same weights)."""
     from safetensors.torch import load_file
 
-    from meal.harness.conditioning import ReplaySet
+    from meal.harness.corpus import ReplaySet
 
     cache = str(tmp_path / "cache")
     over = {"trainer.iterations": 3, "trainer.replay": 2, "method.name": "static", "method.meta_learner": False,

@@ -58,7 +58,7 @@ def test_ric_trains_two_steps_and_writes_its_front(tiny_llama, tmp_path):
     """The offline stage labels every corpus row with its own scores; two MORS iterations keep the samples
     past the 0.7 quantile (plus as many filtered corpus rows), step, and the front is evaluated through
     RiC's map from preferences to desired scores."""
-    from meal.harness.conditioning import ReplaySet
+    from meal.harness.corpus import ReplaySet
 
     out = tmp_path / "ric"
     summary = train(_ric_config(tiny_llama, str(out), str(tmp_path / "cache")))

@@ -151,7 +151,7 @@ def step_seconds(model, rows: int, context: int = 100, steps: int = 20) -> float
 
 def sft_positions(corpus_path: str, tok, steps: int = 100, batch_size: int = 8, seed: int = 0) -> dict:
     """Token positions of the stage's SFT batches from ``corpus_path``: response, prompt, padding, shared prefix."""
-    from meal.harness.conditioning import ScoredCorpus
+    from meal.harness.corpus import ScoredCorpus
     from meal.policy.losses import IGNORE, build_batch
     from meal.policy.rollout import PromptOrder
 

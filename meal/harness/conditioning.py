@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from meal.harness.budget import Budget
 from meal.harness.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from meal.harness.corpus import ReplaySet, ScoredCorpus
 from meal.harness.distributed import AdamWStep, Dist
 from meal.harness.tracking import JsonlWriter
 from meal.policy.losses import build_batch, policy_step
@@ -49,47 +50,6 @@ from meal.rewards import RewardNormalizer, RewardSet
 from meal.tasks import Response, TaskData
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScoredCorpus:
-    """M responses in prompt groups with their raw rewards (M, K); ``texts[i]`` is the task text
-    response i answers (what rewards and the template see)."""
-
-    objectives: list[str]
-    texts: list[str]
-    responses: list[str]
-    finished: list[bool]
-    groups: list[int]
-    raw: torch.Tensor
-    source: str
-    budget: Budget
-
-    def __len__(self) -> int:
-        return len(self.responses)
-
-    def save(self, path: str) -> None:
-        """JSON lines: a header, then one row per response. Written atomically."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"objectives": self.objectives, "source": self.source,
-                                "budget": self.budget.as_dict(), "rows": len(self)}) + "\n")
-            for i in range(len(self)):
-                f.write(json.dumps({"group": self.groups[i], "text": self.texts[i], "response": self.responses[i],
-                                    "finished": self.finished[i], "raw": self.raw[i].tolist()}) + "\n")
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str) -> "ScoredCorpus":
-        with open(path, encoding="utf-8") as f:
-            head = json.loads(f.readline())
-            rows = [json.loads(line) for line in f]
-        if len(rows) != head["rows"]:
-            raise ValueError(f"{path}: {len(rows)} rows, the header says {head['rows']} (an interrupted write?)")
-        return cls(head["objectives"], [r["text"] for r in rows], [r["response"] for r in rows],
-                   [r["finished"] for r in rows], [r["group"] for r in rows],
-                   torch.tensor([r["raw"] for r in rows], dtype=torch.float32).reshape(len(rows), -1),
-                   head["source"], Budget.from_dict(head["budget"]))
 
 
 def sample_pool(policy: ConditionedPolicy, texts: Sequence[str], instructions: Sequence[str],
@@ -236,41 +196,6 @@ def stage_key(c: dict, corpus_digest: str, precision: str) -> dict:
     return {"corpus": corpus_digest, "conditioning": cond, "template": c["task"]["template"],
             "policy": {**{k: p[k] for k in ("name_or_path", "gguf_file", "lora")}, "dtype": precision},
             "trainer": {k: c["trainer"][k] for k in ("max_prompt_tokens", "weight_decay", "max_grad_norm")}}
-
-
-@dataclass
-class ReplaySet:
-    """The stage's labelled rows (task text, response, label (E, K)): what the online stage mixes into its
-    SFT steps with ``trainer.replay``, as RiC's online stage adds original samples to its new ones."""
-
-    texts: list[str]
-    responses: list[str]
-    finished: list[bool]
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.responses)
-
-    @classmethod
-    def from_corpus(cls, corpus: ScoredCorpus, rows: np.ndarray, labels: torch.Tensor) -> "ReplaySet":
-        rows = rows.tolist()
-        return cls([corpus.texts[i] for i in rows], [corpus.responses[i] for i in rows],
-                   [corpus.finished[i] for i in rows], labels.float())
-
-    def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i in range(len(self)):
-                f.write(json.dumps({"text": self.texts[i], "response": self.responses[i],
-                                    "finished": self.finished[i], "label": self.labels[i].tolist()}) + "\n")
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str) -> "ReplaySet":
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f]
-        return cls([r["text"] for r in rows], [r["response"] for r in rows], [r["finished"] for r in rows],
-                   torch.tensor([r["label"] for r in rows], dtype=torch.float32))
 
 
 @dataclass

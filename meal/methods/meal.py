@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from meal.config import ConfigError, knob, need
-from meal.harness.conditioning import ReplaySet
+from meal.harness.corpus import ReplaySet
 from meal.harness.distributed import AdamWStep
 from meal.harness.profiling import PhaseMeter
 from meal.harness.run import Run, start_run
