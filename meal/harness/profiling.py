@@ -23,9 +23,10 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def machine() -> str:
-    """What a measurement ran on, for results files: the GPU, or the CPU cores, model and whether the
-    policy could run in bf16 there (``policy.dtype=auto``), the torch threads when fewer than the cores (a
-    one-thread run stands in for a slower machine, BENCHMARKS.md), with the torch and Python versions."""
+    """What a measurement ran on, for results files: the GPU, or the CPU cores, model and whether they have bf16
+    arithmetic (what ``policy.dtype=auto`` picks there; a run's own dtype is in its config), the torch threads
+    when fewer than the cores (a one-thread run stands in for a slower machine, BENCHMARKS.md), with the torch and
+    Python versions."""
     if torch.cuda.is_available():
         dev = f"{torch.cuda.get_device_name(0)} GPU"
     else:
@@ -35,7 +36,8 @@ def machine() -> str:
                 cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
         except OSError:
             pass
-        bf16 = "with bf16 arithmetic: bf16 policy" if cpu_supports_bf16() else "no AVX-512 BF16: fp32 policy"
+        bf16 = ("with bf16 arithmetic: policy.dtype=auto runs bf16" if cpu_supports_bf16()
+                else "no AVX-512 BF16: policy.dtype=auto runs float32")
         threads = torch.get_num_threads()
         used = f", {threads} torch thread{'s' if threads > 1 else ''}" if threads < (os.cpu_count() or 1) else ""
         dev = f"{os.cpu_count()} CPU cores ({cpu}, {bf16}){used}, no GPU"
