@@ -27,8 +27,17 @@ q, v, the demo's), each at float32 and bfloat16, alone on the machine, second of
    its ``PromptOrder``), split into response tokens (what the loss reads), prompt tokens (the template, the
    system prompt the chat template adds, the request and its preference) and right padding, with the prefix every
    prompt shares. Counts only, no timing (the dtype does not matter).
+7. (``--cuts int8``, float32 only) the frozen linear layers in int8 for sampling, weights per output channel and
+   each row's activations quantised on the fly (``torch._int_mm``), in several subsets (all frozen linears; all but
+   the vocabulary projection; ...), and PyTorch's own dynamic quantisation (``quantize_dynamic``, fbgemm, weights
+   per channel, activations per tensor): seconds to sample 16 training prompts x 48 new tokens (each under its
+   own preference, row-seeded) against the float32 and bf16 policy, how many responses are float32's, and how far
+   each next-token distribution lies from float32's (total variation, mean and 95th percentile over the response
+   positions of float32's responses, read teacher-forced). A faster sampler is worth having only if its
+   distributions lie about as close to float32's as bf16's, the precision the demo already samples in where the
+   machine has it.
 
-Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill,compact,steps,positions] [--run RUN]
+Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill,compact,steps,positions,int8] [--run RUN]
 [--corpus CORPUS] [dtype ...]``
 (prints a JSON line per dtype).
 """
@@ -36,12 +45,15 @@ Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill,
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import time
+import warnings
 from unittest import mock
 
 import torch
+from torch import nn
 
 from meal.config import LoraConfig, PolicyConfig, TemplateConfig
 from meal.harness.saved_run import load_run
@@ -149,6 +161,86 @@ def step_seconds(model, rows: int, context: int = 100, steps: int = 20) -> float
     return sorted(times)[len(times) // 2]
 
 
+class Int8Linear(nn.Module):
+    """``x W^T (+ b)`` with W in int8 per output channel and each row of x quantised to int8 on the fly (symmetric,
+    its own scale), multiplied in int32 (``torch._int_mm``) and scaled back to float32."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+        self.wq = (w / scale).round().to(torch.int8).t().contiguous()  # (in, out)
+        self.scale = scale.t().contiguous()  # (1, out)
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        sx = rows.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+        y = torch._int_mm((rows / sx).round().to(torch.int8), self.wq).float() * sx * self.scale
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], -1)
+
+
+def int8_twin(model, keep: tuple[str, ...] = (), kind: str = "int_mm"):
+    """A copy of ``model`` whose frozen linear layers (but those whose name contains one of ``keep``) are int8."""
+    twin = copy.deepcopy(model)
+    for name, mod in list(twin.named_modules()):
+        if isinstance(mod, nn.Linear) and not mod.weight.requires_grad and not any(k in name for k in keep):
+            if kind == "int_mm":
+                new = Int8Linear(mod)
+            else:  # PyTorch's dynamic quantisation (deprecated in torch.ao): fbgemm, weights per channel
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    wrap = nn.Sequential(mod)
+                    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+                    new = torch.ao.quantization.quantize_dynamic(wrap, {nn.Linear: qconfig}, dtype=torch.qint8)[0]
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent) if parent else twin, child, new)
+    return twin
+
+
+def int8_cut(texts: list[str]) -> dict:
+    """Cut 7: sampling seconds and distance from float32's next-token distributions of int8 twins and bf16."""
+    model, tok = policy("float32", lora=True)
+    model.eval()
+    bf16, _ = policy("bfloat16", lora=True)
+    bf16.load_state_dict(model.state_dict())  # the same (random) adapters as the float32 policy
+    bf16.eval()
+    prefs = torch.tensor([[i / 15, 1 - i / 15] for i in range(16)])
+    rows = texts[-16:]
+    prompts = [build_prompt(TEMPLATE, t, w.tolist(), ["helpful", "concise"], tok) for t, w in zip(rows, prefs)]
+    settings = GenerationSettings(48, 0.9, 0, 1.0, 32, 256, seeding="row")
+    reference = generate(model, tok, prompts, settings, 0, prefs=prefs)
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    seqs = [p + r for p, r in zip(prompt_ids, reference.ids)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+
+    def distributions(m):
+        with torch.no_grad(), preference_weights(m, prefs):
+            probs = m(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)
+        return [probs[b, len(p) - 1:len(s) - 1] for b, (p, s) in enumerate(zip(prompt_ids, seqs))]
+
+    exact = distributions(model)
+    variants = {"float32": model, "bfloat16": bf16, "int8 all frozen linears": int8_twin(model),
+                "int8 but lm_head": int8_twin(model, ("lm_head",)),
+                "int8 but down_proj": int8_twin(model, ("down_proj",)),
+                "int8 but lm_head, down_proj": int8_twin(model, ("lm_head", "down_proj")),
+                "int8 but o_proj, down_proj, lm_head": int8_twin(model, ("o_proj", "down_proj", "lm_head")),
+                "int8 MLP only (attention, lm_head in float32)":
+                    int8_twin(model, ("q_proj", "k_proj", "v_proj", "o_proj", "lm_head")),
+                "torch quantize_dynamic (fbgemm) all frozen linears": int8_twin(model, kind="fbgemm")}
+    out = {}
+    for name, m in variants.items():
+        seconds, gen = timed(lambda: generate(m, tok, prompts, settings, 0, prefs=prefs))
+        tv = torch.cat([0.5 * (p - q).abs().sum(-1) for p, q in zip(exact, distributions(m))])
+        out[name] = {"generate_s": round(seconds, 2), "tokens": gen.num_tokens,
+                     "same_responses": sum(a == b for a, b in zip(gen.ids, reference.ids)),
+                     "tv_mean": round(tv.mean().item(), 4), "tv_p95": round(tv.quantile(0.95).item(), 4)}
+    return {"prompts": len(prompts), "new_tokens": 48, "int8": out}
+
+
 def sft_positions(corpus_path: str, tok, steps: int = 100, batch_size: int = 8, seed: int = 0) -> dict:
     """Token positions of the stage's SFT batches from ``corpus_path``: response, prompt, padding, shared prefix."""
     from meal.harness.corpus import ScoredCorpus
@@ -218,6 +310,8 @@ def main(dtypes: list[str], cuts: list[str], run_dir: str | None = None, corpus:
                 raise SystemExit("--cuts positions needs --corpus CORPUS (a pool corpus of the conditioning stage)")
             from meal.policy.model import load_tokenizer
             out.update(sft_positions=sft_positions(corpus, load_tokenizer(PolicyConfig(**EMBEDDED))))
+        if "int8" in cuts and dtype == "float32":
+            out.update(int8_cut(texts))
         if "compact" in cuts:
             if run_dir is None:
                 raise SystemExit("--cuts compact needs --run RUN (a trained run folder)")
@@ -229,7 +323,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dtypes", nargs="*", default=["float32", "bfloat16"])
     ap.add_argument("--cuts", default="embed,adapters,prefill",
-                    help="comma-separated: embed, adapters, prefill, compact, steps, positions")
+                    help="comma-separated: embed, adapters, prefill, compact, steps, positions, int8")
     ap.add_argument("--run", default=None, help="a trained run folder (meal-train's out_dir), for --cuts compact")
     ap.add_argument("--corpus", default=None, help="a conditioning pool corpus (JSON lines), for --cuts positions")
     args = ap.parse_args()
