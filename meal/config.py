@@ -117,9 +117,6 @@ class ConditioningConfig:
     micro_batch_size: int = knob(8, "Rows per forward/backward; divides batch_size.")
     lr: float = knob(5e-4, "AdamW learning rate (linear decay to 0).")
     save_every: int = knob(50, "Checkpoint the stage every this many steps (resumable).")
-    frozen_layer_cache: bool = knob(True, "Compute each labelled row's states below the first adapted layer "
-                                    "(policy.lora.layers_from) once and start its later SFT passes there (the same "
-                                    "loss up to the rounding of another batch shape; no effect when layer 0 trains).")
     cache: Optional[str] = knob("~/.cache/meal/conditioning", "Where scored corpora and conditioned policies are "
                                 "kept, keyed by what they depend on (None: inside the run folder, not shared).")
 

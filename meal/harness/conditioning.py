@@ -42,7 +42,6 @@ from meal.harness.checkpoint import latest_checkpoint, load_checkpoint, rng_stat
 from meal.harness.corpus import ReplaySet, ScoredCorpus
 from meal.harness.distributed import AdamWStep, Dist
 from meal.harness.tracking import JsonlWriter
-from meal.policy.frozen_layers import FrozenLayerCache, cacheable_layers
 from meal.policy.losses import build_batch, policy_step
 from meal.policy.rollout import (ConditionedPolicy, Conditioner, Draws, PromptOrder, Queries, Scoring, draw_preferences,
                                  rollout)
@@ -340,13 +339,6 @@ def _sft(s: StageSettings, policy: StagePolicy, corpus: ScoredCorpus, labelled: 
         metrics_file.truncate_after(start)  # steps past the checkpoint are done again
     logger = open_stage_logger(folder) if dist.main else None
     tok = condition.tokenizer
-    lower = None  # the frozen lower layers' states of each labelled row, computed on its first read
-    if c.frozen_layer_cache:
-        first, why = cacheable_layers(model)
-        if first:
-            lower = FrozenLayerCache(model, first)
-        else:
-            log.info("conditioning.frozen_layer_cache: not used: %s", why)
     try:
         bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="conditioning: SFT", unit="step",
                    disable=not dist.main)
@@ -357,9 +349,6 @@ def _sft(s: StageSettings, policy: StagePolicy, corpus: ScoredCorpus, labelled: 
             src = rows[pos].tolist()  # their corpus rows
             batch = build_batch(tok, condition([corpus.texts[i] for i in src], w), [corpus.responses[i] for i in src],
                                 [corpus.finished[i] for i in src], s.max_prompt_tokens, prefs=w)
-            if lower is not None:
-                batch.hidden = lower.inputs([int(p) for p in pos], batch.input_ids, batch.attention_mask, batch.prefs)
-                batch.hidden_layer = lower.first
             lr = c.lr * (1.0 - step / max(1, c.steps))  # linear decay to 0, as RiC's offline stage
             for group in optimizer.optimizer.param_groups:
                 group["lr"] = lr
@@ -381,9 +370,6 @@ def _sft(s: StageSettings, policy: StagePolicy, corpus: ScoredCorpus, labelled: 
                 if dist.main:
                     save_checkpoint(folder, step + 1, params, None, state, keep=1, rng=rng)
                 dist.barrier()
-        if lower is not None:
-            log.info("conditioning stage: decoder layers 0-%d ran for %d of %d row reads (frozen_layer_cache)",
-                     lower.first - 1, lower.computed, lower.served)
         return budget
     finally:
         if logger is not None:

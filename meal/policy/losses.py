@@ -6,14 +6,12 @@ with -100, so that :func:`per_example_nll` averages over exactly the response to
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 from torch.func import functional_call
 
-from meal.policy.frozen_layers import skip_frozen_layers
 from meal.policy.preference_lora import preference_weights
 
 IGNORE = -100
@@ -22,26 +20,20 @@ IGNORE = -100
 @dataclass
 class SFTBatch:
     """Right-padded token ids (B, T), attention mask (B, T) and labels (B, T) with -100 off-response;
-    ``prefs`` (B, K): the preference each prompt was written with (read by preference-aware LoRA);
-    ``hidden`` (B, T, D): where set, the rows' states at the input of decoder layer ``hidden_layer``, below which
-    every layer is frozen (meal/policy/frozen_layers.py): the forward pass then starts there."""
+    ``prefs`` (B, K): the preference each prompt was written with (read by preference-aware LoRA)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
     prefs: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None
-    hidden_layer: int = 0
 
     def to(self, device) -> "SFTBatch":
         return SFTBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                        None if self.prefs is None else self.prefs.to(device),
-                        None if self.hidden is None else self.hidden.to(device), self.hidden_layer)
+                        None if self.prefs is None else self.prefs.to(device))
 
     def slice(self, idx) -> "SFTBatch":
         return SFTBatch(self.input_ids[idx], self.attention_mask[idx], self.labels[idx],
-                        None if self.prefs is None else self.prefs[idx],
-                        None if self.hidden is None else self.hidden[idx], self.hidden_layer)
+                        None if self.prefs is None else self.prefs[idx])
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -110,9 +102,7 @@ def per_example_nll(model: torch.nn.Module, batch: SFTBatch,
     keep = width - max(first, 1) + 1  # logits only from the position before the earliest response token on
     if accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = keep
-    lower = contextlib.nullcontext() if batch.hidden is None else \
-        skip_frozen_layers(model, batch.hidden_layer, batch.hidden)
-    with preference_weights(model, batch.prefs), lower:
+    with preference_weights(model, batch.prefs):
         if params is None:
             out = model(**kwargs)
         else:
