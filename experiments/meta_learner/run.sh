@@ -59,6 +59,8 @@ cmd="SPLIT=$SPLIT SEEDS=$SEEDS CONTROL_SEEDS=$CONTROL_SEEDS ITERATIONS=$ITERATIO
 [ -n "$REUSE" ] && cmd="REUSE=$REUSE $cmd"
 [ "$EXPERIMENT" != assistant_study ] && cmd="EXPERIMENT=$EXPERIMENT $cmd"
 [ "$CONTROLS" != "meal_frozen meal_uniform meal_shuffled" ] && cmd="CONTROLS=\\\"$CONTROLS\\\" $cmd"
+[ "$OUT" != "runs/meta_learner${tag}_$SPLIT" ] && cmd="OUT=$OUT $cmd"
+[ "$DOCS" != "docs/results/meta_learner${tag}_$SPLIT" ] && cmd="DOCS=$DOCS $cmd"
 meta=$(printf '{"experiment": "%s", "split": "%s", "wall_seconds": %d, "seeds": "%s", "control_seeds": "%s", "online_iterations": %d, "command": "%s bash experiments/meta_learner/run.sh", "code": "%s"}' \
   "$(basename "$DOCS")" "$SPLIT" "$(( $(date +%s) - start ))" "$SEEDS" "$CONTROL_SEEDS" "$ITERATIONS" "$cmd" \
   "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)")
