@@ -1,5 +1,6 @@
-"""Four measured work cuts of issue 21 on the embedded policy (SmolLM2-135M-Instruct + preference-aware LoRA r 8 on
-q, v, the demo's), each at float32 and bfloat16, alone on the machine, second of two timed runs:
+"""Measured work cuts of issue 21 on the embedded policy (SmolLM2-135M-Instruct + preference-aware LoRA r 8 on
+q, v, the demo's), at each dtype asked for (float32, bfloat16) unless a cut says otherwise, alone on the machine,
+second of two timed runs:
 
 1. the net's prompt embeddings of the demo's training prompts through the decoder alone (``get_decoder()``, what
    ``meal.policy.embeddings.policy_embeddings`` runs) against the whole causal LM's ``hidden_states[-1]`` (the
@@ -37,8 +38,8 @@ q, v, the demo's), each at float32 and bfloat16, alone on the machine, second of
    distributions lie about as close to float32's as bf16's, the precision the demo already samples in where the
    machine has it.
 
-Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill,compact,steps,positions,int8] [--run RUN]
-[--corpus CORPUS] [dtype ...]``
+Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill,compact,steps,positions,int8]
+[--run RUN] [--corpus CORPUS] [dtype ...]``
 (prints a JSON line per dtype).
 """
 
