@@ -38,10 +38,10 @@ second of two timed runs:
    distributions lie about as close to float32's as bf16's, the precision the demo already samples in where the
    machine has it.
 8. (``--cuts head --corpus CORPUS``) the loss's head: one training step's forward and backward through
-   ``meal.policy.losses.per_example_nll`` (the demo's policy, adapters on the upper 15 layers; the stage's first
-   batch of 8 labelled rows of CORPUS) against the same with the code before 2026-12-04 (:func:`count_head_nll`:
-   ``logits_to_keep`` as a count, the cross entropy over the V axis of (B, V, T)): seconds (median of 5, the two
-   alternated), how far the losses and the adapters' gradients lie apart, and how far each cross entropy lies from
+   ``meal.policy.losses.per_example_nll`` (the demo's policy, adapters on the upper 15 layers; the first 8 rows the
+   stage's prompt order draws from CORPUS, each written under a preference from w1 = 0.11 to 0.89) against the
+   same with the code before 2026-12-04 (:func:`count_head_nll`: ``logits_to_keep`` as a count, the cross entropy
+   over the V axis of (B, V, T)): seconds (median of 5, the two alternated), how far the losses and the adapters' gradients lie apart, and how far each cross entropy lies from
    float64's on the same logits.
 
 Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill,compact,steps,positions,int8,head]
@@ -387,14 +387,12 @@ def main(dtypes: list[str], cuts: list[str], run_dir: str | None = None, corpus:
         if "steps" in cuts:
             step_seconds(model, 8)  # warm-up
             out.update(decode_step_ms={rows: round(1000 * step_seconds(model, rows), 1) for rows in (8, 16, 24, 32)})
+        if {"positions", "head"} & set(cuts) and corpus is None:
+            raise SystemExit("--cuts positions and head need --corpus CORPUS (a pool corpus of the conditioning stage)")
         if "positions" in cuts:
-            if corpus is None:
-                raise SystemExit("--cuts positions needs --corpus CORPUS (a pool corpus of the conditioning stage)")
             from meal.policy.model import load_tokenizer
             out.update(sft_positions=sft_positions(corpus, load_tokenizer(PolicyConfig(**EMBEDDED))))
         if "head" in cuts:
-            if corpus is None:
-                raise SystemExit("--cuts head needs --corpus CORPUS (a pool corpus of the conditioning stage)")
             out.update(head_cut(dtype, corpus))
         if "int8" in cuts and dtype == "float32":
             out.update(int8_cut(texts))
