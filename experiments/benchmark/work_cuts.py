@@ -41,8 +41,8 @@ second of two timed runs:
    ``meal.policy.losses.per_example_nll`` (the demo's policy, adapters on the upper 15 layers; the first 8 rows the
    stage's prompt order draws from CORPUS, each written under a preference from w1 = 0.11 to 0.89) against the
    same with the code before 2026-12-04 (:func:`count_head_nll`: ``logits_to_keep`` as a count, the cross entropy
-   over the V axis of (B, V, T)): seconds (median of 5, the two alternated), how far the losses and the adapters' gradients lie apart, and how far each cross entropy lies from
-   float64's on the same logits.
+   over the V axis of (B, V, T)): seconds (median of 5, the two alternated), how far the losses and the adapters'
+   gradients lie apart, and how far each cross entropy lies from float64's on the same logits.
 
 Run: ``python experiments/benchmark/work_cuts.py [--cuts embed,adapters,prefill,compact,steps,positions,int8,head]
 [--run RUN] [--corpus CORPUS] [dtype ...]``
